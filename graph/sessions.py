@@ -1,0 +1,229 @@
+"""Running several sessions of the workflow concurrently, with progress and a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from langgraph.graph.state import CompiledStateGraph
+
+from nodes.context import RunContext
+from nodes.workspace import SessionDir
+from routing.fanout import FanoutPolicy
+from serving.clock import now
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SessionResult:
+    """How one session ended."""
+
+    session_id: str
+    status: str
+    files_ok: int = 0
+    files_failed: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    error: str = ""
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    manifest_path: str = ""
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def new_session_id(prefix: str = "s") -> str:
+    """A fresh, filesystem-safe session id."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _describe(node: str, update: dict[str, Any]) -> str | None:
+    if node == "plan":
+        files = len((update.get("plan") or {}).get("files", []))
+        rejected = update.get("rejected_paths") or []
+        text = f"planned {files} files"
+        if rejected:
+            text += f"; rejected {len(rejected)}: " + ", ".join(
+                f"{r['path']!r} ({r['reason']})" for r in rejected[:5]
+            )
+        if update.get("error"):
+            text += f"; error: {update['error']}"
+        return text
+    if node == "review":
+        pending = update.get("pending") or []
+        if update.get("error"):
+            return f"review failed: {update['error']}"
+        return f"reviewed; {len(pending)} to fix" if pending else "reviewed; done"
+    if node == "finalize":
+        return f"{update.get('status')} → {update.get('output_dir')}"
+    return None
+
+
+async def run_session(
+    graph: CompiledStateGraph[Any, Any, Any, Any],
+    request: str | None,
+    session_id: str,
+    *,
+    context: RunContext,
+    fanout: FanoutPolicy,
+    progress: Progress | None = None,
+    on_code_done: Callable[[str, int, int], None] | None = None,
+    resume: bool = False,
+) -> SessionResult:
+    """Run (or resume) one session to its end; errors end this session only."""
+    say = progress or (lambda _msg: None)
+    config: dict[str, Any] = {
+        "configurable": {"thread_id": session_id},
+        "max_concurrency": fanout.max_concurrency(context.max_files),
+        "metadata": {"session_id": session_id},
+        "tags": [f"session:{session_id}"],
+        "run_name": f"tandem:{session_id}",
+    }
+    started = now()
+    result = SessionResult(session_id=session_id, status="running", started_at=started)
+    inputs = None if resume else {"request": request, "session_id": session_id}
+    total = 0
+    done = 0
+    state: dict[str, Any] | None = None
+    try:
+        async for mode, chunk in graph.astream(
+            inputs, config, context=context, stream_mode=["updates", "values"]  # type: ignore[arg-type]
+        ):
+            if mode == "values":
+                state = chunk
+                continue
+            for node, update in chunk.items():
+                if not isinstance(update, dict):
+                    continue
+                if node == "plan":
+                    total = len((update.get("plan") or {}).get("files", []))
+                if node == "code":
+                    done += 1
+                    if on_code_done:
+                        on_code_done(session_id, done, max(total, done))
+                    continue
+                line = _describe(node, update)
+                if line:
+                    say(f"[{session_id}] {node}: {line}")
+    except Exception as exc:  # one session's failure must not stop the others
+        result.status = "error"
+        result.error = f"{type(exc).__name__}: {exc}"
+        say(f"[{session_id}] error: {result.error} (resume with: tandem resume {session_id})")
+        state = None
+        if graph.checkpointer:
+            try:
+                state = (await graph.aget_state(config)).values
+            except Exception:  # noqa: BLE001 - best effort for the report
+                state = None
+        _write_interrupted_manifest(context, session_id, state or {}, result.error)
+    result.finished_at = now()
+    result.seconds = result.finished_at - started
+    if state:
+        _fill(result, state)
+    return result
+
+
+def _fill(result: SessionResult, state: dict[str, Any]) -> None:
+    files = state.get("files", {})
+    verdicts = state.get("verdicts", {})
+    result.files_ok = sum(
+        1
+        for p, f in files.items()
+        if f.get("status") == "written" and verdicts.get(p, {}).get("verdict") != "needs-fix"
+    )
+    result.files_failed = len(state.get("plan", {}).get("files", [])) - result.files_ok
+    result.rounds = int(state.get("round", 0))
+    result.rejected = list(state.get("rejected_paths", []))
+    result.manifest_path = str(state.get("manifest_path", ""))
+    result.usage = dict(state.get("usage", {}))
+    if result.status != "error":
+        result.status = str(state.get("status", "unknown"))
+        result.error = str(state.get("error") or "")
+
+
+def _write_interrupted_manifest(
+    context: RunContext, session_id: str, state: dict[str, Any], error: str
+) -> None:
+    try:
+        session_dir = SessionDir(context.workspace, session_id)
+        session_dir.write_manifest(
+            {
+                "session_id": session_id,
+                "status": "interrupted",
+                "error": error,
+                "resume": f"tandem resume {session_id}",
+                "request": state.get("request"),
+                "plan": state.get("plan"),
+                "rejected_paths": state.get("rejected_paths", []),
+                "files": {
+                    p: {"status": "checkpointed", "round": f.get("round", 0)}
+                    for p, f in state.get("files", {}).items()
+                },
+            }
+        )
+    except Exception as exc:  # noqa: BLE001 - the report must not hide the real error
+        print(f"[{session_id}] could not write manifest: {exc}", file=sys.stderr)
+
+
+async def run_many(
+    graph: CompiledStateGraph[Any, Any, Any, Any],
+    requests: Sequence[tuple[str, str]],
+    *,
+    context: RunContext,
+    fanout: FanoutPolicy,
+    progress: Progress | None = None,
+    on_code_done: Callable[[str, int, int], None] | None = None,
+    concurrent: bool = True,
+) -> list[SessionResult]:
+    """Run sessions `(session_id, request)` concurrently (or one after another)."""
+    async def one(sid: str, req: str) -> SessionResult:
+        return await run_session(
+            graph, req, sid, context=context, fanout=fanout, progress=progress, on_code_done=on_code_done
+        )
+
+    if concurrent:
+        return list(await asyncio.gather(*(one(sid, req) for sid, req in requests)))
+    return [await one(sid, req) for sid, req in requests]
+
+
+def format_table(results: Sequence[SessionResult], endpoint_stats: dict[str, Any] | None = None) -> str:
+    """The final summary: per session, then per endpoint."""
+    lines = [
+        f"{'session':<22} {'status':<11} {'ok':>4} {'failed':>6} {'rounds':>6} {'seconds':>9}  rejected",
+    ]
+    for r in results:
+        lines.append(
+            f"{r.session_id:<22} {r.status:<11} {r.files_ok:>4} {r.files_failed:>6} {r.rounds:>6} "
+            f"{r.seconds:>9.1f}  {len(r.rejected)}"
+        )
+        if r.error:
+            lines.append(f"{'':<22} error: {r.error}")
+    totals: dict[str, dict[str, float]] = {}
+    for r in results:
+        for role, counts in r.usage.items():
+            slot = totals.setdefault(role, {})
+            for k, v in counts.items():
+                slot[k] = slot.get(k, 0) + v
+    lines.append("")
+    lines.append(f"{'endpoint':<12} {'calls':>7} {'prompt tok':>11} {'output tok':>11}")
+    for role in sorted(totals):
+        c = totals[role]
+        lines.append(
+            f"{role:<12} {int(c.get('calls', 0)):>7} {int(c.get('prompt_tokens', 0)):>11} "
+            f"{int(c.get('completion_tokens', 0)):>11}"
+        )
+    if endpoint_stats:
+        lines.append("")
+        lines.append("router: " + ", ".join(f"{k}: {v}" for k, v in endpoint_stats.items()))
+    return "\n".join(lines)
+
+
+def read_request_file(path: str) -> str:
+    """A request from a file (UTF-8)."""
+    return Path(path).read_text(encoding="utf-8")

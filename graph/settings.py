@@ -1,0 +1,104 @@
+"""The one settings object: `TANDEM_*` environment variables, checked at start."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nodes.context import RunContext
+
+_LIMIT_RE = re.compile(r"^(adaptive|unlimited|fixed-[1-9][0-9]*)$")
+
+
+class SettingsError(SystemExit):
+    """Raised at start when a `TANDEM_*` value is invalid; its text names the variable."""
+
+
+class Settings(BaseSettings):
+    """Tandem's configuration. Every field is `TANDEM_<NAME>` in the environment.
+
+    With neither URL set, the built-in vLLM emulator serves both roles in-process.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    reasoning_url: str | None = Field(None, description="OpenAI base URL of the reasoning vLLM, e.g. http://gpu0:8001/v1")
+    reasoning_model: str = "tandem-reasoning"
+    coder_url: str | None = Field(None, description="OpenAI base URL of the coder vLLM")
+    coder_model: str = "tandem-coder"
+    api_key: SecretStr = SecretStr("EMPTY")
+    endpoints_file: Path | None = Field(None, description="YAML listing several replicas per role")
+    max_parallel_agents: int = Field(25, ge=1, le=4096)
+    review_on: Literal["reasoning", "coder"] = "reasoning"
+    max_review_rounds: int = Field(2, ge=0, le=20)
+    max_files: int = Field(40, ge=1, le=500)
+    max_output_retries: int = Field(2, ge=0, le=10)
+    workspace: Path = Path("out")
+    request_timeout_s: float = Field(600.0, gt=0)
+    limit: str = Field("adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N")
+    order: Literal["fifo", "las"] = "las"
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    emulator_reasoning_profile: str = "h100-reasoning-32b"
+    emulator_coder_profile: str = "h100-coder-8b"
+    emulator_seed: int = 0
+
+    @field_validator("reasoning_url", "coder_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
+        return value.rstrip("/")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, value: str) -> str:
+        if not _LIMIT_RE.match(value):
+            raise ValueError("must be adaptive, unlimited or fixed-N (N >= 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> Settings:
+        if (self.reasoning_url is None) != (self.coder_url is None) and self.endpoints_file is None:
+            raise ValueError(
+                "set both TANDEM_REASONING_URL and TANDEM_CODER_URL, or neither (built-in emulator)"
+            )
+        return self
+
+    @property
+    def emulated(self) -> bool:
+        """True when no real endpoint is configured: the built-in emulator serves both roles."""
+        return self.reasoning_url is None and self.endpoints_file is None
+
+    def run_context(self) -> RunContext:
+        """Default run context from these settings."""
+        return RunContext(
+            review_on=self.review_on,
+            max_parallel_agents=self.max_parallel_agents,
+            max_review_rounds=self.max_review_rounds,
+            max_files=self.max_files,
+            max_output_retries=self.max_output_retries,
+            workspace=str(self.workspace),
+        )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; an invalid value stops with a message naming it.
+
+    Raises:
+        SettingsError: (a SystemExit) listing each bad `TANDEM_*` variable and why.
+    """
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            name = f"TANDEM_{field.upper()}" if field != "settings" else "TANDEM_* settings"
+            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid Tandem settings:\n" + "\n".join(lines)) from None

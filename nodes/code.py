@@ -1,0 +1,82 @@
+"""The coder agent (coder model): writes one file of the plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+
+from nodes.context import RunContext
+from nodes.llm import ChatModels, Usage, complete_text, dumps_compact, strip_code_fence
+from routing.calls import CallInfo
+
+CODER_SYSTEM = """You are a coder agent in a team. Each agent writes exactly one file of the
+plan below. Follow the plan's interfaces exactly so the files work together.
+Answer with the complete content of your file in one fenced code block and nothing else."""
+
+# Shared by every coder of a session, byte for byte, so the server's prefix cache hits.
+CODER_SHARED = """Request:
+{request}
+
+Plan (JSON):
+{plan}"""
+
+CODER_TASK = """FILE: {path}
+Purpose: {purpose}
+Depends on: {depends_on}
+Public interface: {interface}"""
+
+CODER_FIX = """
+The reviewer asked for changes to your previous version:
+{comments}
+
+Previous version:
+```
+{previous}
+```"""
+
+
+def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
+    """Messages for one coder: the shared prefix first, the file's own task last."""
+    plan = task["plan"]
+    spec = next((f for f in plan.get("files", []) if f["path"] == task["path"]), None) or {}
+    own = CODER_TASK.format(
+        path=task["path"],
+        purpose=spec.get("purpose", ""),
+        depends_on=", ".join(spec.get("depends_on", [])) or "nothing",
+        interface=spec.get("interface", "") or "(none given)",
+    )
+    if task.get("comments"):
+        own += CODER_FIX.format(comments=task["comments"], previous=task.get("previous", ""))
+    return [
+        SystemMessage(content=CODER_SYSTEM),
+        HumanMessage(content=CODER_SHARED.format(request=task["request"], plan=dumps_compact(plan))),
+        HumanMessage(content=own),
+    ]
+
+
+async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
+    """Write one file; an empty answer is retried, then the file is marked failed.
+
+    Transport errors propagate, so the run fails and `resume` re-runs only this file.
+    """
+    usage = Usage()
+    path = task["path"]
+    info = CallInfo(session_id=task["session_id"], stage="code", role="coder", file=path)
+    messages = coder_messages(task)
+    content = ""
+    attempts = 0
+    for attempts in range(1, ctx.max_output_retries + 2):  # noqa: B007
+        text, _ = await complete_text(
+            models.for_role("coder"), messages, info, usage, max_tokens=ctx.max_tokens.get("code")
+        )
+        content = strip_code_fence(text) if text.strip() else ""
+        if content.strip():
+            break
+        messages = [*messages, HumanMessage(content="Your answer was empty. Write the file.")]
+    result: dict[str, Any] = {"path": path, "round": task["round"], "attempts": attempts}
+    if content.strip():
+        result.update(content=content, status="written")
+    else:
+        result.update(content="", status="failed", error=f"empty code after {attempts} attempts")
+    return {"files": {path: result}, "usage": {"coder": usage.as_dict()}}

@@ -1,0 +1,284 @@
+"""The one LLM client factory, and the structured-call helper every agent uses.
+
+All model calls go through `ChatModels`: the seam where the routing layer's per-GPU
+admission is plugged in (the factory builds `VLLMChatOpenAI` clients on top of a
+`routing.Router`'s HTTP clients). Tests inject fake chat models instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from routing.calls import CallInfo, Role, call_scope
+
+T = TypeVar("T", bound=BaseModel)
+
+_THINK_RE = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+_FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)(?:\n```|```|$)", re.DOTALL)
+
+
+class OutputError(Exception):
+    """The model's output stayed invalid after the retries allowed."""
+
+
+def _reasoning_of(fields: Mapping[str, Any]) -> str | None:
+    # vLLM >= 0.12 answers `reasoning`; older servers `reasoning_content`.
+    value = fields.get("reasoning")
+    if value is None:
+        value = fields.get("reasoning_content")
+    return value if isinstance(value, str) else None
+
+
+class VLLMChatOpenAI(ChatOpenAI):
+    """ChatOpenAI that keeps vLLM's reasoning text in `additional_kwargs["reasoning"]`.
+
+    Stock ChatOpenAI drops `reasoning`/`reasoning_content` by design.
+    """
+
+    def _convert_chunk_to_generation_chunk(
+        self,
+        chunk: dict[str, Any],
+        default_chunk_class: type,
+        base_generation_info: dict[str, Any] | None,
+    ) -> ChatGenerationChunk | None:
+        out = super()._convert_chunk_to_generation_chunk(
+            chunk, default_chunk_class, base_generation_info
+        )
+        choices = chunk.get("choices") or []
+        if out is not None and choices and isinstance(choices[0].get("delta"), dict):
+            reasoning = _reasoning_of(choices[0]["delta"])
+            if reasoning and isinstance(out.message, AIMessageChunk):
+                out.message.additional_kwargs["reasoning"] = reasoning
+        return out
+
+    def _create_chat_result(
+        self, response: Any, generation_info: dict[str, Any] | None = None
+    ) -> ChatResult:
+        result = super()._create_chat_result(response, generation_info)
+        raw = response if isinstance(response, dict) else response.model_dump()
+        for gen, choice in zip(result.generations, raw.get("choices") or [], strict=False):
+            reasoning = _reasoning_of(choice.get("message") or {})
+            if reasoning:
+                gen.message.additional_kwargs["reasoning"] = reasoning
+        return result
+
+
+def split_reasoning(message: BaseMessage) -> tuple[str, str]:
+    """Return (content, reasoning), stripping `<think>…</think>` left by a parser-less server."""
+    content = message.content if isinstance(message.content, str) else message.text
+    reasoning = str(message.additional_kwargs.get("reasoning") or "")
+    if "<think>" in content or "</think>" in content:
+        found = _THINK_RE.findall(content)
+        content = _THINK_RE.sub("", content)
+        if "</think>" in content:  # an opening tag that the template already sent
+            head, _, content = content.partition("</think>")
+            found.insert(0, head)
+        reasoning = reasoning or "\n".join(part.strip() for part in found)
+    return content.strip(), reasoning
+
+
+def strip_code_fence(text: str) -> str:
+    """The body of the first fenced block, or the text itself when it has no fence."""
+    match = _FENCE_RE.search(text)
+    return (match.group(1) if match else text).strip("\n") + "\n"
+
+
+@dataclass
+class Usage:
+    """Token usage of the calls a node made, per role."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, message: BaseMessage) -> None:
+        """Count one model answer."""
+        self.calls += 1
+        meta = getattr(message, "usage_metadata", None) or {}
+        self.prompt_tokens += int(meta.get("input_tokens", 0))
+        self.completion_tokens += int(meta.get("output_tokens", 0))
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain dict for state and manifest."""
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+class ChatModels(Protocol):
+    """What the nodes need: a chat model per role."""
+
+    def for_role(self, role: Role) -> BaseChatModel:
+        """The chat model serving `role`."""
+        ...
+
+
+@dataclass
+class StaticModels:
+    """Chat models given directly (tests, notebooks)."""
+
+    reasoning: BaseChatModel
+    coder: BaseChatModel
+
+    def for_role(self, role: Role) -> BaseChatModel:
+        """The chat model serving `role`."""
+        return self.reasoning if role == "reasoning" else self.coder
+
+
+class RouterLike(Protocol):
+    """The part of `routing.router.Router` the factory uses."""
+
+    def base_url(self, role: Role) -> str: ...
+    def model(self, role: Role) -> str: ...
+    def client(self, role: Role) -> Any: ...
+
+
+@dataclass
+class RoutedModels:
+    """The LLM client factory: one `VLLMChatOpenAI` per role, sending through the router."""
+
+    router: RouterLike
+    api_key: str = "EMPTY"
+    timeout_s: float = 600.0
+    http_retries: int = 2
+    _cache: dict[str, BaseChatModel] = field(default_factory=dict)
+
+    def for_role(self, role: Role) -> BaseChatModel:
+        """The chat model serving `role` (built once)."""
+        if role not in self._cache:
+            self._cache[role] = VLLMChatOpenAI(
+                model=self.router.model(role),
+                base_url=self.router.base_url(role),
+                api_key=SecretStr(self.api_key),
+                http_async_client=self.router.client(role),
+                timeout=self.timeout_s,
+                max_retries=self.http_retries,
+                streaming=True,  # the router measures time to first token and inter-token latency
+                stream_usage=True,
+                temperature=0.2,
+                tags=[f"role:{role}"],
+                metadata={"endpoint_role": role},
+            )
+        return self._cache[role]
+
+
+def _trace_config(info: CallInfo, config: RunnableConfig | None) -> RunnableConfig:
+    base: RunnableConfig = dict(config or {})  # type: ignore[assignment]
+    tags = [*base.get("tags", []), f"stage:{info.stage}", f"role:{info.role}"]
+    metadata = {
+        **base.get("metadata", {}),
+        "session_id": info.session_id,
+        "stage": info.stage,
+        "endpoint_role": info.role,
+    }
+    if info.file:
+        metadata["file"] = info.file
+    return {**base, "tags": tags, "metadata": metadata, "run_name": f"{info.stage}:{info.role}"}
+
+
+async def complete_text(
+    model: BaseChatModel,
+    messages: Sequence[BaseMessage],
+    info: CallInfo,
+    usage: Usage,
+    *,
+    max_tokens: int | None = None,
+    config: RunnableConfig | None = None,
+) -> tuple[str, str]:
+    """One free-text call. Returns (content, reasoning)."""
+    kwargs: dict[str, Any] = {}
+    if max_tokens is not None:
+        kwargs["max_tokens"] = max_tokens
+    with call_scope(info):
+        answer = await model.ainvoke(list(messages), _trace_config(info, config), **kwargs)
+    usage.add(answer)
+    return split_reasoning(answer)
+
+
+def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:
+    """OpenAI `response_format` for vLLM guided decoding of `schema`."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()},
+    }
+
+
+async def complete_structured(
+    model: BaseChatModel,
+    schema: type[T],
+    messages: Sequence[BaseMessage],
+    info: CallInfo,
+    usage: Usage,
+    *,
+    retries: int = 2,
+    max_tokens: int | None = None,
+    config: RunnableConfig | None = None,
+) -> T:
+    """Ask for `schema` as guided JSON; feed validation errors back up to `retries` times.
+
+    The response format travels in `extra_body` so that ChatOpenAI keeps its plain
+    streaming path (its `response_format` argument switches to OpenAI's beta parse API).
+
+    Raises:
+        OutputError: the answer was still not valid `schema` JSON after the retries.
+    """
+    history = list(messages)
+    kwargs: dict[str, Any] = {"extra_body": {"response_format": response_format_for(schema)}}
+    if max_tokens is not None:
+        kwargs["max_tokens"] = max_tokens
+    problem = ""
+    for attempt in range(retries + 1):
+        with call_scope(info):
+            answer = await model.ainvoke(history, _trace_config(info, config), **kwargs)
+        usage.add(answer)
+        content, _ = split_reasoning(answer)
+        try:
+            return schema.model_validate_json(strip_json_fence(content))
+        except ValidationError as exc:
+            problem = _short_errors(exc)
+        if attempt < retries:
+            history = [
+                *history,
+                AIMessage(content=content[:4000]),
+                HumanMessage(
+                    content=f"That answer is not valid {schema.__name__} JSON: {problem}\n"
+                    "Answer again with only the JSON object."
+                ),
+            ]
+    raise OutputError(
+        f"{info.stage}: invalid {schema.__name__} JSON after {retries + 1} attempts: {problem}"
+    )
+
+
+def strip_json_fence(text: str) -> str:
+    """Accept JSON wrapped in a ```json fence, as models without guided decoding write it."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        return strip_code_fence(stripped)
+    return stripped
+
+
+def _short_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def dumps_compact(value: Any) -> str:
+    """Deterministic compact JSON, used where prompts must be byte-identical across calls."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,94 @@
+"""Writing generated files under `<workspace>/<session_id>/` and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nodes.paths import UnsafePathError, check_relative_path
+
+_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_session_id(session_id: str) -> str:
+    """A session id is used as a directory name: letters, digits, `._-`, at most 64."""
+    if not isinstance(session_id, str) or not _SESSION_RE.match(session_id) or ".." in session_id:
+        raise UnsafePathError(f"session id {session_id!r} is not a safe directory name")
+    return session_id
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+class SessionDir:
+    """The only directory a session writes into; refuses paths that would leave it."""
+
+    def __init__(self, workspace: str | os.PathLike[str], session_id: str) -> None:
+        self.workspace = Path(workspace).resolve()
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.root = self.workspace / check_session_id(session_id)
+        if _is_link(self.root):
+            raise UnsafePathError(f"{self.root} is a symlink; refusing to write through it")
+        self.root.mkdir(exist_ok=True)
+
+    def target(self, relative: str) -> Path:
+        """The absolute path for `relative`, after refusing unsafe names and symlinks.
+
+        Raises:
+            UnsafePathError: the path is unsafe or a symlink lies on the way.
+        """
+        clean = check_relative_path(relative)
+        current = self.root
+        for part in clean.split("/")[:-1]:
+            current = current / part
+            if _is_link(current):
+                raise UnsafePathError(f"{relative}: {part!r} is a symlink")
+            if current.exists() and not current.is_dir():
+                raise UnsafePathError(f"{relative}: {part!r} is a file, not a directory")
+            current.mkdir(exist_ok=True)
+        final = current / clean.split("/")[-1]
+        if _is_link(final):
+            raise UnsafePathError(f"{relative} is a symlink")
+        if final.is_dir():
+            raise UnsafePathError(f"{relative} is a directory")
+        if not str(final.resolve()).startswith(str(self.root.resolve()) + os.sep):
+            raise UnsafePathError(f"{relative} resolves outside the session directory")
+        return final
+
+    def write_text(self, relative: str, content: str) -> Path:
+        """Write atomically (temp file + rename in the same directory)."""
+        final = self.target(relative)
+        fd, tmp = tempfile.mkstemp(prefix=".tandem-", dir=final.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                handle.write(content)
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return final
+
+    def write_manifest(self, manifest: dict[str, Any]) -> Path:
+        """Write `manifest.json` at the session root (atomically)."""
+        fd, tmp = tempfile.mkstemp(prefix=".tandem-", dir=self.root)
+        final = self.root / "manifest.json"
+        if _is_link(final):
+            raise UnsafePathError(f"{final} is a symlink")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(manifest, handle, indent=2, sort_keys=False, default=str)
+                handle.write("\n")
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return final

@@ -23,6 +23,7 @@ from nodes.plan import run_plan
 from nodes.review import run_review
 from nodes.workspace import check_session_id
 from routing.fanout import FanoutPolicy
+from serving.clock import is_virtual
 
 # Transient failures (HTTP errors after the client's own retries, a restarted server) are
 # retried by LangGraph; bad model output is handled inside the nodes and never retried here.
@@ -151,8 +152,12 @@ def build_graph(
     ) -> dict[str, Any]:
         started = _now()
         session_id = _session_id(dict(state), config)
-        # Blocking file I/O off the event loop (langgraph dev refuses blocking calls in it).
-        out = await asyncio.to_thread(run_finalize, dict(state), session_id, ctx_of(runtime))
+        # Blocking file I/O off the event loop (langgraph dev refuses blocking calls in it),
+        # except on a virtual clock, where waiting on a thread would let time jump.
+        if is_virtual():
+            out = run_finalize(dict(state), session_id, ctx_of(runtime))
+        else:
+            out = await asyncio.to_thread(run_finalize, dict(state), session_id, ctx_of(runtime))
         out["timings_s"] = {"finalize": _now() - started}
         return out
 

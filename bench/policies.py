@@ -1,0 +1,66 @@
+"""Benchmark policies: how sessions, fan-out and admission are configured. Each one runs the
+real graph and routing code; only their settings differ."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The user's upper bound on a run's fan-out where the router decides (TANDEM_MAX_PARALLEL_AGENTS).
+ROUTED_FANOUT_CAP = 256
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One configuration of the workflow and the routing layer.
+
+    Attributes:
+        name: As given on the command line.
+        fanout_kind: "fixed" (the seed's hard cap) or "seed" (calculate_optimal_parallel).
+        fanout_cap: The per-session cap on coder agents in flight.
+        review_on: Which model reviews.
+        concurrent_sessions: False: sessions run one after another, as the seed's manager does.
+        limit: The router's admission limit per GPU: unlimited, fixed-N or adaptive.
+        order: The router's admission order: fifo or las.
+    """
+
+    name: str
+    fanout_kind: str
+    fanout_cap: int
+    review_on: str
+    concurrent_sessions: bool
+    limit: str
+    order: str
+    description: str
+
+
+def get_policy(name: str) -> Policy:
+    """Parse a policy name: seed-current, seed-phase1, seed-phase3, fixed-N, adaptive, adaptive-fifo."""
+    if name == "seed-current":
+        return Policy(name, "fixed", 10, "coder", False, "unlimited", "fifo",
+                      "the seed's manager today: 10 coders per session, review on the coder GPU, "
+                      "sessions one after another")
+    if name == "seed-phase1":
+        return Policy(name, "fixed", 25, "coder", False, "unlimited", "fifo",
+                      "seed phase 1: 25 coders per session, sessions one after another")
+    if name == "seed-phase3":
+        return Policy(name, "seed", 25, "reasoning", True, "fixed-25", "fifo",
+                      "seed phase 3: calculate_optimal_parallel, review on GPU 0, sessions "
+                      "concurrent behind per-GPU FIFO queues of 25")
+    match = re.fullmatch(r"fixed-([1-9][0-9]*)", name)
+    if match:
+        return Policy(name, "seed", ROUTED_FANOUT_CAP, "reasoning", True, name, "las",
+                      f"router admission fixed at {match.group(1)} per GPU, LAS order")
+    if name == "adaptive":
+        return Policy(name, "seed", ROUTED_FANOUT_CAP, "reasoning", True, "adaptive", "las",
+                      "router admission sized from latency and server metrics, LAS order")
+    if name == "adaptive-fifo":
+        return Policy(name, "seed", ROUTED_FANOUT_CAP, "reasoning", True, "adaptive", "fifo",
+                      "adaptive limit with FIFO order")
+    raise ValueError(
+        f"unknown policy {name!r}: seed-current, seed-phase1, seed-phase3, fixed-N, adaptive, "
+        "adaptive-fifo"
+    )
+
+
+SWEEP = [4, 8, 16, 32, 64, 128, 256]

@@ -1,0 +1,311 @@
+"""Runs a workload under each policy with the real graph and router, and measures it.
+
+Virtual clock: the emulators, the router and every session share one looptime loop; the
+graph talks to the emulators through an in-process streaming transport. Real clock: the same
+over loopback HTTP, to emulators started here or to the servers in `TANDEM_*` settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.policies import Policy
+from bench.workloads import Workload
+from graph.graph import build_graph
+from graph.sessions import SessionResult, run_session
+from nodes.context import RunContext
+from nodes.llm import RoutedModels
+from routing.calls import Role
+from routing.endpoints import Replica
+from routing.exporter import TandemMetrics
+from routing.fanout import FanoutPolicy
+from routing.router import Router
+from serving.clock import now
+from serving.emulator.profiles import Profile, get_profile, saturated_time_s, solo_latency_s
+
+ROLES: tuple[Role, ...] = ("reasoning", "coder")
+GPU_OF: dict[str, str] = {"reasoning": "gpu0", "coder": "gpu1"}
+
+
+@dataclass
+class RequestSpan:
+    """One request as the server saw it (for the Gantt chart and the lower bound)."""
+
+    role: str
+    session_id: str
+    stage: str
+    arrival_s: float
+    start_s: float
+    end_s: float
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class PolicyRun:
+    """Everything measured for one policy."""
+
+    policy: Policy
+    sessions: list[SessionResult]
+    arrivals_s: list[float]
+    t0: float
+    t_end: float
+    busy: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    generation_tokens: dict[str, int] = field(default_factory=dict)
+    preemptions: int = 0
+    requests: int = 0
+    spans: list[RequestSpan] = field(default_factory=list)
+    router_stats: dict[str, Any] = field(default_factory=dict)
+    lower_bound: dict[str, float] | None = None
+
+    @property
+    def makespan_s(self) -> float:
+        return self.t_end - self.t0
+
+    def result(self) -> dict[str, Any]:
+        """The JSON record of this policy (field names are a contract)."""
+        makespan = max(self.makespan_s, 1e-9)
+        latencies = sorted(s.finished_at - (self.t0 + a) for s, a in zip(self.sessions, self.arrivals_s, strict=True))
+        tasks = sum(s.files_ok for s in self.sessions)
+        bound = self.lower_bound["lower_bound_s"] if self.lower_bound else None
+        return {
+            "policy": self.policy.name,
+            "makespan_s": round(makespan, 3),
+            "lower_bound_s": None if bound is None else round(bound, 3),
+            "efficiency": None if bound is None else round(bound / makespan, 4),
+            "tasks_per_s": round(tasks / makespan, 4),
+            "session_latency_mean_s": round(statistics.fmean(latencies), 3),
+            "session_latency_p50_s": round(_percentile(latencies, 50), 3),
+            "session_latency_p95_s": round(_percentile(latencies, 95), 3),
+            "gpu_busy": {r: round(_busy_fraction(self.busy.get(r, []), self.t0, self.t_end), 4) for r in ROLES},
+            "tokens_per_s": {r: round(self.generation_tokens.get(r, 0) / makespan, 1) for r in ROLES},
+            "preemptions": self.preemptions,
+            "requests": self.requests,
+            "sessions_ok": sum(1 for s in self.sessions if s.status in ("ok", "partial")),
+            "sessions_failed": sum(1 for s in self.sessions if s.status not in ("ok", "partial")),
+            "files_ok": tasks,
+            "lower_bound_parts": self.lower_bound,
+            "router": self.router_stats,
+            "description": self.policy.description,
+        }
+
+
+def _percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (no interpolation: stable and explainable)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), -(-len(ordered) * pct // 100)))
+    return ordered[int(rank) - 1]
+
+
+def _busy_fraction(intervals: Sequence[tuple[float, float]], t0: float, t1: float) -> float:
+    total = 0.0
+    for start, end in intervals:
+        lo, hi = max(start, t0), min(end, t1)
+        if hi > lo:
+            total += hi - lo
+    return total / (t1 - t0) if t1 > t0 else 0.0
+
+
+def lower_bound(
+    spans: Sequence[RequestSpan], profiles: dict[str, Profile], arrivals: dict[str, float], t0: float
+) -> dict[str, float]:
+    """The best makespan possible for the requests this run made, on these profiles.
+
+    The larger of (a) each GPU's work at its saturated throughput (`saturated_time_s`: all of
+    that GPU's requests present at once, best batching), and (b) each session's critical path
+    from its arrival: its stages run in order (plan, code round, review, …), a stage can end no
+    sooner than its slowest request served alone on an idle server (`solo_latency_s`).
+    """
+    parts: dict[str, float] = {}
+    for role in ROLES:
+        reqs = [(s.prompt_tokens, s.output_tokens, s.cached_tokens) for s in spans if s.role == role]
+        parts[f"{role}_saturated_s"] = saturated_time_s(profiles[role], reqs) if reqs else 0.0
+    critical = 0.0
+    by_session: dict[str, list[RequestSpan]] = {}
+    for span in spans:
+        by_session.setdefault(span.session_id, []).append(span)
+    for sid, items in by_session.items():
+        items.sort(key=lambda s: (s.arrival_s, s.stage))
+        path = 0.0
+        phase_stage, phase_max = None, 0.0
+        for span in items:
+            solo = solo_latency_s(
+                profiles[span.role], max(1, span.prompt_tokens - span.cached_tokens), span.output_tokens
+            )
+            if span.stage != phase_stage:
+                path += phase_max
+                phase_stage, phase_max = span.stage, 0.0
+            phase_max = max(phase_max, solo)
+        path += phase_max
+        critical = max(critical, arrivals.get(sid, t0) - t0 + path)
+    parts["critical_path_s"] = critical
+    parts["lower_bound_s"] = max(parts.values())
+    return parts
+
+
+async def _run_sessions(
+    graph: Any, workload: Workload, policy: Policy, context: RunContext, progress: Callable[[str], None] | None
+) -> tuple[list[SessionResult], list[float], float]:
+    fanout = FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap)
+    arrivals = workload.arrivals_s()
+    t0 = now()
+
+    async def one(index: int) -> SessionResult:
+        delay = t0 + arrivals[index] - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return await run_session(
+            graph, workload.request(index), workload.session_id(index),
+            context=context, fanout=fanout, progress=progress,
+        )
+
+    if policy.concurrent_sessions:
+        results = list(await asyncio.gather(*(one(i) for i in range(workload.sessions))))
+    else:
+        results = [await one(i) for i in range(workload.sessions)]
+    return results, arrivals, t0
+
+
+async def run_policy_emulated(
+    workload: Workload,
+    policy: Policy,
+    *,
+    profiles: dict[str, str],
+    seed: int = 0,
+    real_clock: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> PolicyRun:
+    """One policy against fresh emulators (in-process, or over loopback HTTP on a real clock)."""
+    from serving.emulator.app import create_app
+    from serving.emulator.transport import InProcessTransport
+
+    apps = {
+        role: create_app(profiles[role], seed=seed, served_model_name=f"tandem-{role}")
+        for role in ROLES
+    }
+    servers: list[Any] = []
+    endpoints: dict[Role, list[Replica]] = {}
+    for role in ROLES:
+        if real_clock:
+            url, server = await _serve_loopback(apps[role])
+            servers.append(server)
+            endpoints[role] = [Replica(url=url, model=f"tandem-{role}", gpu=GPU_OF[role])]
+        else:
+            endpoints[role] = [
+                Replica(
+                    url=f"http://emulator-{role}.tandem.internal/v1",
+                    model=f"tandem-{role}",
+                    gpu=GPU_OF[role],
+                    transport=InProcessTransport(apps[role]),
+                )
+            ]
+    try:
+        run = await _run_with_router(workload, policy, endpoints, progress)
+    finally:
+        for server in servers:
+            server.should_exit = True
+        for app in apps.values():
+            await app.state.engine.aclose()
+    engines = {role: apps[role].state.engine for role in ROLES}
+    prof = {role: get_profile(profiles[role]) for role in ROLES}
+    for role, engine in engines.items():
+        run.busy[role] = list(engine.busy_intervals)
+        run.generation_tokens[role] = engine.stats.generation_tokens
+        run.preemptions += engine.stats.preemptions
+        run.requests += len(engine.records)
+        for rec in engine.records:
+            if rec.finish_s is None:
+                continue
+            run.spans.append(
+                RequestSpan(
+                    role=role, session_id=rec.session_id, stage=rec.stage, arrival_s=rec.arrival_s,
+                    start_s=rec.first_scheduled_s if rec.first_scheduled_s is not None else rec.arrival_s,
+                    end_s=rec.finish_s, prompt_tokens=rec.prompt_tokens,
+                    output_tokens=rec.generated_tokens or rec.output_tokens, cached_tokens=rec.cached_tokens,
+                )
+            )
+    arrivals = {workload.session_id(i): run.t0 + a for i, a in enumerate(run.arrivals_s)}
+    run.lower_bound = lower_bound(run.spans, prof, arrivals, run.t0)
+    return run
+
+
+async def _run_with_router(
+    workload: Workload,
+    policy: Policy,
+    endpoints: dict[Role, list[Replica]],
+    progress: Callable[[str], None] | None,
+) -> PolicyRun:
+    router = Router(endpoints, limit=policy.limit, order=policy.order, metrics=TandemMetrics())
+    models = RoutedModels(router=router)
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-") as workspace:
+        context = RunContext(
+            review_on=policy.review_on,  # type: ignore[arg-type]
+            max_parallel_agents=policy.fanout_cap,
+            max_files=max(workload.tasks, 1),
+            workspace=workspace,
+            max_tokens=dict(workload.max_tokens),
+        )
+        graph = build_graph(
+            models, defaults=context,
+            fanout=FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap),
+            name=f"tandem-bench-{policy.name}",
+        )
+        async with router:
+            sessions, arrivals, t0 = await _run_sessions(graph, workload, policy, context, progress)
+            stats = router.stats()
+    t_end = max(s.finished_at for s in sessions)
+    return PolicyRun(policy=policy, sessions=sessions, arrivals_s=arrivals, t0=t0, t_end=t_end, router_stats=stats)
+
+
+async def _serve_loopback(app: Any) -> tuple[str, Any]:
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    return f"http://127.0.0.1:{port}/v1", server
+
+
+async def run_policy_env(
+    workload: Workload,
+    policy: Policy,
+    endpoints: dict[Role, list[Replica]],
+    *,
+    profiles: dict[str, str] | None = None,
+    sample_interval_s: float = 0.25,
+    progress: Callable[[str], None] | None = None,
+) -> PolicyRun:
+    """One policy against real servers: busy time and tokens come from their `/metrics`.
+
+    `gpu_busy` is the fraction of /metrics samples (every `sample_interval_s`) that showed at
+    least one running request; tokens and preemptions are counter deltas over the run.
+    """
+    from bench.sampler import MetricsSampler
+
+    sampler = MetricsSampler(endpoints, interval_s=sample_interval_s)
+    await sampler.start()
+    try:
+        run = await _run_with_router(workload, policy, endpoints, progress)
+    finally:
+        await sampler.stop()
+    for role in ROLES:
+        run.busy[role] = sampler.busy_intervals(role)
+        run.generation_tokens[role] = int(sampler.delta(role, "generation_tokens"))
+    run.preemptions = int(sum(sampler.delta(role, "preemptions") for role in ROLES))
+    run.requests = int(sum(sampler.delta(role, "requests") for role in ROLES))
+    return run

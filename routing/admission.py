@@ -1,0 +1,267 @@
+"""Per-replica admission: enforce a limit, queue the rest in a pluggable order.
+
+One `Admission` per replica, shared by every graph run in the process. The limit comes
+from a `routing.limits.Limit`; the order among waiters from a `routing.orders.WaitOrder`.
+Every slot is given back exactly once (`Slot.release` is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from routing.limits import Limit, Sample
+from routing.orders import FifoOrder, ServiceLedger, Waiter, WaitOrder
+from routing.vllm_metrics import ServerSnapshot
+
+OutcomeKind = Literal["ok", "error", "dropped", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a call ended and what the router measured.
+
+    Attributes:
+        kind: ok; error (a failure that says nothing about load); dropped (429/503 or a
+            timeout: overload); cancelled (the caller went away).
+        ttft_s: Time to the first body chunk of a streamed answer.
+        itl_s: Mean inter-token latency of a streamed answer.
+        tpot_s: End-to-end time per output token of a non-streamed answer.
+    """
+
+    kind: OutcomeKind = "ok"
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    tpot_s: float | None = None
+
+
+class AdmissionObserver(Protocol):
+    """Where an admission reports its state (the metrics exporter)."""
+
+    def on_state(self, limit: int, in_flight: int, queued: int) -> None:
+        """Limit, in-flight or queue length changed."""
+        ...
+
+    def on_admit(self, waited_s: float) -> None:
+        """A call got a slot after waiting `waited_s`."""
+        ...
+
+    def on_release(self, outcome: Outcome) -> None:
+        """A call gave its slot back."""
+        ...
+
+
+class Slot:
+    """A held admission slot; `release` gives it back once, later calls are no-ops."""
+
+    __slots__ = (
+        "_admission",
+        "_area_at_admit",
+        "admitted_at",
+        "released",
+        "session_id",
+        "waited_s",
+    )
+
+    def __init__(
+        self,
+        admission: Admission,
+        session_id: str,
+        admitted_at: float,
+        waited_s: float,
+        area_at_admit: float = 0.0,
+    ) -> None:
+        self._admission = admission
+        self._area_at_admit = area_at_admit
+        self.session_id = session_id
+        self.admitted_at = admitted_at
+        self.waited_s = waited_s
+        self.released = False
+
+    def release(self, outcome: Outcome) -> bool:
+        """Give the slot back. Returns False when it was already given back."""
+        if self.released:
+            return False
+        self.released = True
+        self._admission._release(self, outcome)
+        return True
+
+
+class Admission:
+    """Enforces one replica's limit, shared by all sessions.
+
+    Args:
+        name: Replica name, for errors and stats.
+        limit: The limit algorithm.
+        order: The order among waiters (FIFO by default).
+        ledger: Service accounts shared with the LAS order.
+        observer: Metrics sink.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limit: Limit,
+        order: WaitOrder | None = None,
+        ledger: ServiceLedger | None = None,
+        observer: AdmissionObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.limit_algorithm = limit
+        self.order: WaitOrder = order or FifoOrder()
+        self.ledger = ledger or ServiceLedger()
+        self.observer = observer
+        self._queues: dict[str, deque[Waiter]] = {}
+        self._queued = 0
+        self._in_flight = 0
+        self._seq = itertools.count()
+        self._area = 0.0  # integral of in_flight over loop time, for per-call averages
+        self._area_at: float | None = None
+        self.admitted = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.peak_in_flight = 0
+
+    @property
+    def limit(self) -> int:
+        """The current limit."""
+        return max(1, self.limit_algorithm.limit)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot."""
+        return self._queued
+
+    @property
+    def outstanding(self) -> int:
+        """In flight plus queued."""
+        return self._in_flight + self._queued
+
+    async def acquire(self, session_id: str = "-") -> Slot:
+        """Wait for a slot; a caller cancelled while queued leaves the queue cleanly."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._queued == 0 and self._in_flight < self.limit:
+            return self._admit(session_id, now, now)
+        waiter = Waiter(session_id, now, next(self._seq), loop.create_future())
+        self._queues.setdefault(session_id, deque()).append(waiter)
+        self._queued += 1
+        self._notify()
+        try:
+            slot: Slot = await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Granted in the same instant as the cancellation: hand it on.
+                waiter.future.result().release(Outcome("cancelled"))
+            else:
+                self._forget(waiter)
+                self._dispatch()
+            raise
+        return slot
+
+    def on_snapshot(self, snapshot: ServerSnapshot) -> None:
+        """Feed a `/metrics` scrape to the limit and admit whoever now fits."""
+        self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
+        self._dispatch()
+        self._notify()
+
+    def stats(self) -> dict[str, int]:
+        """Limit, in_flight, queued, admitted, failed, cancelled, peak_in_flight."""
+        return {
+            "limit": self.limit,
+            "in_flight": self._in_flight,
+            "queued": self._queued,
+            "admitted": self.admitted,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "peak_in_flight": self.peak_in_flight,
+        }
+
+    def _forget(self, waiter: Waiter) -> None:
+        queue = self._queues.get(waiter.session_id)
+        if queue is None:
+            return
+        try:
+            queue.remove(waiter)
+        except ValueError:
+            return
+        self._queued -= 1
+        if not queue:
+            del self._queues[waiter.session_id]
+        self._notify()
+
+    def _account(self, now: float) -> None:
+        if self._area_at is not None:
+            self._area += self._in_flight * (now - self._area_at)
+        self._area_at = now
+
+    def _admit(self, session_id: str, now: float, enqueued_at: float) -> Slot:
+        self._account(now)
+        self._in_flight += 1
+        self.admitted += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        self.ledger.begin(session_id, now)
+        slot = Slot(self, session_id, now, now - enqueued_at, self._area)
+        if self.observer is not None:
+            self.observer.on_admit(slot.waited_s)
+            self.observer.on_state(self.limit, self._in_flight, self._queued)
+        return slot
+
+    def _release(self, slot: Slot, outcome: Outcome) -> None:
+        now = asyncio.get_running_loop().time()
+        self._account(now)
+        self._in_flight -= 1
+        self.ledger.end(slot.session_id, slot.admitted_at, now)
+        if outcome.kind in ("error", "dropped"):
+            self.failed += 1
+        elif outcome.kind == "cancelled":
+            self.cancelled += 1
+        if outcome.kind in ("ok", "dropped"):
+            held = now - slot.admitted_at
+            in_flight = (
+                (self._area - slot._area_at_admit) / held
+                if held > 0
+                else float(self._in_flight + 1)
+            )
+            self.limit_algorithm.on_sample(
+                Sample(
+                    at=now,
+                    in_flight=in_flight,
+                    ok=outcome.kind == "ok",
+                    dropped=outcome.kind == "dropped",
+                    ttft_s=outcome.ttft_s,
+                    itl_s=outcome.itl_s,
+                    tpot_s=outcome.tpot_s,
+                )
+            )
+        if self.observer is not None:
+            self.observer.on_release(outcome)
+        self._dispatch()
+        self._notify()
+
+    def _dispatch(self) -> None:
+        if not self._queued:
+            return
+        now = asyncio.get_running_loop().time()
+        while self._queued and self._in_flight < self.limit:
+            session_id = min(self._queues, key=lambda s: self.order.key(self._queues[s][0], now))
+            queue = self._queues[session_id]
+            waiter = queue.popleft()
+            self._queued -= 1
+            if not queue:
+                del self._queues[session_id]
+            if waiter.future.done():  # cancelled but not yet forgotten
+                continue
+            waiter.future.set_result(self._admit(session_id, now, waiter.enqueued_at))
+
+    def _notify(self) -> None:
+        if self.observer is not None:
+            self.observer.on_state(self.limit, self._in_flight, self._queued)

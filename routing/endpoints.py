@@ -1,0 +1,79 @@
+"""Where each role's model is served: the replicas the router spreads calls over."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from routing.calls import ROLES, Role
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One OpenAI-compatible server (a vLLM instance) serving a role's model.
+
+    Attributes:
+        url: OpenAI base URL including `/v1`, e.g. `http://127.0.0.1:8001/v1`.
+        model: The served model name sent in requests.
+        gpu: A label for the GPU behind it, e.g. "gpu0".
+        transport: An in-process transport (an emulator); None sends over the network.
+        metrics_url: Its Prometheus page; None means the URL without `/v1` plus `/metrics`.
+    """
+
+    url: str
+    model: str
+    gpu: str
+    transport: httpx.AsyncBaseTransport | None = None
+    metrics_url: str | None = None
+
+    def scrape_url(self) -> str:
+        """The URL of the server's `/metrics` page."""
+        if self.metrics_url is not None:
+            return self.metrics_url
+        base = self.url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        return f"{base}/metrics"
+
+
+Endpoints = Mapping[Role, Sequence[Replica]]
+
+
+def load_endpoints_file(path: str | Path) -> dict[Role, list[Replica]]:
+    """Read replicas from YAML: `reasoning: [{url, model, gpu}], coder: [...]`.
+
+    Raises:
+        ValueError: an unknown role, a missing field, or a role without replicas.
+    """
+    raw: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of role -> list of replicas")
+    out: dict[Role, list[Replica]] = {}
+    for key, items in raw.items():
+        if key not in ROLES:
+            raise ValueError(f"{path}: unknown role {key!r} (expected one of {ROLES})")
+        role: Role = key
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{path}: role {role!r} needs a non-empty list of replicas")
+        replicas = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: {role}[{i}] must be a mapping")
+            missing = [f for f in ("url", "model", "gpu") if f not in item]
+            if missing:
+                raise ValueError(f"{path}: {role}[{i}] lacks {', '.join(missing)}")
+            replicas.append(
+                Replica(
+                    url=str(item["url"]),
+                    model=str(item["model"]),
+                    gpu=str(item["gpu"]),
+                    metrics_url=str(item["metrics_url"]) if item.get("metrics_url") else None,
+                )
+            )
+        out[role] = replicas
+    return out

@@ -1,0 +1,297 @@
+"""Concurrency limit algorithms: each decides a replica's limit from samples, enforcing nothing.
+
+As in Netflix concurrency-limits, a `Limit` is fed one `Sample` per completed request (and
+the server's `/metrics` snapshots); `routing.admission.Admission` enforces whatever it says.
+
+`AdaptiveLimit` is a gradient (Vegas-like) limit on inter-token latency. Decode steps grow
+roughly linearly with batch size, ITL(b) = a + c*b, so throughput b/ITL(b) keeps rising but
+its elasticity d ln X / d ln b = a / ITL(b) = ITL_floor / ITL falls: holding ITL below
+`itl_tolerance` x its floor is growing "while throughput still improves enough". Server
+signals (queueing inside vLLM, a nearly full KV cache, rising preemptions, 429/503/timeouts)
+back off multiplicatively; a stale or failed scrape counts as saturated, never as idle.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from routing.vllm_metrics import ServerSnapshot
+
+UNLIMITED = 1_000_000
+
+ServerState = Literal["unknown", "spare", "hold", "saturated"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completed request, as the router saw it.
+
+    Attributes:
+        at: Loop time at completion.
+        in_flight: Time-averaged router in-flight count on the replica while it ran.
+        ok: The server answered successfully.
+        dropped: The server shed it (429/503) or it timed out: an overload signal.
+        ttft_s: Time to the first body chunk of a streamed answer.
+        itl_s: Mean time between tokens of a streamed answer.
+        tpot_s: End-to-end time per output token of a non-streamed answer.
+    """
+
+    at: float
+    in_flight: float
+    ok: bool = True
+    dropped: bool = False
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    tpot_s: float | None = None
+
+
+class Limit(Protocol):
+    """A concurrency limit algorithm."""
+
+    @property
+    def limit(self) -> int:
+        """The current limit (at least 1)."""
+        ...
+
+    def on_sample(self, sample: Sample) -> None:
+        """Learn from one completed request."""
+        ...
+
+    def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
+        """Learn from one scrape of the server's `/metrics` (failed scrapes included)."""
+        ...
+
+    def watch_server(self, now: float, stale_after_s: float) -> None:
+        """Scrapes start now; from here on, a missing or old snapshot means saturated."""
+        ...
+
+
+class FixedLimit:
+    """A constant limit (`fixed-N`); `FixedLimit(UNLIMITED)` is "unlimited"."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"a fixed limit must be >= 1, not {n}")
+        self._n = n
+
+    @property
+    def limit(self) -> int:
+        """The configured limit."""
+        return self._n
+
+    def on_sample(self, sample: Sample) -> None:
+        """Ignored."""
+
+    def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
+        """Ignored."""
+
+    def watch_server(self, now: float, stale_after_s: float) -> None:
+        """Ignored."""
+
+
+class _LatencyTrack:
+    """A latency signal: the floor (lowest recent median) and the recent median."""
+
+    def __init__(self, window: int) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+        self.floor: float | None = None
+
+    def add(self, value: float) -> None:
+        if value <= 0 or not math.isfinite(value):
+            return
+        self._recent.append(value)
+        # The floor is a minimum of medians, so one lucky sample cannot set it.
+        if len(self._recent) >= min(5, self._recent.maxlen or 5):
+            median = statistics.median(self._recent)
+            self.floor = median if self.floor is None else min(self.floor, median)
+
+    def gradient(self, tolerance: float) -> float | None:
+        """min(1, tolerance*floor/recent), or None before the floor is known."""
+        if self.floor is None or not self._recent:
+            return None
+        return min(1.0, tolerance * self.floor / statistics.median(self._recent))
+
+
+class AdaptiveLimit:
+    """Gradient limit on router-seen ITL and TTFT, corrected by the server's `/metrics`.
+
+    Defaults are deployment-independent: the targets are ratios to each replica's own
+    observed floor, and the server signals are relative (waiting > 0, KV near full).
+
+    Args:
+        initial: Starting limit.
+        min_limit: The limit never goes below this.
+        max_limit: ... nor above this.
+        itl_tolerance: Target ITL as a multiple of its floor (the knee).
+        ttft_tolerance: Target TTFT as a multiple of its floor (server-side queueing).
+        smoothing: Weight of each new estimate (Gradient2's smoothing).
+        min_gradient: The most one sample may shrink the estimate by.
+        backoff: Multiplicative decrease on an overload signal.
+        backoff_cooldown_s: At most one back-off per this many seconds (gauges lag).
+        kv_hold: KV usage at which growth stops.
+        kv_saturated: KV usage at which the limit backs off.
+        window: Samples in the recent-latency median.
+        max_growth_per_s: Growth cap per second (as a fraction), so that the limit cannot
+            outrun the server's gauges between two scrapes when many calls complete.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: int = 8,
+        min_limit: int = 2,
+        max_limit: int = 1024,
+        itl_tolerance: float = 2.5,
+        ttft_tolerance: float = 10.0,
+        smoothing: float = 0.2,
+        min_gradient: float = 0.5,
+        backoff: float = 0.75,
+        backoff_cooldown_s: float = 3.0,
+        kv_hold: float = 0.90,
+        kv_saturated: float = 0.97,
+        window: int = 16,
+        max_growth_per_s: float = 0.25,
+    ) -> None:
+        if not 1 <= min_limit <= initial <= max_limit:
+            raise ValueError("need 1 <= min_limit <= initial <= max_limit")
+        self._estimate = float(initial)
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.itl_tolerance = itl_tolerance
+        self.ttft_tolerance = ttft_tolerance
+        self.smoothing = smoothing
+        self.min_gradient = min_gradient
+        self.backoff = backoff
+        self.backoff_cooldown_s = backoff_cooldown_s
+        self.kv_hold = kv_hold
+        self.kv_saturated = kv_saturated
+        self.max_growth_per_s = max_growth_per_s
+        self._growth_from = (-math.inf, float(initial))  # (since, estimate then)
+        self._itl = _LatencyTrack(window)
+        self._tpot = _LatencyTrack(window)
+        self._ttft = _LatencyTrack(window)
+        self._last_backoff_at = -math.inf
+        self._watch_since: float | None = None
+        self._stale_after_s = math.inf
+        self._snapshot: ServerSnapshot | None = None
+        self._previous: ServerSnapshot | None = None
+
+    @property
+    def limit(self) -> int:
+        """The current limit."""
+        return max(self.min_limit, min(self.max_limit, int(self._estimate)))
+
+    @property
+    def estimate(self) -> float:
+        """The unrounded limit estimate."""
+        return self._estimate
+
+    def watch_server(self, now: float, stale_after_s: float) -> None:
+        """Scrapes start now; a snapshot older than `stale_after_s` then means saturated."""
+        self._watch_since = now
+        self._stale_after_s = stale_after_s
+
+    def server_state(self, now: float) -> ServerState:
+        """What the last scrape says: spare, hold (no growth), saturated, or unknown."""
+        if self._watch_since is None:
+            return "unknown"
+        snap = self._snapshot
+        if snap is None:
+            # Give the first scrape its chance before calling the server saturated.
+            return "hold" if now - self._watch_since <= self._stale_after_s else "saturated"
+        if not snap.ok or now - snap.taken_at > self._stale_after_s:
+            return "saturated"
+        prev = self._previous
+        if prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total:
+            return "saturated"
+        # One scrape with waiting > 0 can be a burst waiting for its prefill chunk;
+        # two in a row is a queue.
+        if snap.waiting > 0 and prev is not None and prev.ok and prev.waiting > 0:
+            return "saturated"
+        if snap.kv_usage is not None and snap.kv_usage >= self.kv_saturated:
+            return "saturated"
+        if snap.waiting > 0 or (snap.kv_usage is not None and snap.kv_usage >= self.kv_hold):
+            return "hold"
+        return "spare"
+
+    def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
+        """Keep the scrape; back off when it says the server is saturated."""
+        if snapshot.ok and self._snapshot is not None and self._snapshot.ok:
+            self._previous = self._snapshot
+        elif not snapshot.ok:
+            self._previous = None
+        self._snapshot = snapshot
+        if self.server_state(now) == "saturated":
+            self._back_off(now)
+
+    def on_sample(self, sample: Sample) -> None:
+        """Move the limit toward `limit * gradient + sqrt(limit)` (Gradient2-style)."""
+        if sample.dropped:
+            self._back_off(sample.at)
+            return
+        if not sample.ok:
+            return
+        if sample.itl_s is not None:
+            self._itl.add(sample.itl_s)
+        if sample.tpot_s is not None:
+            self._tpot.add(sample.tpot_s)
+        if sample.ttft_s is not None:
+            self._ttft.add(sample.ttft_s)
+        state = self.server_state(sample.at)
+        if state == "saturated":
+            self._back_off(sample.at)
+            return
+        gradients = [
+            g
+            for g in (
+                self._itl.gradient(self.itl_tolerance) if sample.itl_s is not None else None,
+                self._tpot.gradient(self.itl_tolerance) if sample.tpot_s is not None else None,
+                self._ttft.gradient(self.ttft_tolerance) if sample.ttft_s is not None else None,
+            )
+            if g is not None
+        ]
+        gradient = max(self.min_gradient, min(gradients, default=1.0))
+        # Grow only while the limit is in use: an idle replica says nothing about the knee.
+        busy = sample.in_flight >= self._estimate / 2
+        allowance = math.sqrt(self._estimate) if busy and state != "hold" else 0.0
+        if gradient >= 1.0 and allowance == 0.0:
+            return
+        target = self._estimate * gradient + allowance
+        new = (1 - self.smoothing) * self._estimate + self.smoothing * target
+        if new > self._estimate:
+            since, base = self._growth_from
+            if sample.at - since >= 1.0:
+                since, base = self._growth_from = (sample.at, self._estimate)
+            new = max(self._estimate, min(new, base * (1 + self.max_growth_per_s)))
+        self._set(new)
+
+    def _back_off(self, now: float) -> None:
+        if now - self._last_backoff_at < self.backoff_cooldown_s:
+            return
+        self._last_backoff_at = now
+        self._set(self._estimate * self.backoff)
+
+    def _set(self, value: float) -> None:
+        self._estimate = max(float(self.min_limit), min(float(self.max_limit), value))
+
+
+def make_limit(policy: str) -> Limit:
+    """Build a limit from a policy string: "unlimited", "fixed-N" or "adaptive".
+
+    Raises:
+        ValueError: an unknown policy.
+    """
+    if policy == "unlimited":
+        return FixedLimit(UNLIMITED)
+    if policy == "adaptive":
+        return AdaptiveLimit()
+    if policy.startswith("fixed-"):
+        try:
+            return FixedLimit(int(policy.removeprefix("fixed-")))
+        except ValueError as exc:
+            raise ValueError(f"bad limit policy {policy!r}: {exc}") from None
+    raise ValueError(f"unknown limit policy {policy!r}: use unlimited, fixed-N or adaptive")

@@ -1,0 +1,214 @@
+"""The router: one admission per replica shared by every graph run, and an HTTP client per role.
+
+router = Router(load_endpoints_file("endpoints.yaml"), limit="adaptive", order="las")
+async with router:
+    llm = ChatOpenAI(base_url=router.base_url("coder"), model=router.model("coder"),
+                     http_async_client=router.client("coder"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from routing.admission import Admission, AdmissionObserver
+from routing.calls import Role
+from routing.endpoints import Endpoints, Replica
+from routing.exporter import TandemMetrics
+from routing.limits import make_limit
+from routing.orders import ServiceLedger, make_order
+from routing.transport import Lane, RoutingTransport
+from routing.vllm_metrics import ServerSnapshot, scrape
+
+STALE_AFTER_INTERVALS = 3
+
+
+class Router:
+    """Routes each role's calls over its replicas with per-replica admission.
+
+    Args:
+        endpoints: Replicas per role.
+        limit: "unlimited", "fixed-N" or "adaptive" (one limit per replica).
+        order: "fifo" or "las" (least attained service per session, with aging).
+        metrics: Where to export `tandem_*` series.
+        scrape_interval_s: How often adaptive limits read each server's `/metrics`.
+        request_timeout_s: Bound on one call from admission to the end of its body.
+    """
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        *,
+        limit: str = "adaptive",
+        order: str = "fifo",
+        metrics: TandemMetrics | None = None,
+        scrape_interval_s: float = 1.0,
+        request_timeout_s: float = 600,
+    ) -> None:
+        make_limit(limit)  # fail fast on a bad policy string
+        self.limit_policy = limit
+        self.order_name = order
+        self.metrics = metrics
+        self.scrape_interval_s = scrape_interval_s
+        self.request_timeout_s = request_timeout_s
+        self.ledger = ServiceLedger()
+        self._network: httpx.AsyncHTTPTransport | None = None
+        self._lanes: dict[Role, list[Lane]] = {}
+        self._clients: dict[Role, httpx.AsyncClient] = {}
+        self._scrapers: list[asyncio.Task[None]] = []
+        self._scrape_client: httpx.AsyncClient | None = None
+        self._started = False
+        names: set[str] = set()
+        for role, replicas in endpoints.items():
+            if not replicas:
+                raise ValueError(f"role {role!r} has no replicas")
+            lanes = []
+            for replica in replicas:
+                name = f"{role}@{replica.gpu}"
+                n = 2
+                while name in names:
+                    name, n = f"{role}@{replica.gpu}#{n}", n + 1
+                names.add(name)
+                observer: AdmissionObserver | None = (
+                    metrics.endpoint(role, name, replica.gpu) if metrics is not None else None
+                )
+                admission = Admission(
+                    name,
+                    make_limit(limit),
+                    make_order(order, self.ledger),
+                    self.ledger,
+                    observer,
+                )
+                if observer is not None:
+                    observer.on_state(admission.limit, 0, 0)
+                lanes.append(Lane(name, replica, admission, self._transport_for(replica)))
+            self._lanes[role] = lanes
+            transport = RoutingTransport(
+                role,
+                lanes,
+                synthetic_base=self.base_url(role),
+                request_timeout_s=request_timeout_s,
+            )
+            # The routing transport owns the timeout; httpx's own covers connect/IO only.
+            self._clients[role] = httpx.AsyncClient(
+                transport=transport, timeout=httpx.Timeout(request_timeout_s)
+            )
+
+    def _transport_for(self, replica: Replica) -> httpx.AsyncBaseTransport:
+        if replica.transport is not None:
+            return replica.transport
+        if self._network is None:
+            self._network = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            )
+        return self._network
+
+    def _role_lanes(self, role: Role) -> list[Lane]:
+        try:
+            return self._lanes[role]
+        except KeyError:
+            raise KeyError(f"no endpoints configured for role {role!r}") from None
+
+    def client(self, role: Role) -> httpx.AsyncClient:
+        """The HTTP client whose transport routes `role`'s calls (one per role)."""
+        self._role_lanes(role)
+        return self._clients[role]
+
+    def base_url(self, role: Role) -> str:
+        """The synthetic OpenAI base URL of `role`; the transport rewrites it."""
+        return f"http://{role}.tandem.internal/v1"
+
+    def model(self, role: Role) -> str:
+        """The served model name of `role` (its first replica's)."""
+        return self._role_lanes(role)[0].replica.model
+
+    def lanes(self, role: Role) -> list[Lane]:
+        """The replicas of `role` with their admissions."""
+        return list(self._role_lanes(role))
+
+    async def start(self) -> None:
+        """Start the `/metrics` scrapers that adaptive limits read (idempotent)."""
+        if self._started:
+            return
+        self._started = True
+        if self.limit_policy != "adaptive":
+            return
+        now = asyncio.get_running_loop().time()
+        stale_after_s = STALE_AFTER_INTERVALS * self.scrape_interval_s
+        for lanes in self._lanes.values():
+            for lane in lanes:
+                lane.admission.limit_algorithm.watch_server(now, stale_after_s)
+                self._scrapers.append(
+                    asyncio.create_task(self._scrape_loop(lane), name=f"scrape {lane.name}")
+                )
+
+    async def _scrape_loop(self, lane: Lane) -> None:
+        loop = asyncio.get_running_loop()
+        url = lane.replica.scrape_url()
+        async with httpx.AsyncClient(
+            transport=_Unclosed(lane.transport), timeout=2 * self.scrape_interval_s
+        ) as client:
+            while True:
+                taken_at = loop.time()
+                try:
+                    async with asyncio.timeout(2 * self.scrape_interval_s):
+                        snapshot = await scrape(client, url, taken_at)
+                except TimeoutError:
+                    snapshot = ServerSnapshot.failed(taken_at, "scrape timed out")
+                lane.admission.on_snapshot(snapshot)
+                await asyncio.sleep(self.scrape_interval_s)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per replica: role, url, limit, in_flight, queued, admitted, failed, peak_in_flight."""
+        out: dict[str, dict[str, Any]] = {}
+        for role, lanes in self._lanes.items():
+            for lane in lanes:
+                out[lane.name] = {
+                    "role": role,
+                    "url": lane.replica.url,
+                    **lane.admission.stats(),
+                }
+        return out
+
+    async def aclose(self) -> None:
+        """Stop scrapers and close the clients and the shared network transport."""
+        for task in self._scrapers:
+            task.cancel()
+        for task in self._scrapers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._scrapers.clear()
+        self._started = False
+        for client in self._clients.values():
+            await client.aclose()
+        if self._network is not None:
+            await self._network.aclose()
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Unclosed(httpx.AsyncBaseTransport):
+    """Lends a transport to a short-lived client without letting the client close it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        return None

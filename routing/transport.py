@@ -1,0 +1,261 @@
+"""The routing transport: pick a replica, take an admission slot, forward, measure, release.
+
+An `httpx.AsyncBaseTransport` for one role. The slot is held until the response body is
+fully read, closed, failed, timed out, cancelled, or left unread for `abandon_after_s`
+(a body nobody reads must not hold a GPU slot forever); it is given back exactly once.
+Time to the first body chunk (TTFT) and the mean time between SSE events (ITL) of each
+streamed answer feed the replica's limit algorithm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from routing.admission import Admission, Outcome, OutcomeKind, Slot
+from routing.calls import Role, current_call
+from routing.endpoints import Replica
+
+_JSON_CAP_BYTES = 4 * 1024 * 1024
+_SHED = (429, 503)
+
+
+@dataclass
+class Lane:
+    """One replica as the transport uses it."""
+
+    name: str
+    replica: Replica
+    admission: Admission
+    transport: httpx.AsyncBaseTransport
+
+
+def _status_kind(status: int) -> OutcomeKind:
+    if status in _SHED:
+        return "dropped"
+    return "error" if status >= 400 else "ok"
+
+
+class MeteredStream(httpx.AsyncByteStream):
+    """A response body that measures TTFT/ITL and gives its slot back exactly once."""
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        slot: Slot,
+        *,
+        started_at: float,
+        deadline: float,
+        abandon_after_s: float,
+    ) -> None:
+        self._response = response
+        self._slot = slot
+        self._started_at = started_at
+        self._deadline = deadline
+        self._abandon_after_s = abandon_after_s
+        self._kind = _status_kind(response.status_code)
+        content_type = response.headers.get("content-type", "")
+        self._sse = content_type.startswith("text/event-stream")
+        self._json = content_type.startswith("application/json") and self._kind == "ok"
+        self._body = bytearray()
+        self._first_at: float | None = None
+        self._last_at: float | None = None
+        self._events = 0
+        self._events_first = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self._slot.released:
+            self._timer = self._loop.call_later(self._abandon_after_s, self._abandon)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _abandon(self) -> None:
+        # Nobody has asked for the next chunk for a long while: the caller walked away.
+        self._timer = None
+        self._finish("cancelled")
+
+    def _on_chunk(self, chunk: bytes) -> None:
+        now = self._loop.time()
+        events = chunk.count(b"\n\n") if self._sse else 0
+        if self._first_at is None:
+            self._first_at = now
+            self._events_first = events
+        elif events:
+            self._last_at = now
+        self._events += events
+        if self._json and len(self._body) + len(chunk) <= _JSON_CAP_BYTES:
+            self._body += chunk
+
+    def _finish(self, kind: OutcomeKind) -> None:
+        self._disarm()
+        if self._slot.released:
+            return
+        now = self._loop.time()
+        ttft = itl = tpot = None
+        if kind == "ok" and self._sse and self._first_at is not None:
+            ttft = self._first_at - self._started_at
+            gaps = self._events - self._events_first
+            if self._last_at is not None and gaps >= 2:
+                itl = (self._last_at - self._first_at) / gaps
+        elif kind == "ok" and self._json:
+            tokens = _completion_tokens(bytes(self._body))
+            if tokens:
+                tpot = (now - self._started_at) / tokens
+        self._slot.release(Outcome(kind, ttft_s=ttft, itl_s=itl, tpot_s=tpot))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        inner = self._response.stream
+        if not isinstance(inner, httpx.AsyncByteStream):
+            raise TypeError("the replica transport returned a synchronous stream")
+        chunks = inner.__aiter__()
+        try:
+            while True:
+                self._disarm()
+                try:
+                    async with asyncio.timeout_at(self._deadline):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    self._finish(self._kind)
+                    return
+                except TimeoutError:
+                    self._finish("dropped")
+                    raise httpx.ReadTimeout("routing: request timeout while reading") from None
+                except asyncio.CancelledError:
+                    self._finish("cancelled")
+                    raise
+                except Exception:
+                    self._finish("error")
+                    raise
+                self._on_chunk(chunk)
+                self._arm()
+                yield chunk
+        finally:
+            # Closed early (aclose on a suspended generator) or garbage-collected.
+            self._finish("cancelled")
+
+    async def aclose(self) -> None:
+        """Closing before the end counts as a client disconnect."""
+        self._finish("cancelled")
+        await self._response.aclose()
+
+
+def _completion_tokens(body: bytes) -> int:
+    try:
+        usage = json.loads(body).get("usage") or {}
+        return int(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return 0
+
+
+class RoutingTransport(httpx.AsyncBaseTransport):
+    """Sends a role's requests to the least-outstanding replica through its admission.
+
+    Args:
+        role: The role served.
+        lanes: Its replicas.
+        synthetic_base: The base URL clients use (rewritten to the chosen replica).
+        request_timeout_s: Bound from admission to the end of the body.
+        abandon_after_s: Release the slot of a body left unread this long.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        lanes: Sequence[Lane],
+        *,
+        synthetic_base: str,
+        request_timeout_s: float = 600.0,
+        abandon_after_s: float = 60.0,
+    ) -> None:
+        if not lanes:
+            raise ValueError(f"role {role!r} has no replicas")
+        self.role = role
+        self.lanes = list(lanes)
+        self._base_path = httpx.URL(synthetic_base).path.rstrip("/")
+        self.request_timeout_s = request_timeout_s
+        self.abandon_after_s = abandon_after_s
+        self._rr = itertools.count()
+
+    def pick(self) -> Lane:
+        """The replica with the fewest outstanding calls (then most headroom, then turns)."""
+        turn = next(self._rr)
+        n = len(self.lanes)
+        return min(
+            (self.lanes[(turn + i) % n] for i in range(n)),
+            key=lambda lane: (
+                lane.admission.outstanding,
+                lane.admission.in_flight - lane.admission.limit,
+            ),
+        )
+
+    def _target(self, request: httpx.Request, replica: Replica) -> httpx.URL:
+        path = request.url.path
+        if self._base_path and path.startswith(self._base_path):
+            path = path[len(self._base_path) :]
+        target = httpx.URL(replica.url)
+        return target.copy_with(
+            path=target.path.rstrip("/") + path, query=request.url.query or None
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Admit, forward and wrap the response body so the slot comes back."""
+        info = current_call.get()
+        session_id = info.session_id if info is not None else "-"
+        body = await request.aread()
+        lane = self.pick()
+        headers: list[tuple[str, str]] = [
+            (k, v) for k, v in request.headers.multi_items() if k.lower() != "host"
+        ]
+        if info is not None:
+            headers.extend(info.headers().items())
+        outgoing = httpx.Request(
+            request.method,
+            self._target(request, lane.replica),
+            headers=headers,
+            content=body,
+            extensions=dict(request.extensions),
+        )
+        slot = await lane.admission.acquire(session_id)
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        deadline = started_at + self.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await lane.transport.handle_async_request(outgoing)
+        except TimeoutError:
+            slot.release(Outcome("dropped"))
+            raise httpx.ReadTimeout("routing: request timeout", request=request) from None
+        except httpx.TimeoutException:
+            slot.release(Outcome("dropped"))
+            raise
+        except asyncio.CancelledError:
+            slot.release(Outcome("cancelled"))
+            raise
+        except BaseException:
+            slot.release(Outcome("error"))
+            raise
+        stream = MeteredStream(
+            response,
+            slot,
+            started_at=started_at,
+            deadline=deadline,
+            abandon_after_s=self.abandon_after_s,
+        )
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=stream,
+            extensions=response.extensions,
+        )

@@ -1,0 +1,162 @@
+"""Admission: limits enforced, cancellation clean, FIFO and LAS-with-aging orders."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from pytest_socket import disable_socket, enable_socket
+
+from routing.admission import Admission, Outcome
+from routing.limits import FixedLimit
+from routing.orders import LasOrder, ServiceLedger
+
+
+@pytest.fixture(autouse=True)
+def _no_network() -> Iterator[None]:
+    disable_socket(allow_unix_socket=True)  # the event loop's self-pipe is a unix socketpair
+    yield
+    enable_socket()
+
+
+async def test_limit_enforced_and_fifo_order() -> None:
+    adm = Admission("r", FixedLimit(2))
+    order: list[int] = []
+
+    async def call(i: int) -> None:
+        slot = await adm.acquire("s")
+        order.append(i)
+        await asyncio.sleep(0.01)
+        assert adm.in_flight <= 2
+        slot.release(Outcome())
+
+    await asyncio.gather(*(call(i) for i in range(10)))
+    assert order == list(range(10))
+    assert adm.stats() == {
+        "limit": 2,
+        "in_flight": 0,
+        "queued": 0,
+        "admitted": 10,
+        "failed": 0,
+        "cancelled": 0,
+        "peak_in_flight": 2,
+    }
+
+
+async def test_release_is_idempotent() -> None:
+    adm = Admission("r", FixedLimit(1))
+    slot = await adm.acquire()
+    assert slot.release(Outcome("error")) is True
+    assert slot.release(Outcome("ok")) is False
+    assert adm.in_flight == 0 and adm.failed == 1
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    adm = Admission("r", FixedLimit(1))
+    held = await adm.acquire("a")
+    waiters = [asyncio.create_task(adm.acquire("b")) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert adm.queued == 5
+    for task in waiters[:4]:
+        task.cancel()
+    await asyncio.gather(*waiters[:4], return_exceptions=True)
+    assert adm.queued == 1
+    held.release(Outcome())
+    slot = await waiters[4]
+    assert adm.in_flight == 1 and adm.queued == 0
+    slot.release(Outcome())
+    assert adm.in_flight == 0
+
+
+async def test_cancel_in_the_same_instant_as_the_grant_returns_the_slot() -> None:
+    adm = Admission("r", FixedLimit(1))
+    held = await adm.acquire()
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    held.release(Outcome())  # grants the waiter's future...
+    waiter.cancel()  # ...and the task is cancelled before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert adm.in_flight == 0 and adm.cancelled == 1
+
+
+@pytest.mark.looptime
+async def test_las_lets_a_late_session_through_a_flood() -> None:
+    ledger = ServiceLedger()
+    adm = Admission("coder", FixedLimit(4), LasOrder(ledger), ledger)
+    loop = asyncio.get_running_loop()
+
+    async def call(session: str, service_s: float) -> float:
+        asked = loop.time()
+        slot = await adm.acquire(session)
+        waited = loop.time() - asked
+        await asyncio.sleep(service_s)
+        slot.release(Outcome())
+        return waited
+
+    flood = [asyncio.create_task(call("A", 1.0)) for _ in range(500)]
+    await asyncio.sleep(10.0)
+    assert adm.queued > 400
+    late = await call("B", 1.0)
+    assert late <= 1.0  # next free slot: B has attained nothing
+    await asyncio.gather(*flood)
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+@pytest.mark.looptime
+async def test_fifo_makes_the_late_session_wait_behind_the_flood() -> None:
+    adm = Admission("coder", FixedLimit(4))
+    loop = asyncio.get_running_loop()
+
+    async def call(session: str) -> float:
+        asked = loop.time()
+        slot = await adm.acquire(session)
+        waited = loop.time() - asked
+        await asyncio.sleep(1.0)
+        slot.release(Outcome())
+        return waited
+
+    flood = [asyncio.create_task(call("A")) for _ in range(100)]
+    await asyncio.sleep(5.0)
+    assert await call("B") >= 15.0
+    await asyncio.gather(*flood)
+
+
+@pytest.mark.looptime
+async def test_las_aging_bounds_the_wait_of_a_heavy_session() -> None:
+    # Heavy session H has attained lots of service; a stream of fresh light sessions
+    # keeps arriving. Aging (and the hard bound) still admits H's waiting call.
+    ledger = ServiceLedger()
+    order = LasOrder(ledger, aging_rate=1.0, max_wait_s=30.0)
+    adm = Admission("coder", FixedLimit(2), order, ledger)
+    loop = asyncio.get_running_loop()
+    ledger.begin("H", 0.0)
+    ledger.end("H", 0.0, 1000.0)  # 1000 slot-seconds attained
+
+    async def light(i: int) -> None:
+        slot = await adm.acquire(f"L{i}")
+        try:
+            await asyncio.sleep(1.0)
+        finally:
+            slot.release(Outcome())
+
+    lights: list[asyncio.Task[None]] = []
+
+    async def stream() -> None:
+        for i in range(400):
+            lights.append(asyncio.create_task(light(i)))
+            await asyncio.sleep(0.4)  # more demand than 2 slots of 1 s can serve
+
+    feeder = asyncio.create_task(stream())
+    await asyncio.sleep(5.0)
+    asked = loop.time()
+    slot = await adm.acquire("H")
+    waited = loop.time() - asked
+    slot.release(Outcome())
+    assert waited <= 31.0
+    feeder.cancel()
+    for task in lights:
+        task.cancel()
+    await asyncio.gather(feeder, *lights, return_exceptions=True)
+    assert adm.in_flight == 0 and adm.queued == 0

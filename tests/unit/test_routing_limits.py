@@ -1,0 +1,180 @@
+"""Limit algorithms on recorded sample sequences: where the limit goes, and why."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from routing.limits import UNLIMITED, AdaptiveLimit, FixedLimit, Sample, make_limit
+from routing.vllm_metrics import ServerSnapshot
+
+ItlModel = Callable[[float], float]
+
+
+def _drive(
+    limit: AdaptiveLimit,
+    itl_of: ItlModel,
+    *,
+    samples: int = 3000,
+    dt: float = 0.02,
+    ttft_of: ItlModel | None = None,
+    snapshot_of: Callable[[float, float], ServerSnapshot] | None = None,
+) -> list[int]:
+    """Saturating demand: every request sees a batch as large as the current limit."""
+    history = []
+    t = 0.0
+    next_scrape = 1.0
+    for _ in range(samples):
+        t += dt
+        b = float(limit.limit)
+        if snapshot_of is not None and t >= next_scrape:
+            limit.on_snapshot(snapshot_of(b, t), t)
+            next_scrape += 1.0
+        ttft = ttft_of(b) if ttft_of else None
+        limit.on_sample(Sample(at=t, in_flight=b, itl_s=itl_of(b), ttft_s=ttft))
+        history.append(limit.limit)
+    return history
+
+
+def _cpu_throughput(b: float) -> float:
+    # Measured on 2 cores (FACTS.md): concurrency -> tokens/s, --max-num-seqs 32.
+    points = [(1, 170.0), (4, 474.0), (16, 1152.0), (32, 1170.0)]
+    b = min(b, 32.0)
+    for (b0, x0), (b1, x1) in itertools.pairwise(points):
+        if b <= b1:
+            return x0 + (x1 - x0) * (b - b0) / (b1 - b0)
+    return points[-1][1]
+
+
+def test_fixed_and_policy_strings() -> None:
+    fixed = FixedLimit(10)
+    fixed.on_sample(Sample(at=1.0, in_flight=10, dropped=True))
+    assert fixed.limit == 10
+    assert make_limit("fixed-25").limit == 25
+    assert make_limit("unlimited").limit == UNLIMITED
+    assert isinstance(make_limit("adaptive"), AdaptiveLimit)
+    for bad in ("fixed-0", "fixed-x", "aimd"):
+        with pytest.raises(ValueError):
+            make_limit(bad)
+
+
+def test_h100_8b_grows_to_a_large_batch() -> None:
+    # NIM/BLIS-like decode step: 4.6 ms + 0.04 ms per sequence in the batch.
+    limit = AdaptiveLimit()
+    history = _drive(limit, lambda b: 0.0046 + 0.00004 * b)
+    assert history[0] >= 8
+    assert 120 <= limit.limit <= 320, limit.limit
+    assert max(history[-300:]) - min(history[-300:]) <= 0.15 * limit.limit  # settled
+
+
+def test_cpu_server_settles_near_its_knee() -> None:
+    # ITL = b / throughput(b); past 32 sequences the server queues: TTFT climbs.
+    limit = AdaptiveLimit()
+    _drive(
+        limit,
+        lambda b: min(b, 32.0) / _cpu_throughput(b),
+        ttft_of=lambda b: 0.05 + max(0.0, b - 32.0) * 0.25,
+    )
+    assert 10 <= limit.limit <= 40, limit.limit
+
+
+def test_small_kv_cache_server_is_held_by_server_signals() -> None:
+    # A 32B model whose KV cache fills at 12 sequences: latency barely moves, vLLM
+    # queues and preempts instead.
+    preempted = [0.0]
+
+    def snapshot(b: float, t: float) -> ServerSnapshot:
+        over = max(0.0, b - 12.0)
+        if over:
+            preempted[0] += over
+        return ServerSnapshot(
+            taken_at=t,
+            running=min(b, 12.0),
+            waiting=over,
+            kv_usage=min(1.0, b / 12.0),
+            preemptions_total=preempted[0],
+        )
+
+    limit = AdaptiveLimit()
+    limit.watch_server(0.0, stale_after_s=3.0)
+    history = _drive(limit, lambda b: 0.025 + 0.0001 * b, snapshot_of=snapshot)
+    assert max(history) <= 20
+    assert 2 <= limit.limit <= 16, limit.limit
+
+
+def test_idle_replica_does_not_grow() -> None:
+    limit = AdaptiveLimit(initial=8)
+    for i in range(500):
+        limit.on_sample(Sample(at=i * 0.1, in_flight=2, itl_s=0.01))
+    assert limit.limit == 8
+
+
+def test_rising_itl_shrinks_the_limit() -> None:
+    limit = AdaptiveLimit(initial=64)
+    seq = [0.010] * 40 + [0.040] * 200  # the batch got 4x slower per token
+    for i, itl in enumerate(seq):
+        limit.on_sample(Sample(at=i * 0.1, in_flight=64, itl_s=itl))
+    assert limit.limit < 40
+
+
+def test_one_lucky_sample_does_not_set_the_floor() -> None:
+    limit = AdaptiveLimit(initial=16)
+    seq = [0.001] + [0.010] * 300  # one coalesced, too-fast reading
+    for i, itl in enumerate(seq):
+        limit.on_sample(Sample(at=i * 0.1, in_flight=limit.limit, itl_s=itl))
+    assert limit.limit > 16
+
+
+def test_dropped_calls_back_off_once_per_cooldown() -> None:
+    limit = AdaptiveLimit(initial=100, backoff=0.5, backoff_cooldown_s=3.0)
+    for t in (1.0, 1.5, 2.0):
+        limit.on_sample(Sample(at=t, in_flight=100, ok=False, dropped=True))
+    assert limit.limit == 50
+    limit.on_sample(Sample(at=4.5, in_flight=50, ok=False, dropped=True))
+    assert limit.limit == 25
+
+
+def test_stale_or_failed_scrape_counts_as_saturated() -> None:
+    limit = AdaptiveLimit(initial=32, backoff=0.5, backoff_cooldown_s=0.0)
+    assert limit.server_state(0.0) == "unknown"  # no scraper: latency alone decides
+    limit.watch_server(0.0, stale_after_s=3.0)
+    assert limit.server_state(1.0) == "hold"  # first scrape still due: no growth
+    assert limit.server_state(4.0) == "saturated"  # it never came
+    limit.on_snapshot(ServerSnapshot(taken_at=4.0, running=5, kv_usage=0.2), 4.0)
+    assert limit.server_state(4.5) == "spare"
+    assert limit.server_state(8.0) == "saturated"  # 4 s old: stale, never idle
+    limit.on_sample(Sample(at=8.0, in_flight=32, itl_s=0.01))
+    assert limit.limit == 16
+    limit.on_snapshot(ServerSnapshot.failed(9.0, "connection refused"), 9.0)
+    assert limit.server_state(9.0) == "saturated"
+    assert limit.limit == 8
+
+
+def test_server_signals() -> None:
+    limit = AdaptiveLimit(backoff_cooldown_s=0.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.on_snapshot(ServerSnapshot(taken_at=1.0, waiting=2, kv_usage=0.5), 1.0)
+    assert limit.server_state(1.0) == "hold"  # one scrape of waiting: maybe a burst
+    limit.on_snapshot(ServerSnapshot(taken_at=2.0, waiting=2, kv_usage=0.5), 2.0)
+    assert limit.server_state(2.0) == "saturated"  # two in a row: a queue
+    limit.on_snapshot(ServerSnapshot(taken_at=3.0, kv_usage=0.93), 3.0)
+    assert limit.server_state(3.0) == "hold"
+    limit.on_snapshot(ServerSnapshot(taken_at=4.0, kv_usage=0.99), 4.0)
+    assert limit.server_state(4.0) == "saturated"
+    limit.on_snapshot(ServerSnapshot(taken_at=5.0, kv_usage=0.5, preemptions_total=1), 5.0)
+    assert limit.server_state(5.0) == "saturated"  # preemptions rose
+    limit.on_snapshot(ServerSnapshot(taken_at=6.0, kv_usage=0.5, preemptions_total=1), 6.0)
+    assert limit.server_state(6.0) == "spare"
+    assert limit.limit == limit.min_limit or limit.limit < 8
+
+
+def test_limit_stays_within_bounds() -> None:
+    limit = AdaptiveLimit(initial=4, min_limit=2, max_limit=64)
+    for i in range(2000):
+        limit.on_sample(Sample(at=i * 0.01, in_flight=limit.limit, itl_s=0.01))
+    assert limit.limit == 64
+    for i in range(200):
+        limit.on_sample(Sample(at=100 + i * 5.0, in_flight=64, ok=False, dropped=True))
+    assert limit.limit == 2

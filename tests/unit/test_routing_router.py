@@ -1,0 +1,296 @@
+"""Router and routing transport, socket-free: slots never leak, replicas share load,
+TTFT/ITL are measured on streamed answers, scrapers feed the adaptive limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import generate_latest
+from pytest_socket import disable_socket, enable_socket
+
+from routing.calls import SESSION_HEADER, STAGE_HEADER, CallInfo, call_scope
+from routing.endpoints import Replica
+from routing.exporter import TandemMetrics
+from routing.limits import AdaptiveLimit, FixedLimit, Sample
+from routing.router import Router
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+@pytest.fixture(autouse=True)
+def _no_network() -> Iterator[None]:
+    disable_socket(allow_unix_socket=True)  # the event loop's self-pipe is a unix socketpair
+    yield
+    enable_socket()
+
+
+def _sse(n_tokens: int, first_s: float, gap_s: float) -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
+        await asyncio.sleep(first_s)
+        for i in range(n_tokens):
+            if i:
+                await asyncio.sleep(gap_s)
+            delta = {"choices": [{"delta": {"content": f"t{i}"}}]}
+            yield f"data: {json.dumps(delta)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return body()
+
+
+def _replica(url: str, gpu: str, handler: httpx.MockTransport) -> Replica:
+    return Replica(url=url, model="coder-8b", gpu=gpu, transport=handler)
+
+
+def _idle(router: Router) -> bool:
+    return all(s["in_flight"] == 0 and s["queued"] == 0 for s in router.stats().values())
+
+
+async def test_rewrites_url_and_tags_the_session() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"usage": {"completion_tokens": 4}})
+
+    router = Router(
+        {"coder": [_replica("http://10.0.0.2:8002/v1", "gpu1", httpx.MockTransport(handler))]},
+        limit="fixed-4",
+    )
+    async with router:
+        client = router.client("coder")
+        assert client is router.client("coder")
+        url = router.base_url("coder") + "/chat/completions?x=1"
+        with call_scope(CallInfo("sess-1", "code", "coder", "a/b.py")):
+            response = await client.post(url, json=CHAT)
+        anonymous = await client.post(url, json=CHAT)
+    assert response.status_code == 200 and anonymous.status_code == 200
+    assert str(seen[0].url) == "http://10.0.0.2:8002/v1/chat/completions?x=1"
+    assert seen[0].headers["host"] == "10.0.0.2:8002"
+    assert seen[0].headers[SESSION_HEADER] == "sess-1"
+    assert seen[0].headers[STAGE_HEADER] == "code"
+    assert SESSION_HEADER not in seen[1].headers
+    assert json.loads(seen[0].content) == CHAT
+    assert router.model("coder") == "coder-8b"
+    assert router.stats()["coder@gpu1"]["admitted"] == 2
+    with pytest.raises(KeyError):
+        router.model("reasoning")
+
+
+@pytest.mark.looptime
+async def test_no_slot_leaks_under_random_failures() -> None:
+    rng = random.Random(7)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        fate = rng.random()
+        await asyncio.sleep(rng.uniform(0.0, 0.5))
+        if fate < 0.1:
+            raise httpx.ConnectError("refused", request=request)
+        if fate < 0.2:
+            return httpx.Response(503, json={"error": "overloaded"})
+        if fate < 0.3:
+            return httpx.Response(500, json={"error": "boom"})
+        if fate < 0.4:
+            await asyncio.sleep(100.0)  # past the request timeout
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            content=_sse(rng.randint(1, 20), 0.1, 0.05),
+        )
+
+    transport = httpx.MockTransport(handler)
+    router = Router(
+        {"coder": [_replica(f"http://h{i}/v1", f"gpu{i}", transport) for i in range(2)]},
+        limit="fixed-8",
+        request_timeout_s=30.0,
+    )
+    client = router.client("coder")
+
+    async def call(i: int) -> str:
+        mode = i % 4
+        with call_scope(CallInfo(f"s{i % 5}", "code", "coder")):
+            try:
+                if mode == 0:  # read everything
+                    r = await client.post("http://coder.tandem.internal/v1/x", json=CHAT)
+                    return str(r.status_code)
+                async with client.stream(
+                    "POST", "http://coder.tandem.internal/v1/x", json=CHAT
+                ) as r:
+                    async for _ in r.aiter_bytes():
+                        if mode == 1:
+                            break  # client disconnects early
+                return "streamed"
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+    tasks = [asyncio.create_task(call(i)) for i in range(200)]
+    await asyncio.sleep(1.0)
+    for task in tasks[3::10]:  # cancel some while queued or in flight
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert {"ConnectError", "ReadTimeout", "503", "500", "streamed"} <= {
+        r for r in results if isinstance(r, str)
+    }
+    assert _idle(router)
+    stats = router.stats()
+    assert sum(s["admitted"] for s in stats.values()) > 150
+    assert all(s["peak_in_flight"] <= 8 for s in stats.values())
+    await router.aclose()
+
+
+@pytest.mark.looptime
+async def test_unread_body_gives_its_slot_back() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=_sse(5, 0.1, 0.1)
+        )
+
+    router = Router({"coder": [_replica("http://h/v1", "gpu1", httpx.MockTransport(handler))]})
+    client = router.client("coder")
+    request = client.build_request("POST", "http://coder.tandem.internal/v1/x", json=CHAT)
+    response = await client.send(request, stream=True)  # and never read nor closed
+    assert router.stats()["coder@gpu1"]["in_flight"] == 1
+    await asyncio.sleep(61.0)
+    assert _idle(router)
+    assert router.stats()["coder@gpu1"]["cancelled"] == 1
+    await response.aclose()  # closing later is harmless
+    await router.aclose()
+
+
+@pytest.mark.looptime
+async def test_least_outstanding_spreads_over_replicas() -> None:
+    hits: dict[str, int] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        hits[request.url.host] = hits.get(request.url.host, 0) + 1
+        await asyncio.sleep(1.0 if request.url.host == "slow" else 0.1)
+        return httpx.Response(200, json={})
+
+    transport = httpx.MockTransport(handler)
+    router = Router(
+        {
+            "coder": [
+                _replica("http://slow/v1", "gpu1", transport),
+                _replica("http://fast/v1", "gpu2", transport),
+            ]
+        },
+        limit="unlimited",
+    )
+    client = router.client("coder")
+
+    async def call(delay: float) -> None:
+        await asyncio.sleep(delay)
+        await client.post("http://coder.tandem.internal/v1/x", json=CHAT)
+
+    await asyncio.gather(*(call(i * 0.05) for i in range(100)))
+    assert hits["fast"] > 2 * hits["slow"] > 0
+    await router.aclose()
+
+
+@pytest.mark.looptime
+async def test_measures_ttft_and_itl_of_a_stream() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=_sse(11, 0.5, 0.02)
+        )
+
+    samples: list[Sample] = []
+
+    class Recording(FixedLimit):
+        def on_sample(self, sample: Sample) -> None:
+            samples.append(sample)
+
+    metrics = TandemMetrics(gpu=False)
+    router = Router(
+        {"coder": [_replica("http://h/v1", "gpu1", httpx.MockTransport(handler))]},
+        metrics=metrics,
+    )
+    router.lanes("coder")[0].admission.limit_algorithm = Recording(4)
+    async with router:
+        client = router.client("coder")
+        async with client.stream("POST", "http://coder.tandem.internal/v1/x", json=CHAT) as r:
+            chunks = [c async for c in r.aiter_bytes()]
+    assert len(chunks) >= 1
+    (sample,) = samples
+    assert sample.ttft_s == pytest.approx(0.5, abs=0.01)
+    assert sample.itl_s == pytest.approx(0.02 * 10 / 11, abs=0.002)  # [DONE] counts as one
+    assert sample.in_flight == pytest.approx(1.0)
+    page = generate_latest(metrics.registry).decode()
+    labels = '{gpu="gpu1",replica="coder@gpu1",role="coder"}'
+    assert f"tandem_endpoint_ttft_seconds_count{labels} 1.0" in page
+    assert f"tandem_endpoint_admitted_total{labels} 1.0" in page
+
+
+@pytest.mark.looptime
+async def test_non_streamed_answer_gives_time_per_output_token() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(2.0)
+        return httpx.Response(200, json={"usage": {"completion_tokens": 100}})
+
+    samples: list[Sample] = []
+
+    class Recording(FixedLimit):
+        def on_sample(self, sample: Sample) -> None:
+            samples.append(sample)
+
+    router = Router({"coder": [_replica("http://h/v1", "gpu1", httpx.MockTransport(handler))]})
+    router.lanes("coder")[0].admission.limit_algorithm = Recording(4)
+    await router.client("coder").post("http://coder.tandem.internal/v1/x", json={})
+    assert samples[0].tpot_s == pytest.approx(0.02) and samples[0].itl_s is None
+    await router.aclose()
+
+
+@pytest.mark.looptime
+async def test_scrapers_feed_the_adaptive_limit_and_stale_means_saturated() -> None:
+    page = (FIXTURES / "vllm_metrics_v1.txt").read_text()
+    up = [True]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=page) if up[0] else httpx.Response(502)
+        return httpx.Response(200, json={})
+
+    router = Router(
+        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
+        limit="adaptive",
+        scrape_interval_s=1.0,
+    )
+    await router.start()
+    await router.start()  # idempotent
+    limit = router.lanes("reasoning")[0].admission.limit_algorithm
+    assert isinstance(limit, AdaptiveLimit)
+    await asyncio.sleep(0.5)
+    assert limit.server_state(asyncio.get_running_loop().time()) == "hold"  # waiting=3
+    before = limit.limit
+    up[0] = False
+    await asyncio.sleep(10.0)
+    assert limit.server_state(asyncio.get_running_loop().time()) == "saturated"
+    assert limit.limit < before
+    await router.aclose()
+
+
+def test_bad_policy_strings_fail_fast() -> None:
+    eps = {"coder": [Replica("http://h/v1", "m", "gpu1")]}
+    with pytest.raises(ValueError):
+        Router(eps, limit="fixed-")
+    with pytest.raises(ValueError):
+        Router(eps, order="lifo")
+
+
+def test_exporter_series_and_absent_gpu() -> None:
+    metrics = TandemMetrics()
+    metrics.stage_latency("plan", 3.5)
+    metrics.session_progress("s1", 3, 12)
+    metrics.parallel_tasks(7)
+    page = generate_latest(metrics.registry).decode()
+    assert 'tandem_stage_latency_seconds_count{stage="plan"} 1.0' in page
+    assert 'tandem_session_progress_ratio{session="s1"} 0.25' in page
+    assert "tandem_parallel_tasks 7.0" in page
+    if metrics.nvml is not None and not metrics.nvml.present:
+        assert "tandem_gpu_utilization_percent" not in page  # absent, never 0

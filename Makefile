@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean
+.PHONY: run test unit lint typecheck clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tandem run --demo --sessions 3
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/pytest -q
+
+# A real Prometheus (Debian's package) for the exporter's integration test.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
+	  else echo "install Debian's prometheus package (sudo apt-get install prometheus)"; fi; }
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

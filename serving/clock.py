@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import concurrent.futures
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import looptime
@@ -16,6 +17,23 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
+class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
+    """Runs submitted work at once, in the calling thread.
+
+    On a virtual clock, work handed to a thread pool (libraries call `run_in_executor` for
+    small blocking helpers) would let the loop jump ahead in time while the thread runs,
+    and the result would depend on the machine's speed. Inline, it takes no virtual time.
+    """
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            future.set_exception(exc)
+        return future
+
+
 def run(main: Coroutine[Any, Any, T], *, virtual: bool = False) -> T:
     """Run `main` to completion on a fresh loop.
 
@@ -25,6 +43,7 @@ def run(main: Coroutine[Any, Any, T], *, virtual: bool = False) -> T:
     if not virtual:
         return asyncio.run(main)
     loop = looptime.new_event_loop(start=0.0, noop_cycles=200)
+    loop.set_default_executor(InlineExecutor())
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main)

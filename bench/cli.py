@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default="seed-multi", help=f"{', '.join(WORKLOADS)} or adhoc")
     p.add_argument("--sessions", type=int, help="ad hoc: number of sessions")
     p.add_argument("--tasks", type=int, help="ad hoc: files per session")
-    p.add_argument("--arrival-spread-s", type=float, help="ad hoc: arrivals spread over this many seconds")
+    p.add_argument(
+        "--arrival-spread-s", type=float, help="ad hoc: arrivals spread over this many seconds"
+    )
     p.add_argument(
         "--policies",
         default="seed-current,seed-phase1,seed-phase3,adaptive",
@@ -34,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning-profile", default=DEFAULT_PROFILES["reasoning"])
     p.add_argument("--coder-profile", default=DEFAULT_PROFILES["coder"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", help="override per-stage caps, e.g. plan=256,code=128,review=128")
+    p.add_argument(
+        "--max-tokens", help="override per-stage caps, e.g. plan=256,code=128,review=128"
+    )
     p.add_argument("--json", dest="json_path", help="write the report here")
     p.add_argument("--plot", help="write the Gantt chart (PNG) here")
     p.add_argument("--quiet", action="store_true")
@@ -56,8 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     try:
         workload = get_workload(
-            args.workload, sessions=args.sessions, tasks=args.tasks,
-            arrival_spread_s=args.arrival_spread_s, seed=args.seed,
+            args.workload,
+            sessions=args.sessions,
+            tasks=args.tasks,
+            arrival_spread_s=args.arrival_spread_s,
+            seed=args.seed,
         )
         policies = [get_policy(n) for n in _policy_names(args.policies)]
         if args.max_tokens:
@@ -67,20 +74,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stage not in caps or not value.isdigit():
                     raise ValueError(f"--max-tokens: bad item {part!r}")
                 caps[stage] = int(value)
-            workload = Workload(workload.name, workload.sessions, workload.tasks,
-                                workload.arrival_spread_s, workload.seed, caps)
+            workload = Workload(
+                workload.name,
+                workload.sessions,
+                workload.tasks,
+                workload.arrival_spread_s,
+                workload.seed,
+                caps,
+            )
     except ValueError as exc:
         print(f"tandem bench: {exc}", file=sys.stderr)
         return 2
     if args.endpoints == "env" and args.clock == "virtual":
-        print("tandem bench: --endpoints env needs --clock real (real servers keep real time)", file=sys.stderr)
+        print(
+            "tandem bench: --endpoints env needs --clock real (real servers keep real time)",
+            file=sys.stderr,
+        )
         return 2
     profiles = {"reasoning": args.reasoning_profile, "coder": args.coder_profile}
     from serving.clock import run
 
-    report, runs = run(
-        _bench(workload, policies, args, profiles), virtual=args.clock == "virtual"
-    )
+    report, runs = run(_bench(workload, policies, args, profiles), virtual=args.clock == "virtual")
     print(format_table(report))
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         title = f"{workload.name}: {workload.sessions} x {workload.tasks} files · " + (
-            f"{profiles['reasoning']} + {profiles['coder']}" if args.endpoints == "emulated" else "real servers"
+            f"{profiles['reasoning']} + {profiles['coder']}"
+            if args.endpoints == "emulated"
+            else "real servers"
         )
         plot_gantt(runs, args.plot, title)
         print(f"wrote {args.plot}")
@@ -108,22 +124,30 @@ async def _bench(
 
         settings = load_settings()
         if settings.emulated:
-            raise SystemExit("tandem bench --endpoints env: set TANDEM_REASONING_URL and TANDEM_CODER_URL")
+            raise SystemExit(
+                "tandem bench --endpoints env: set TANDEM_REASONING_URL and TANDEM_CODER_URL"
+            )
         endpoints = configured_endpoints(settings)
     for policy in policies:
         if say:
             say(f"== {policy.name}: {policy.description}")
         if endpoints is None:
             run = await run_policy_emulated(
-                workload, policy, profiles=profiles, seed=args.seed,
-                real_clock=args.clock == "real", progress=None,
+                workload,
+                policy,
+                profiles=profiles,
+                seed=args.seed,
+                real_clock=args.clock == "real",
+                progress=None,
             )
         else:
             run = await run_policy_env(workload, policy, endpoints, progress=None)
         runs.append(run)
         if say:
             r = run.result()
-            say(f"   makespan {r['makespan_s']:.1f} s, efficiency {r['efficiency']}, sessions ok {r['sessions_ok']}")
+            say(
+                f"   makespan {r['makespan_s']:.1f} s, efficiency {r['efficiency']}, sessions ok {r['sessions_ok']}"
+            )
     report = {
         "workload": workload.name,
         "clock": args.clock,

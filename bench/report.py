@@ -21,7 +21,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'tasks/s':>8} {'lat mean':>9} {'p50':>8} {'p95':>8} {'busy g0':>7} {'busy g1':>7} "
         f"{'tok/s g0':>9} {'tok/s g1':>9} {'preempt':>7} {'ok/fail':>7}"
     )
-    lines = [f"workload {report['workload']} · clock {report['clock']} · {report.get('profiles', '')}", head]
+    lines = [
+        f"workload {report['workload']} · clock {report['clock']} · {report.get('profiles', '')}",
+        head,
+    ]
     for r in results:
         ratio = base["makespan_s"] / r["makespan_s"] if r["makespan_s"] else float("nan")
         bound = "-" if r["lower_bound_s"] is None else f"{r['lower_bound_s']:.1f}"
@@ -60,7 +63,11 @@ def plot_gantt(runs: Sequence[PolicyRun], path: str, title: str) -> None:
     colour = {sid: cmap(i % cmap.N) for i, sid in enumerate(sessions)}
     horizon = max((run.makespan_s for run in runs), default=1.0)
     fig, axes = plt.subplots(
-        1, len(runs), figsize=(5.2 * len(runs), 1.2 + 0.16 * len(sessions) * 2 + 1.2), squeeze=False, sharey=True
+        1,
+        len(runs),
+        figsize=(5.2 * len(runs), 1.2 + 0.16 * len(sessions) * 2 + 1.2),
+        squeeze=False,
+        sharey=True,
     )
     n = len(sessions)
     for ax, run in zip(axes[0], runs, strict=True):
@@ -92,7 +99,10 @@ def plot_gantt(runs: Sequence[PolicyRun], path: str, title: str) -> None:
     if len(sessions) <= 16:
         fig.legend(
             handles=[Patch(color=colour[s], label=s) for s in sessions],
-            loc="lower center", ncol=min(8, len(sessions)), fontsize=7, frameon=False,
+            loc="lower center",
+            ncol=min(8, len(sessions)),
+            fontsize=7,
+            frameon=False,
         )
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if len(sessions) <= 16 else 0, 1, 0.95))

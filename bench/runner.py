@@ -71,7 +71,10 @@ class PolicyRun:
     def result(self) -> dict[str, Any]:
         """The JSON record of this policy (field names are a contract)."""
         makespan = max(self.makespan_s, 1e-9)
-        latencies = sorted(s.finished_at - (self.t0 + a) for s, a in zip(self.sessions, self.arrivals_s, strict=True))
+        latencies = sorted(
+            s.finished_at - (self.t0 + a)
+            for s, a in zip(self.sessions, self.arrivals_s, strict=True)
+        )
         tasks = sum(s.files_ok for s in self.sessions)
         bound = self.lower_bound["lower_bound_s"] if self.lower_bound else None
         return {
@@ -83,8 +86,13 @@ class PolicyRun:
             "session_latency_mean_s": round(statistics.fmean(latencies), 3),
             "session_latency_p50_s": round(_percentile(latencies, 50), 3),
             "session_latency_p95_s": round(_percentile(latencies, 95), 3),
-            "gpu_busy": {r: round(_busy_fraction(self.busy.get(r, []), self.t0, self.t_end), 4) for r in ROLES},
-            "tokens_per_s": {r: round(self.generation_tokens.get(r, 0) / makespan, 1) for r in ROLES},
+            "gpu_busy": {
+                r: round(_busy_fraction(self.busy.get(r, []), self.t0, self.t_end), 4)
+                for r in ROLES
+            },
+            "tokens_per_s": {
+                r: round(self.generation_tokens.get(r, 0) / makespan, 1) for r in ROLES
+            },
             "preemptions": self.preemptions,
             "requests": self.requests,
             "sessions_ok": sum(1 for s in self.sessions if s.status in ("ok", "partial")),
@@ -115,7 +123,10 @@ def _busy_fraction(intervals: Sequence[tuple[float, float]], t0: float, t1: floa
 
 
 def lower_bound(
-    spans: Sequence[RequestSpan], profiles: dict[str, Profile], arrivals: dict[str, float], t0: float
+    spans: Sequence[RequestSpan],
+    profiles: dict[str, Profile],
+    arrivals: dict[str, float],
+    t0: float,
 ) -> dict[str, float]:
     """The best makespan possible for the requests this run made, on these profiles.
 
@@ -126,7 +137,9 @@ def lower_bound(
     """
     parts: dict[str, float] = {}
     for role in ROLES:
-        reqs = [(s.prompt_tokens, s.output_tokens, s.cached_tokens) for s in spans if s.role == role]
+        reqs = [
+            (s.prompt_tokens, s.output_tokens, s.cached_tokens) for s in spans if s.role == role
+        ]
         parts[f"{role}_saturated_s"] = saturated_time_s(profiles[role], reqs) if reqs else 0.0
     critical = 0.0
     by_session: dict[str, list[RequestSpan]] = {}
@@ -138,7 +151,9 @@ def lower_bound(
         phase_stage, phase_max = None, 0.0
         for span in items:
             solo = solo_latency_s(
-                profiles[span.role], max(1, span.prompt_tokens - span.cached_tokens), span.output_tokens
+                profiles[span.role],
+                max(1, span.prompt_tokens - span.cached_tokens),
+                span.output_tokens,
             )
             if span.stage != phase_stage:
                 path += phase_max
@@ -152,7 +167,11 @@ def lower_bound(
 
 
 async def _run_sessions(
-    graph: Any, workload: Workload, policy: Policy, context: RunContext, progress: Callable[[str], None] | None
+    graph: Any,
+    workload: Workload,
+    policy: Policy,
+    context: RunContext,
+    progress: Callable[[str], None] | None,
 ) -> tuple[list[SessionResult], list[float], float]:
     fanout = FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap)
     arrivals = workload.arrivals_s()
@@ -163,8 +182,12 @@ async def _run_sessions(
         if delay > 0:
             await asyncio.sleep(delay)
         return await run_session(
-            graph, workload.request(index), workload.session_id(index),
-            context=context, fanout=fanout, progress=progress,
+            graph,
+            workload.request(index),
+            workload.session_id(index),
+            context=context,
+            fanout=fanout,
+            progress=progress,
         )
 
     if policy.concurrent_sessions:
@@ -226,10 +249,17 @@ async def run_policy_emulated(
                 continue
             run.spans.append(
                 RequestSpan(
-                    role=role, session_id=rec.session_id, stage=rec.stage, arrival_s=rec.arrival_s,
-                    start_s=rec.first_scheduled_s if rec.first_scheduled_s is not None else rec.arrival_s,
-                    end_s=rec.finish_s, prompt_tokens=rec.prompt_tokens,
-                    output_tokens=rec.generated_tokens or rec.output_tokens, cached_tokens=rec.cached_tokens,
+                    role=role,
+                    session_id=rec.session_id,
+                    stage=rec.stage,
+                    arrival_s=rec.arrival_s,
+                    start_s=rec.first_scheduled_s
+                    if rec.first_scheduled_s is not None
+                    else rec.arrival_s,
+                    end_s=rec.finish_s,
+                    prompt_tokens=rec.prompt_tokens,
+                    output_tokens=rec.generated_tokens or rec.output_tokens,
+                    cached_tokens=rec.cached_tokens,
                 )
             )
     arrivals = {workload.session_id(i): run.t0 + a for i, a in enumerate(run.arrivals_s)}
@@ -254,7 +284,8 @@ async def _run_with_router(
             max_tokens=dict(workload.max_tokens),
         )
         graph = build_graph(
-            models, defaults=context,
+            models,
+            defaults=context,
             fanout=FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap),
             name=f"tandem-bench-{policy.name}",
         )
@@ -262,7 +293,14 @@ async def _run_with_router(
             sessions, arrivals, t0 = await _run_sessions(graph, workload, policy, context, progress)
             stats = router.stats()
     t_end = max(s.finished_at for s in sessions)
-    return PolicyRun(policy=policy, sessions=sessions, arrivals_s=arrivals, t0=t0, t_end=t_end, router_stats=stats)
+    return PolicyRun(
+        policy=policy,
+        sessions=sessions,
+        arrivals_s=arrivals,
+        t0=t0,
+        t_end=t_end,
+        router_stats=stats,
+    )
 
 
 async def _serve_loopback(app: Any) -> tuple[str, Any]:

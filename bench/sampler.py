@@ -23,7 +23,9 @@ _FIELDS = {
 class MetricsSampler:
     """Polls every replica's `/metrics` every `interval_s` seconds until stopped."""
 
-    def __init__(self, endpoints: Mapping[Role, Sequence[Replica]], interval_s: float = 0.25) -> None:
+    def __init__(
+        self, endpoints: Mapping[Role, Sequence[Replica]], interval_s: float = 0.25
+    ) -> None:
         self.endpoints = endpoints
         self.interval_s = interval_s
         self.samples: dict[str, list[list[ServerSnapshot]]] = {
@@ -54,7 +56,9 @@ class MetricsSampler:
     async def _sample_all(self) -> None:
         for role, replicas in self.endpoints.items():
             for i, replica in enumerate(replicas):
-                self.samples[role][i].append(await scrape(self._client, replica.scrape_url(), now()))
+                self.samples[role][i].append(
+                    await scrape(self._client, replica.scrape_url(), now())
+                )
 
     def busy_intervals(self, role: str) -> list[tuple[float, float]]:
         """Spans between consecutive samples where any replica of `role` had a running request."""

@@ -72,6 +72,8 @@ def get_workload(
         name="adhoc" if adhoc else base.name,
         sessions=sessions if sessions is not None else base.sessions,
         tasks=tasks if tasks is not None else base.tasks,
-        arrival_spread_s=arrival_spread_s if arrival_spread_s is not None else base.arrival_spread_s,
+        arrival_spread_s=arrival_spread_s
+        if arrival_spread_s is not None
+        else base.arrival_spread_s,
         seed=seed,
     )

@@ -138,7 +138,12 @@ async def _run_async(
         requests = [(new_session_id(), request) for _ in range(args.sessions)]
         async with runtime.router:
             results = await run_many(
-                graph, requests, context=context, fanout=fanout, progress=progress, on_code_done=on_code
+                graph,
+                requests,
+                context=context,
+                fanout=fanout,
+                progress=progress,
+                on_code_done=on_code,
             )
             stats = runtime.router.stats()
     finally:
@@ -184,13 +189,20 @@ async def _resume_async(session_id: str, settings: Settings) -> int:
             print(f"tandem resume: no session {session_id} in {db}", file=sys.stderr)
             return 2
         if not snapshot.next:
-            print(f"tandem resume: session {session_id} already finished ({snapshot.values.get('status')})")
+            print(
+                f"tandem resume: session {session_id} already finished ({snapshot.values.get('status')})"
+            )
             return 0
         print(f"tandem: resuming {session_id} at {', '.join(snapshot.next)}")
         async with runtime.router:
             result = await run_session(
-                graph, None, session_id, context=context, fanout=fanout,
-                progress=lambda line: print(line, flush=True), resume=True,
+                graph,
+                None,
+                session_id,
+                context=context,
+                fanout=fanout,
+                progress=lambda line: print(line, flush=True),
+                resume=True,
             )
     finally:
         await saver_cm.__aexit__(None, None, None)

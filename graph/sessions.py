@@ -93,7 +93,10 @@ async def run_session(
     state: dict[str, Any] | None = None
     try:
         async for mode, chunk in graph.astream(
-            inputs, config, context=context, stream_mode=["updates", "values"]  # type: ignore[arg-type]
+            inputs,
+            config,
+            context=context,
+            stream_mode=["updates", "values"],  # type: ignore[arg-type]
         ):
             if mode == "values":
                 state = chunk
@@ -119,7 +122,7 @@ async def run_session(
         if graph.checkpointer:
             try:
                 state = (await graph.aget_state(config)).values
-            except Exception:  # noqa: BLE001 - best effort for the report
+            except Exception:
                 state = None
         _write_interrupted_manifest(context, session_id, state or {}, result.error)
     result.finished_at = now()
@@ -167,7 +170,7 @@ def _write_interrupted_manifest(
                 },
             }
         )
-    except Exception as exc:  # noqa: BLE001 - the report must not hide the real error
+    except Exception as exc:
         print(f"[{session_id}] could not write manifest: {exc}", file=sys.stderr)
 
 
@@ -182,9 +185,16 @@ async def run_many(
     concurrent: bool = True,
 ) -> list[SessionResult]:
     """Run sessions `(session_id, request)` concurrently (or one after another)."""
+
     async def one(sid: str, req: str) -> SessionResult:
         return await run_session(
-            graph, req, sid, context=context, fanout=fanout, progress=progress, on_code_done=on_code_done
+            graph,
+            req,
+            sid,
+            context=context,
+            fanout=fanout,
+            progress=progress,
+            on_code_done=on_code_done,
         )
 
     if concurrent:
@@ -192,7 +202,9 @@ async def run_many(
     return [await one(sid, req) for sid, req in requests]
 
 
-def format_table(results: Sequence[SessionResult], endpoint_stats: dict[str, Any] | None = None) -> str:
+def format_table(
+    results: Sequence[SessionResult], endpoint_stats: dict[str, Any] | None = None
+) -> str:
     """The final summary: per session, then per endpoint."""
     lines = [
         f"{'session':<22} {'status':<11} {'ok':>4} {'failed':>6} {'rounds':>6} {'seconds':>9}  rejected",

@@ -50,7 +50,9 @@ def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
         own += CODER_FIX.format(comments=task["comments"], previous=task.get("previous", ""))
     return [
         SystemMessage(content=CODER_SYSTEM),
-        HumanMessage(content=CODER_SHARED.format(request=task["request"], plan=dumps_compact(plan))),
+        HumanMessage(
+            content=CODER_SHARED.format(request=task["request"], plan=dumps_compact(plan))
+        ),
         HumanMessage(content=own),
     ]
 

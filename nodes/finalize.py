@@ -41,7 +41,9 @@ def run_finalize(state: dict[str, Any], session_id: str, ctx: RunContext) -> dic
         per_file.setdefault(path, {"status": "missing", "round": state.get("round", 0)})
     written = sum(1 for e in per_file.values() if e["status"] == "written")
     failing = [
-        p for p, e in per_file.items() if e["status"] != "written" or e.get("verdict") == "needs-fix"
+        p
+        for p, e in per_file.items()
+        if e["status"] != "written" or e.get("verdict") == "needs-fix"
     ]
     status = state.get("status") or "running"
     if status != "failed":

@@ -77,7 +77,7 @@ def partition_paths(paths: Iterable[str], max_files: int) -> tuple[list[str], li
         try:
             path = check_relative_path(raw)
         except UnsafePathError as exc:
-            rejected.append(Rejected(str(raw)[:MAX_PATH_CHARS + 20], str(exc)))
+            rejected.append(Rejected(str(raw)[: MAX_PATH_CHARS + 20], str(exc)))
             continue
         key = path.casefold()
         if key in seen:

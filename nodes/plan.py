@@ -61,7 +61,9 @@ async def run_plan(
         by_path.setdefault(task.path, task)
     keep = set(accepted)
     files = [
-        by_path[p].model_copy(update={"depends_on": [d for d in by_path[p].depends_on if d in keep]})
+        by_path[p].model_copy(
+            update={"depends_on": [d for d in by_path[p].depends_on if d in keep]}
+        )
         for p in accepted
         if p in by_path
     ]

@@ -16,7 +16,9 @@ MAX_PATH_CHARS = 200
 class FileTask(BaseModel):
     """One file of the plan, written by one coder agent."""
 
-    path: str = Field(description="Relative POSIX path of the file, e.g. pkg/util.py", max_length=400)
+    path: str = Field(
+        description="Relative POSIX path of the file, e.g. pkg/util.py", max_length=400
+    )
     purpose: str = Field(description="What this file does", max_length=2000)
     depends_on: list[str] = Field(
         default_factory=list, description="Paths of plan files this one imports or reads"

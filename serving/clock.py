@@ -25,11 +25,13 @@ class InlineExecutor(concurrent.futures.ThreadPoolExecutor):
     and the result would depend on the machine's speed. Inline, it takes no virtual time.
     """
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+        except BaseException as exc:
             future.set_exception(exc)
         return future
 

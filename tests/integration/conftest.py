@@ -1,0 +1,65 @@
+"""Real vLLM (CPU build) servers for integration tests, started once per session.
+
+Both servers of the `cpu-tiny` profile start in parallel on free loopback ports (so a
+`tandem serve` already running on 18001/18002 does not collide), serving the tiny local
+model. Tests that use `vllm_servers` are skipped only when the vLLM venv is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from serving.launch import DEFAULT_LOG_DIR, ROLES, Role, ServerGroup, load_profile
+from serving.tiny_model import is_built
+from serving.vllm_env import MISSING_HINT, REPO_ROOT, is_installed, venv_python
+
+TINY_MODEL_DIR = REPO_ROOT / "out" / "tiny-model"
+
+
+@dataclass(frozen=True)
+class VllmServers:
+    """Where the test servers listen: base URLs (ending in /v1) and served names."""
+
+    base_url: dict[Role, str]
+    model: dict[Role, str]
+    ready_after_s: dict[str, float]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def vllm_servers() -> Iterator[VllmServers]:
+    """Start the two real vLLM CPU servers (about 35 s on 2 cores) and stop them at the end."""
+    if not is_installed():
+        pytest.skip(MISSING_HINT)
+    python = venv_python()
+    if not is_built(TINY_MODEL_DIR):
+        subprocess.run(
+            [str(python), "-m", "serving.tiny_model", "--out", str(TINY_MODEL_DIR)],
+            check=True,
+            cwd=REPO_ROOT,
+        )
+    profile = load_profile("cpu-tiny")
+    for role in ROLES:
+        profile.roles[role] = profile.roles[role].model_copy(update={"port": _free_port()})
+    group = ServerGroup(profile, python=python, log_dir=DEFAULT_LOG_DIR / "pytest")
+    try:
+        group.start()
+        ready = asyncio.run(group.wait_healthy(timeout_s=300.0))
+        yield VllmServers(
+            base_url={role: profile.base_url(role) for role in ROLES},
+            model={role: profile.server(role).served_name for role in ROLES},
+            ready_after_s=ready,
+        )
+    finally:
+        group.stop()

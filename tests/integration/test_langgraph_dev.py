@@ -1,0 +1,246 @@
+"""The `tandem` graph served by `langgraph dev`, driven through langgraph-sdk.
+
+The server runs as a subprocess from the repo root on a free loopback port, offline, with no
+`TANDEM_*_URL` set (so the built-in in-process vLLM emulator serves both roles) and
+`--n-jobs-per-worker 4` (without it, runs on different threads queue behind each other).
+Its log goes to a temp dir outside the repo: a file the reloader watches would restart it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from langgraph_sdk import get_client
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 60.0
+PATHS = ["a.py", "b.py", "c.py"]
+REQUEST = "Write a tiny package: files a.py, b.py, c.py, each defining one constant."
+# Short answers keep a run to a few seconds on the emulated H100s (the emulator's answers stay
+# complete JSON and code whatever the token count); the plan stays long enough (~2-4 s of
+# emulated decode) for two runs to overlap visibly.
+MAX_TOKENS = {"plan": 200, "code": 100, "review": 100}
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+_API_RE = re.compile(r"API:\s*http://([\w.\-]+):(\d+)")
+
+
+@dataclass
+class DevServer:
+    url: str
+    port: int
+    workspace: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return _ANSI_RE.sub("", self.log_path.read_text(errors="replace"))
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+def _langgraph_bin() -> Path:
+    for candidate in (
+        REPO_ROOT / ".venv" / "bin" / "langgraph",
+        Path(sys.executable).parent / "langgraph",
+    ):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    pytest.fail("no `langgraph` binary in .venv/bin: install the dev extras (langgraph-cli[inmem])")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_env(workspace: Path) -> dict[str, str]:
+    # Drop every TANDEM_* setting of the caller: no URL means the built-in emulator.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    env.update(
+        LANGGRAPH_CLI_NO_ANALYTICS="1",
+        LANGGRAPH_NO_VERSION_CHECK="true",
+        LANGSMITH_TRACING="false",
+        LANGCHAIN_TRACING_V2="false",
+        LANGSMITH_TEST_TRACKING="false",
+        PYTHONUNBUFFERED="1",
+        TANDEM_WORKSPACE=str(workspace),
+    )
+    return env
+
+
+def _wait_until_serving(server: DevServer) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    announced: int | None = None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(
+                f"langgraph dev exited with {server.process.returncode} before serving:\n"
+                + server.log_tail()
+            )
+        match = _API_RE.search(server.log())
+        if match:
+            announced = int(match.group(2))
+            if announced != server.port:
+                # langgraph dev silently picks another port when the one asked for is taken.
+                pytest.fail(
+                    f"langgraph dev serves on port {announced}, not the {server.port} asked for "
+                    "(port taken?):\n" + server.log_tail()
+                )
+        if announced is not None:
+            try:
+                if httpx.get(f"{server.url}/ok", timeout=2.0, trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+        time.sleep(0.2)
+    pytest.fail(
+        f"langgraph dev not answering /ok after {START_TIMEOUT_S:.0f} s:\n" + server.log_tail()
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    # The CLI starts the API server as a child: end the whole process group.
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if process.poll() is not None:
+            break
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children that outlived the leader
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
+    binary = _langgraph_bin()
+    log_dir = tmp_path_factory.mktemp("langgraph-dev")
+    assert not log_dir.resolve().is_relative_to(REPO_ROOT), "the log must live outside the repo"
+    workspace = tmp_path_factory.mktemp("workspace")
+    port = _free_port()
+    log_path = log_dir / "server.log"
+    command = [str(binary), "dev", "--no-browser", "--no-reload", "--n-jobs-per-worker", "4"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=_server_env(workspace),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = DevServer(f"http://127.0.0.1:{port}", port, workspace, log_path, process)
+    try:
+        _wait_until_serving(server)
+        yield server
+    finally:
+        _stop(process)
+
+
+async def _start_run(client: Any, session_id: str, context: dict[str, Any]) -> tuple[str, str]:
+    thread = await client.threads.create()
+    run = await client.runs.create(
+        thread["thread_id"],
+        "tandem",
+        input={"request": REQUEST, "session_id": session_id},
+        context=context,
+    )
+    return thread["thread_id"], run["run_id"]
+
+
+async def _finish(client: Any, server: DevServer, thread_id: str, run_id: str) -> dict[str, Any]:
+    await asyncio.wait_for(client.runs.join(thread_id, run_id), RUN_TIMEOUT_S)
+    run = await client.runs.get(thread_id, run_id)
+    assert run["status"] == "success", f"run {run['status']}:\n{server.log_tail()}"
+    state = await client.threads.get_state(thread_id)
+    values: dict[str, Any] = state["values"]
+    return values
+
+
+def _assert_session_written(server: DevServer, values: dict[str, Any], paths: list[str]) -> None:
+    session_id = values["session_id"]
+    assert values["status"] in ("ok", "partial"), values.get("error")
+    assert [f["path"] for f in values["plan"]["files"]] == paths
+    assert sorted(values["files"]) == sorted(paths)
+    out_dir = server.workspace / session_id
+    assert Path(values["output_dir"]) == out_dir  # TANDEM_WORKSPACE reached the server
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["session_id"] == session_id and manifest["status"] == values["status"]
+    assert sorted(manifest["files"]) == sorted(paths)
+    for path in paths:
+        if values["files"][path]["status"] == "written":
+            assert (out_dir / path).read_text() == values["files"][path]["content"]
+    if values["status"] == "ok":
+        assert all((out_dir / p).is_file() for p in paths)
+
+
+async def test_run_writes_planned_files(dev_server: DevServer) -> None:
+    client = get_client(url=dev_server.url)
+    assistants = await client.assistants.search(graph_id="tandem")
+    assert assistants, "langgraph dev did not register the `tandem` graph"
+    thread_id, run_id = await _start_run(
+        client, "lgdev-one", {"max_files": 10, "max_tokens": MAX_TOKENS}
+    )
+    values = await _finish(client, dev_server, thread_id, run_id)
+    assert values["session_id"] == "lgdev-one"
+    assert values["rejected_paths"] == []
+    _assert_session_written(dev_server, values, PATHS)
+    assert values["usage"]["reasoning"]["calls"] >= 2  # plan and at least one review
+    assert values["usage"]["coder"]["calls"] >= len(PATHS)
+    assert "BlockingError" not in dev_server.log()
+
+
+async def test_two_threads_run_at_once(dev_server: DevServer) -> None:
+    client = get_client(url=dev_server.url)
+    # Different per-run context on each thread: max_files=2 must cut the plan of run B only.
+    runs = [
+        await _start_run(client, "lgdev-a", {"max_files": 10, "max_tokens": MAX_TOKENS}),
+        await _start_run(client, "lgdev-b", {"max_files": 2, "max_tokens": MAX_TOKENS}),
+    ]
+    # With one job per worker the second run would stay "pending" until the first is done.
+    overlapped = False
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    statuses: list[str] = []
+    while time.monotonic() < deadline:
+        statuses = [(await client.runs.get(t, r))["status"] for t, r in runs]
+        if statuses == ["running", "running"]:
+            overlapped = True
+            break
+        if all(s not in ("pending", "running") for s in statuses):
+            break
+        await asyncio.sleep(0.05)
+    assert overlapped, f"the two runs never ran at once (last statuses {statuses})"
+
+    a, b = [await _finish(client, dev_server, t, r) for t, r in runs]
+    _assert_session_written(dev_server, a, PATHS)
+    _assert_session_written(dev_server, b, PATHS[:2])
+    assert [r["path"] for r in b["rejected_paths"]] == ["c.py"]
+    assert a["rejected_paths"] == []

@@ -125,6 +125,10 @@ async def _run_async(
 
     def on_code(sid: str, done: int, total: int) -> None:
         runtime.metrics.session_progress(sid, done, total)
+        coder = runtime.router.stats()
+        runtime.metrics.parallel_tasks(
+            sum(int(v["in_flight"]) for v in coder.values() if v.get("role") == "coder")
+        )
         if progress and (done == total or done % 5 == 0):
             progress(f"[{sid}] code: {done}/{total} files")
 
@@ -144,6 +148,7 @@ async def _run_async(
                 fanout=fanout,
                 progress=progress,
                 on_code_done=on_code,
+                on_stage=runtime.metrics.stage_latency,
             )
             stats = runtime.router.stats()
     finally:

@@ -74,6 +74,7 @@ async def run_session(
     fanout: FanoutPolicy,
     progress: Progress | None = None,
     on_code_done: Callable[[str, int, int], None] | None = None,
+    on_stage: Callable[[str, float], None] | None = None,
     resume: bool = False,
 ) -> SessionResult:
     """Run (or resume) one session to its end; errors end this session only."""
@@ -104,8 +105,12 @@ async def run_session(
             for node, update in chunk.items():
                 if not isinstance(update, dict):
                     continue
-                if node == "plan":
-                    total = len((update.get("plan") or {}).get("files", []))
+                if on_stage and node != "code":
+                    for stage, seconds in (update.get("timings_s") or {}).items():
+                        on_stage(stage, seconds)
+                if node in ("plan", "review") and "pending" in update:
+                    # A new round of coders starts: count it from zero.
+                    total, done = len(update.get("pending") or []), 0
                 if node == "code":
                     done += 1
                     if on_code_done:
@@ -182,6 +187,7 @@ async def run_many(
     fanout: FanoutPolicy,
     progress: Progress | None = None,
     on_code_done: Callable[[str, int, int], None] | None = None,
+    on_stage: Callable[[str, float], None] | None = None,
     concurrent: bool = True,
 ) -> list[SessionResult]:
     """Run sessions `(session_id, request)` concurrently (or one after another)."""
@@ -195,6 +201,7 @@ async def run_many(
             fanout=fanout,
             progress=progress,
             on_code_done=on_code_done,
+            on_stage=on_stage,
         )
 
     if concurrent:

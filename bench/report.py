@@ -62,15 +62,16 @@ def plot_gantt(runs: Sequence[PolicyRun], path: str, title: str) -> None:
     cmap = plt.get_cmap("tab20" if len(sessions) > 10 else "tab10")
     colour = {sid: cmap(i % cmap.N) for i, sid in enumerate(sessions)}
     horizon = max((run.makespan_s for run in runs), default=1.0)
+    cols = min(3, len(runs))
+    rows = -(-len(runs) // cols)
+    panel_h = 1.0 + 0.32 * len(sessions)
     fig, axes = plt.subplots(
-        1,
-        len(runs),
-        figsize=(5.2 * len(runs), 1.2 + 0.16 * len(sessions) * 2 + 1.2),
-        squeeze=False,
-        sharey=True,
+        rows, cols, figsize=(5.6 * cols, panel_h * rows + 1.0), squeeze=False, sharey=True
     )
+    for ax in axes.flat[len(runs) :]:
+        ax.set_visible(False)
     n = len(sessions)
-    for ax, run in zip(axes[0], runs, strict=True):
+    for ax, run in zip(axes.flat, runs, strict=False):
         spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for span in run.spans:
             key = (span.role, span.session_id)

@@ -238,7 +238,7 @@ async def run_policy_emulated(
         for app in apps.values():
             await app.state.engine.aclose()
     engines = {role: apps[role].state.engine for role in ROLES}
-    prof = {role: get_profile(profiles[role]) for role in ROLES}
+    prof: dict[str, Profile] = {role: get_profile(profiles[role]) for role in ROLES}
     for role, engine in engines.items():
         run.busy[role] = list(engine.busy_intervals)
         run.generation_tokens[role] = engine.stats.generation_tokens

@@ -58,7 +58,7 @@ def emulated_endpoints(
             served_model_name=models[role],
         )
         apps[role] = app
-        endpoints[role] = [  # type: ignore[index]
+        endpoints[role] = [
             Replica(
                 url=f"http://emulator-{role}.tandem.internal/v1",
                 model=models[role],
@@ -75,7 +75,9 @@ def configured_endpoints(settings: Settings) -> dict[Role, list[Replica]]:
         return load_endpoints_file(settings.endpoints_file)
     assert settings.reasoning_url and settings.coder_url
     return {
-        "reasoning": [Replica(url=settings.reasoning_url, model=settings.reasoning_model, gpu="gpu0")],
+        "reasoning": [
+            Replica(url=settings.reasoning_url, model=settings.reasoning_model, gpu="gpu0")
+        ],
         "coder": [Replica(url=settings.coder_url, model=settings.coder_model, gpu="gpu1")],
     }
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 
 from nodes.context import RunContext
@@ -79,7 +80,7 @@ async def run_session(
 ) -> SessionResult:
     """Run (or resume) one session to its end; errors end this session only."""
     say = progress or (lambda _msg: None)
-    config: dict[str, Any] = {
+    config: RunnableConfig = {
         "configurable": {"thread_id": session_id},
         "max_concurrency": fanout.max_concurrency(context.max_files),
         "metadata": {"session_id": session_id},
@@ -97,8 +98,10 @@ async def run_session(
             inputs,
             config,
             context=context,
-            stream_mode=["updates", "values"],  # type: ignore[arg-type]
+            stream_mode=["updates", "values"],
         ):
+            if not isinstance(chunk, dict):
+                continue
             if mode == "values":
                 state = chunk
                 continue

@@ -18,7 +18,6 @@ class FileResult(TypedDict, total=False):
     status: FileStatus
     error: str
     round: int
-    round_started_at: float
     attempts: int
 
 
@@ -84,6 +83,5 @@ class CodeTask(TypedDict):
     plan: dict[str, Any]
     path: str
     round: int
-    round_started_at: float
     comments: str
     previous: str

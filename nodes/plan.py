@@ -9,7 +9,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from nodes.context import RunContext
 from nodes.llm import ChatModels, OutputError, Usage, complete_structured
 from nodes.paths import partition_paths
-from nodes.schemas import Plan
+from nodes.schemas import FileTask, Plan
 from routing.calls import CallInfo
 
 PLAN_SYSTEM = """You are the planning agent of a code-generation team.
@@ -56,7 +56,7 @@ async def run_plan(
             "usage": {"reasoning": usage.as_dict()},
         }
     accepted, rejected = partition_paths([f.path for f in plan.files], ctx.max_files)
-    by_path = {}
+    by_path: dict[str, FileTask] = {}
     for task in plan.files:
         by_path.setdefault(task.path, task)
     keep = set(accepted)

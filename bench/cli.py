@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         "--policies",
         default="seed-current,seed-phase1,seed-phase3,adaptive",
         help="comma-separated: seed-current, seed-phase1, seed-phase3, fixed-N, adaptive, adaptive-fifo; "
-        "'sweep' expands to fixed-4 … fixed-256",
+        "'sweep' expands to fixed-4 … fixed-256 ('sweep+auto': fixed-N+auto)",
     )
     p.add_argument("--clock", choices=["virtual", "real"], default="virtual")
     p.add_argument("--endpoints", choices=["emulated", "env"], default="emulated")
@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 def _policy_names(text: str) -> list[str]:
     names: list[str] = []
     for item in (t.strip() for t in text.split(",")):
-        if item == "sweep":
-            names.extend(f"fixed-{n}" for n in SWEEP)
+        if item in ("sweep", "sweep+auto", "sweep+coder"):
+            suffix = item[len("sweep") :]
+            names.extend(f"fixed-{n}{suffix}" for n in SWEEP)
         elif item:
             names.append(item)
     return names

@@ -112,7 +112,7 @@ def build_graph(
         update: dict[str, Any] = {}
         if to_review:
             try:
-                review_out, usage = await run_review(
+                review_out, usage, role = await run_review(
                     get_models(), str(state["session_id"]), dict(state), to_review, ctx
                 )
             except OutputError as exc:
@@ -121,7 +121,8 @@ def build_graph(
                     "pending": [],
                     "timings_s": {"review": _now() - started},
                 }
-            update["usage"] = {ctx.review_on: usage}
+            # Usage per role, plus which role reviewed (review_on may be "auto").
+            update["usage"] = {role: usage, "review_role": {role: 1}}
             update["review_summary"] = review_out.summary
             given = {v.path: v for v in review_out.verdicts}
             for path in to_review:
@@ -134,7 +135,10 @@ def build_graph(
         for path in pending:
             problems = checks.get(path, [])
             if files.get(path, {}).get("status") != "written":
-                verdicts[path] = {"verdict": "needs-fix", "comments": files.get(path, {}).get("error", "not written")}
+                verdicts[path] = {
+                    "verdict": "needs-fix",
+                    "comments": files.get(path, {}).get("error", "not written"),
+                }
             elif problems and verdicts.get(path, {}).get("verdict") != "needs-fix":
                 verdicts[path] = {"verdict": "needs-fix", "comments": "; ".join(problems)}
         needs_fix = [p for p in pending if verdicts.get(p, {}).get("verdict") == "needs-fix"]

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     api_key: SecretStr = SecretStr("EMPTY")
     endpoints_file: Path | None = Field(None, description="YAML listing several replicas per role")
     max_parallel_agents: int = Field(25, ge=1, le=4096)
-    review_on: Literal["reasoning", "coder"] = "reasoning"
+    review_on: Literal["reasoning", "coder", "auto"] = "reasoning"
     max_review_rounds: int = Field(2, ge=0, le=20)
     max_files: int = Field(40, ge=1, le=500)
     max_output_retries: int = Field(2, ge=0, le=10)

@@ -13,7 +13,8 @@ class RunContext:
     Any field left out takes the default the graph was built with (from `TANDEM_*` settings).
     """
 
-    review_on: Literal["reasoning", "coder"] = "reasoning"
+    # "auto": the router picks, per review call, the model that would finish it first.
+    review_on: Literal["reasoning", "coder", "auto"] = "reasoning"
     max_parallel_agents: int = 25
     max_review_rounds: int = 2
     max_files: int = 40
@@ -44,8 +45,10 @@ class RunContext:
 
     def validate(self) -> None:
         """Raise ValueError naming the first out-of-range field."""
-        if self.review_on not in ("reasoning", "coder"):
-            raise ValueError(f"review_on must be 'reasoning' or 'coder', not {self.review_on!r}")
+        if self.review_on not in ("reasoning", "coder", "auto"):
+            raise ValueError(
+                f"review_on must be 'reasoning', 'coder' or 'auto', not {self.review_on!r}"
+            )
         for name, low in (
             ("max_parallel_agents", 1),
             ("max_review_rounds", 0),

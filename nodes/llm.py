@@ -156,6 +156,23 @@ class RoutedModels:
     http_retries: int = 2
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
 
+    def choose_role(self, candidates: Sequence[Role], expected_output_tokens: int) -> Role:
+        """The candidate whose call would finish first by the router's estimate.
+
+        Candidates are in order of preference: ties, and any candidate the router cannot
+        estimate yet (no answers measured), go to the first one (the quality default).
+        """
+        if not candidates:
+            raise ValueError("choose_role needs at least one candidate role")
+        estimate = getattr(self.router, "estimate_finish_s", None)
+        if estimate is None:
+            return candidates[0]
+        finish_s = [estimate(role, expected_output_tokens) for role in candidates]
+        if any(f is None for f in finish_s):
+            return candidates[0]
+        # min() keeps the first of equal keys: ties go to the preferred role.
+        return min(zip(finish_s, candidates, strict=True), key=lambda fr: float(fr[0]))[1]
+
     def for_role(self, role: Role) -> BaseChatModel:
         """The chat model serving `role` (built once)."""
         if role not in self._cache:

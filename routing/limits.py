@@ -109,6 +109,10 @@ class _LatencyTrack:
             median = statistics.median(self._recent)
             self.floor = median if self.floor is None else min(self.floor, median)
 
+    def recent(self) -> float | None:
+        """Median of the recent window, None before any value."""
+        return statistics.median(self._recent) if self._recent else None
+
     def gradient(self, tolerance: float) -> float | None:
         """min(1, tolerance*floor/recent), or None before the floor is known."""
         if self.floor is None or not self._recent:
@@ -117,10 +121,18 @@ class _LatencyTrack:
 
 
 class AdaptiveLimit:
-    """Gradient limit on router-seen ITL and TTFT, corrected by the server's `/metrics`.
+    """Slow start, then a gradient limit on router-seen ITL/TTFT, bounded by the server's KV.
 
-    Defaults are deployment-independent: the targets are ratios to each replica's own
-    observed floor, and the server signals are relative (waiting > 0, KV near full).
+    Defaults are deployment-independent: latency targets are ratios to each replica's own
+    observed floor, the server signals are relative (waiting > 0, KV near full), and the KV
+    bound is the server's own capacity divided by the size of the sequences it now holds.
+
+    Phases:
+        slow start: double the limit once per scrape (and add one per busy completion) while
+            the limit is in use, the server shows no saturation and ITL stays within
+            `slow_start_itl_tolerance` x its floor. A burst reaches a useful limit in a few
+            seconds; the first congestion signal ends slow start for good.
+        steady: Gradient2-style moves toward `limit * gradient + sqrt(limit)`.
 
     Args:
         initial: Starting limit.
@@ -128,25 +140,27 @@ class AdaptiveLimit:
         max_limit: ... nor above this.
         itl_tolerance: Target ITL as a multiple of its floor (the knee).
         ttft_tolerance: Target TTFT as a multiple of its floor (server-side queueing).
+        slow_start_itl_tolerance: Slow start ends once ITL passes this multiple of its floor.
         smoothing: Weight of each new estimate (Gradient2's smoothing).
         min_gradient: The most one sample may shrink the estimate by.
         backoff: Multiplicative decrease on an overload signal.
         backoff_cooldown_s: At most one back-off per this many seconds (gauges lag).
-        kv_hold: KV usage at which growth stops.
+        kv_hold: KV usage at which growth stops; also the fill the KV bound aims at.
         kv_saturated: KV usage at which the limit backs off.
         window: Samples in the recent-latency median.
-        max_growth_per_s: Growth cap per second (as a fraction), so that the limit cannot
-            outrun the server's gauges between two scrapes when many calls complete.
+        max_growth_per_s: Growth cap per second (as a fraction) after slow start, so that
+            the limit cannot outrun the server's gauges between two scrapes.
     """
 
     def __init__(
         self,
         *,
-        initial: int = 8,
+        initial: int = 16,
         min_limit: int = 2,
         max_limit: int = 1024,
         itl_tolerance: float = 2.5,
         ttft_tolerance: float = 10.0,
+        slow_start_itl_tolerance: float = 2.0,
         smoothing: float = 0.2,
         min_gradient: float = 0.5,
         backoff: float = 0.75,
@@ -163,6 +177,7 @@ class AdaptiveLimit:
         self.max_limit = max_limit
         self.itl_tolerance = itl_tolerance
         self.ttft_tolerance = ttft_tolerance
+        self.slow_start_itl_tolerance = slow_start_itl_tolerance
         self.smoothing = smoothing
         self.min_gradient = min_gradient
         self.backoff = backoff
@@ -170,10 +185,14 @@ class AdaptiveLimit:
         self.kv_hold = kv_hold
         self.kv_saturated = kv_saturated
         self.max_growth_per_s = max_growth_per_s
+        self.slow_start = True
+        self.kv_capacity_tokens: int | None = None
+        self._kv_bound: float | None = None
         self._growth_from = (-math.inf, float(initial))  # (since, estimate then)
         self._itl = _LatencyTrack(window)
         self._tpot = _LatencyTrack(window)
         self._ttft = _LatencyTrack(window)
+        self._last_in_flight = 0.0
         self._last_backoff_at = -math.inf
         self._watch_since: float | None = None
         self._stale_after_s = math.inf
@@ -182,13 +201,23 @@ class AdaptiveLimit:
 
     @property
     def limit(self) -> int:
-        """The current limit."""
-        return max(self.min_limit, min(self.max_limit, int(self._estimate)))
+        """The current limit: the estimate, never above what the KV cache holds."""
+        value = self._estimate if self._kv_bound is None else min(self._estimate, self._kv_bound)
+        return max(self.min_limit, min(self.max_limit, int(value)))
 
     @property
     def estimate(self) -> float:
-        """The unrounded limit estimate."""
+        """The unrounded limit estimate (before the KV bound)."""
         return self._estimate
+
+    @property
+    def kv_bound(self) -> float | None:
+        """Sequences of the currently observed size that fit in `kv_hold` of the KV cache."""
+        return self._kv_bound
+
+    def set_kv_capacity(self, tokens: int) -> None:
+        """The server's KV capacity in tokens (`cache_config_info`: blocks x block size)."""
+        self.kv_capacity_tokens = tokens if tokens > 0 else None
 
     def watch_server(self, now: float, stale_after_s: float) -> None:
         """Scrapes start now; a snapshot older than `stale_after_s` then means saturated."""
@@ -208,9 +237,15 @@ class AdaptiveLimit:
         prev = self._previous
         if prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total:
             return "saturated"
-        # One scrape with waiting > 0 can be a burst waiting for its prefill chunk;
-        # two in a row is a queue.
-        if snap.waiting > 0 and prev is not None and prev.ok and prev.waiting > 0:
+        # One scrape with waiting > 0 can be a burst waiting for its prefill chunks; two in
+        # a row with the queue not draining is a queue.
+        if (
+            snap.waiting > 0
+            and prev is not None
+            and prev.ok
+            and prev.waiting > 0
+            and snap.waiting >= prev.waiting
+        ):
             return "saturated"
         if snap.kv_usage is not None and snap.kv_usage >= self.kv_saturated:
             return "saturated"
@@ -219,22 +254,69 @@ class AdaptiveLimit:
         return "spare"
 
     def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
-        """Keep the scrape; back off when it says the server is saturated."""
+        """Keep the scrape; bound by KV, back off when saturated, double in slow start."""
         if snapshot.ok and self._snapshot is not None and self._snapshot.ok:
             self._previous = self._snapshot
         elif not snapshot.ok:
             self._previous = None
         self._snapshot = snapshot
-        if self.server_state(now) == "saturated":
+        if snapshot.ok:
+            self._update_kv_bound(snapshot)
+        state = self.server_state(now)
+        if state == "saturated":
             self._back_off(now)
+            return
+        busy = max(snapshot.running + snapshot.waiting, self._last_in_flight) >= self._estimate / 2
+        if self.slow_start and state == "spare" and busy and self._latency_ok():
+            self._slow_start_grow(now, self._estimate * 2)
+
+    def _slow_start_grow(self, now: float, value: float) -> None:
+        # At most a doubling per second, completions and scrapes together: the server's
+        # gauges need a scrape or two to show the queue an overshoot would cause.
+        since, base = self._growth_from
+        if now - since >= 1.0:
+            since, base = self._growth_from = (now, self._estimate)
+        self._grow_to(min(value, 2 * base))
+
+    def _update_kv_bound(self, snap: ServerSnapshot) -> None:
+        if snap.kv_usage is None or snap.running < 1 or snap.kv_usage <= 0:
+            return  # nothing held: keep the last bound, the sizes it saw are still likely
+        if self.kv_capacity_tokens is not None:
+            tokens_per_seq = snap.kv_usage * self.kv_capacity_tokens / snap.running
+            bound = self.kv_hold * self.kv_capacity_tokens / tokens_per_seq
+        else:  # the same ratio, in fractions of the cache
+            bound = self.kv_hold * snap.running / snap.kv_usage
+        # Sequences grow while they decode: trust a shrinking bound at once, a growing one slowly.
+        if self._kv_bound is None or bound < self._kv_bound:
+            self._kv_bound = bound
+        else:
+            self._kv_bound += 0.25 * (bound - self._kv_bound)
+
+    def _latency_ok(self) -> bool:
+        """ITL (or TPOT) still near its floor and TTFT still short: slow start may go on."""
+        for track, tolerance in (
+            (self._itl, self.slow_start_itl_tolerance),
+            (self._tpot, self.slow_start_itl_tolerance),
+            (self._ttft, self.ttft_tolerance),
+        ):
+            gradient = track.gradient(tolerance)
+            if gradient is not None and gradient < 1.0:
+                return False
+        return True
+
+    def _grow_to(self, value: float) -> None:
+        ceiling = self.max_limit if self._kv_bound is None else max(self._kv_bound, self.min_limit)
+        if value > self._estimate:
+            self._set(min(value, max(self._estimate, 2 * ceiling)))
 
     def on_sample(self, sample: Sample) -> None:
-        """Move the limit toward `limit * gradient + sqrt(limit)` (Gradient2-style)."""
+        """Slow start: one more per busy completion; then Gradient2-style moves."""
         if sample.dropped:
             self._back_off(sample.at)
             return
         if not sample.ok:
             return
+        self._last_in_flight = sample.in_flight
         if sample.itl_s is not None:
             self._itl.add(sample.itl_s)
         if sample.tpot_s is not None:
@@ -245,6 +327,15 @@ class AdaptiveLimit:
         if state == "saturated":
             self._back_off(sample.at)
             return
+        # Grow only while the limit is in use: an idle replica says nothing about the knee.
+        busy = sample.in_flight >= self._estimate / 2
+        if self.slow_start:
+            if not self._latency_ok():
+                self.slow_start = False  # past the knee: steady from here
+            else:
+                if busy and state != "hold":
+                    self._slow_start_grow(sample.at, self._estimate + 1)
+                return
         gradients = [
             g
             for g in (
@@ -255,8 +346,6 @@ class AdaptiveLimit:
             if g is not None
         ]
         gradient = max(self.min_gradient, min(gradients, default=1.0))
-        # Grow only while the limit is in use: an idle replica says nothing about the knee.
-        busy = sample.in_flight >= self._estimate / 2
         allowance = math.sqrt(self._estimate) if busy and state != "hold" else 0.0
         if gradient >= 1.0 and allowance == 0.0:
             return
@@ -267,13 +356,26 @@ class AdaptiveLimit:
             if sample.at - since >= 1.0:
                 since, base = self._growth_from = (sample.at, self._estimate)
             new = max(self._estimate, min(new, base * (1 + self.max_growth_per_s)))
+            self._grow_to(new)
+            return
         self._set(new)
 
+    def latency(self) -> dict[str, float | None]:
+        """Recent medians and floors the limit works from (for estimates and metrics)."""
+        return {
+            "itl_s": self._itl.recent(),
+            "itl_floor_s": self._itl.floor,
+            "ttft_s": self._ttft.recent(),
+            "ttft_floor_s": self._ttft.floor,
+        }
+
     def _back_off(self, now: float) -> None:
+        self.slow_start = False
         if now - self._last_backoff_at < self.backoff_cooldown_s:
             return
         self._last_backoff_at = now
-        self._set(self._estimate * self.backoff)
+        # Never back off from above what is actually enforced.
+        self._set(min(self._estimate, float(self.limit)) * self.backoff)
 
     def _set(self, value: float) -> None:
         self._estimate = max(float(self.min_limit), min(float(self.max_limit), value))

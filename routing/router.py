@@ -14,17 +14,56 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from routing.admission import Admission, AdmissionObserver
 from routing.calls import Role
 from routing.endpoints import Endpoints, Replica
 from routing.exporter import TandemMetrics
-from routing.limits import make_limit
+from routing.limits import AdaptiveLimit, make_limit
 from routing.orders import ServiceLedger, make_order
 from routing.transport import Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
 
 STALE_AFTER_INTERVALS = 3
+CACHE_CONFIG_TRIES = 3
+
+
+def kv_capacity_tokens(page: str) -> int | None:
+    """KV capacity from `vllm:cache_config_info` (num_gpu_blocks x block_size), if present."""
+    try:
+        for family in text_string_to_metric_families(page):
+            if family.name != "vllm:cache_config_info":
+                continue
+            total = 0
+            for sample in family.samples:
+                blocks = sample.labels.get("num_gpu_blocks", "")
+                size = sample.labels.get("block_size", "")
+                if blocks.isdigit() and size.isdigit():
+                    total += int(blocks) * int(size)
+            return total or None
+    except ValueError:
+        return None
+    return None
+
+
+def lane_finish_s(lane: Lane, expected_output_tokens: int) -> float | None:
+    """When a call sent to `lane` now would end, from what the router measured; None if unknown.
+
+    Wait for a slot (calls queued ahead past the free slots, each slot freeing every mean
+    service time / limit), then the measured TTFT, then the tokens at the measured ITL.
+    """
+    latency = lane.latency
+    if latency.itl_s is None:
+        return None
+    admission = lane.admission
+    limit = admission.limit
+    free = limit - admission.in_flight
+    ahead = admission.queued
+    wait_s = 0.0
+    if ahead >= free:
+        wait_s = (ahead - free + 1) * (latency.service_s or 0.0) / max(1, limit)
+    return wait_s + (latency.ttft_s or 0.0) + max(0, expected_output_tokens) * latency.itl_s
 
 
 class Router:
@@ -130,6 +169,20 @@ class Router:
         """The replicas of `role` with their admissions."""
         return list(self._role_lanes(role))
 
+    def estimate_finish_s(self, role: Role, expected_output_tokens: int) -> float | None:
+        """Seconds until a call of `role` sent now would finish, on its best replica.
+
+        Built only from what the router observes (its in-flight and queued counts, limits,
+        and the TTFT/ITL it measured per replica). None when the role has no replicas or
+        none has answered yet: the caller should then fall back to its default.
+        """
+        estimates = [
+            e
+            for lane in self._lanes.get(role, [])
+            if (e := lane_finish_s(lane, expected_output_tokens)) is not None
+        ]
+        return min(estimates, default=None)
+
     async def start(self) -> None:
         """Start the `/metrics` scrapers that adaptive limits read (idempotent)."""
         if self._started:
@@ -152,15 +205,32 @@ class Router:
         async with httpx.AsyncClient(
             transport=_Unclosed(lane.transport), timeout=2 * self.scrape_interval_s
         ) as client:
+            limit = lane.admission.limit_algorithm
+            capacity_tries = CACHE_CONFIG_TRIES if isinstance(limit, AdaptiveLimit) else 0
             while True:
                 taken_at = loop.time()
                 try:
                     async with asyncio.timeout(2 * self.scrape_interval_s):
                         snapshot = await scrape(client, url, taken_at)
+                        if capacity_tries and snapshot.ok and isinstance(limit, AdaptiveLimit):
+                            # The cache size never changes while a server runs: read it once.
+                            capacity_tries -= 1
+                            capacity = await self._kv_capacity(client, url)
+                            if capacity is not None:
+                                limit.set_kv_capacity(capacity)
+                                capacity_tries = 0
                 except TimeoutError:
                     snapshot = ServerSnapshot.failed(taken_at, "scrape timed out")
                 lane.admission.on_snapshot(snapshot)
                 await asyncio.sleep(self.scrape_interval_s)
+
+    @staticmethod
+    async def _kv_capacity(client: httpx.AsyncClient, url: str) -> int | None:
+        try:
+            response = await client.get(url)
+        except httpx.HTTPError:
+            return None
+        return kv_capacity_tokens(response.text) if response.status_code == 200 else None
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per replica: role, url, limit, in_flight, queued, admitted, failed, peak_in_flight."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -26,6 +26,36 @@ _SHED = (429, 503)
 
 
 @dataclass
+class LaneLatency:
+    """Moving averages of what the router measured on a replica's successful answers.
+
+    Attributes:
+        ttft_s: Time to first token (streamed answers).
+        itl_s: Time per output token: inter-token latency, or TPOT for non-streamed answers.
+        service_s: Time from admission to the end of the body.
+        answers: Successful answers seen.
+    """
+
+    ttft_s: float | None = None
+    itl_s: float | None = None
+    service_s: float | None = None
+    answers: int = 0
+    weight: float = 0.2
+
+    def observe(self, ttft_s: float | None, itl_s: float | None, service_s: float) -> None:
+        """Fold one successful answer in."""
+        self.answers += 1
+        self.ttft_s = self._ewma(self.ttft_s, ttft_s)
+        self.itl_s = self._ewma(self.itl_s, itl_s)
+        self.service_s = self._ewma(self.service_s, service_s)
+
+    def _ewma(self, old: float | None, new: float | None) -> float | None:
+        if new is None or new < 0:
+            return old
+        return new if old is None else (1 - self.weight) * old + self.weight * new
+
+
+@dataclass
 class Lane:
     """One replica as the transport uses it."""
 
@@ -33,6 +63,7 @@ class Lane:
     replica: Replica
     admission: Admission
     transport: httpx.AsyncBaseTransport
+    latency: LaneLatency = field(default_factory=LaneLatency)
 
 
 def _status_kind(status: int) -> OutcomeKind:
@@ -52,7 +83,9 @@ class MeteredStream(httpx.AsyncByteStream):
         started_at: float,
         deadline: float,
         abandon_after_s: float,
+        on_ok: Callable[[float | None, float | None, float], None] | None = None,
     ) -> None:
+        self._on_ok = on_ok
         self._response = response
         self._slot = slot
         self._started_at = started_at
@@ -114,6 +147,8 @@ class MeteredStream(httpx.AsyncByteStream):
             if tokens:
                 tpot = (now - self._started_at) / tokens
         self._slot.release(Outcome(kind, ttft_s=ttft, itl_s=itl, tpot_s=tpot))
+        if kind == "ok" and self._on_ok is not None:
+            self._on_ok(ttft, itl if itl is not None else tpot, now - self._started_at)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         inner = self._response.stream
@@ -252,6 +287,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             started_at=started_at,
             deadline=deadline,
             abandon_after_s=self.abandon_after_s,
+            on_ok=lane.latency.observe,
         )
         return httpx.Response(
             response.status_code,

@@ -142,7 +142,7 @@ def test_stale_or_failed_scrape_counts_as_saturated() -> None:
     limit.watch_server(0.0, stale_after_s=3.0)
     assert limit.server_state(1.0) == "hold"  # first scrape still due: no growth
     assert limit.server_state(4.0) == "saturated"  # it never came
-    limit.on_snapshot(ServerSnapshot(taken_at=4.0, running=5, kv_usage=0.2), 4.0)
+    limit.on_snapshot(ServerSnapshot(taken_at=4.0, running=5, kv_usage=0.1), 4.0)
     assert limit.server_state(4.5) == "spare"
     assert limit.server_state(8.0) == "saturated"  # 4 s old: stale, never idle
     limit.on_sample(Sample(at=8.0, in_flight=32, itl_s=0.01))
@@ -178,3 +178,86 @@ def test_limit_stays_within_bounds() -> None:
     for i in range(200):
         limit.on_sample(Sample(at=100 + i * 5.0, in_flight=64, ok=False, dropped=True))
     assert limit.limit == 2
+
+
+def _quiet(running: float, t: float, **kw: float) -> ServerSnapshot:
+    return ServerSnapshot(taken_at=t, running=running, **kw)
+
+
+def test_slow_start_doubles_per_scrape_on_a_burst() -> None:
+    # 400 calls arrive at once on an idle H100: no queue inside vLLM, KV a quarter used.
+    limit = AdaptiveLimit()
+    limit.watch_server(0.0, stale_after_s=3.0)
+    seen = [limit.limit]
+    for t in range(1, 6):
+        limit.on_snapshot(_quiet(limit.limit, float(t), kv_usage=0.25 * limit.limit / 256), t)
+        seen.append(limit.limit)
+    assert seen == [16, 32, 64, 128, 256, 512]
+    assert limit.slow_start
+
+
+def test_slow_start_needs_the_limit_in_use_and_a_spare_server() -> None:
+    limit = AdaptiveLimit(initial=16)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.on_snapshot(_quiet(3, 1.0, kv_usage=0.01), 1.0)  # 3 of 16 used: nothing learnt
+    assert limit.limit == 16
+    limit.on_snapshot(_quiet(16, 2.0, kv_usage=0.95), 2.0)  # KV nearly full: hold
+    assert limit.estimate == 16 and limit.limit == 15  # and 0.9 / (0.95 / 16) fit
+
+
+def test_slow_start_ends_at_the_first_congestion_signal() -> None:
+    limit = AdaptiveLimit(initial=64, backoff_cooldown_s=0.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.on_snapshot(_quiet(32, 1.0, waiting=8, kv_usage=0.2), 1.0)
+    assert limit.slow_start and limit.limit == 64  # one scrape of waiting: a burst, hold
+    limit.on_snapshot(_quiet(32, 2.0, waiting=8, kv_usage=0.2), 2.0)
+    assert not limit.slow_start and limit.limit == 48  # a queue that does not drain
+    limit.on_snapshot(_quiet(48, 3.0, kv_usage=0.2), 3.0)
+    assert limit.limit == 48  # no more doubling after slow start
+
+
+def test_a_draining_prefill_burst_is_not_saturation() -> None:
+    limit = AdaptiveLimit(initial=64, backoff_cooldown_s=0.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.on_snapshot(_quiet(40, 1.0, waiting=24, kv_usage=0.3), 1.0)
+    limit.on_snapshot(_quiet(56, 2.0, waiting=8, kv_usage=0.4), 2.0)
+    assert limit.server_state(2.0) == "hold"
+    assert limit.limit == 64 and limit.slow_start
+
+
+def test_kv_capacity_bounds_the_limit_by_sequence_size() -> None:
+    # cache_config_info: 4,375 blocks x 16 = 70k tokens; 4 running sequences hold half of
+    # it (8,750 tokens each): 0.9 x 70k / 8,750 = 7 such sequences fit.
+    limit = AdaptiveLimit(initial=64)
+    limit.set_kv_capacity(4375 * 16)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.on_snapshot(_quiet(4, 1.0, kv_usage=0.5), 1.0)
+    assert limit.kv_bound == pytest.approx(7.2)
+    assert limit.limit == 7 and limit.estimate == 64
+    # Smaller sequences later: the bound rises, but only gradually.
+    limit.on_snapshot(_quiet(4, 2.0, kv_usage=0.1), 2.0)
+    assert 7 < limit.limit < 36
+
+
+def test_new_cpu_fit_stops_at_max_num_seqs() -> None:
+    # The refitted 2-core CPU vLLM (1 -> 896 tok/s ... 32 -> 15092, max-num-seqs 32): ITL
+    # barely doubles by 32; the server then queues (waiting > 0) and preempts nothing.
+    def throughput(b: float) -> float:
+        points = [(1, 896.0), (4, 3647.0), (16, 10886.0), (32, 15092.0)]
+        b = min(b, 32.0)
+        for (b0, x0), (b1, x1) in itertools.pairwise(points):
+            if b <= b1:
+                return x0 + (x1 - x0) * (b - b0) / (b1 - b0)
+        return points[-1][1]
+
+    def snapshot(b: float, t: float) -> ServerSnapshot:
+        return ServerSnapshot(
+            taken_at=t, running=min(b, 32.0), waiting=max(0.0, b - 32.0), kv_usage=0.01
+        )
+
+    limit = AdaptiveLimit()
+    limit.watch_server(0.0, stale_after_s=3.0)
+    history = _drive(limit, lambda b: min(b, 32.0) / throughput(b), snapshot_of=snapshot)
+    assert max(history) <= 64  # slow start doubles at most once a second
+    assert 16 <= limit.limit <= 48, limit.limit
+    assert max(history[-500:]) <= 48

@@ -14,11 +14,12 @@ import pytest
 from prometheus_client import generate_latest
 from pytest_socket import disable_socket, enable_socket
 
+from routing.admission import Outcome
 from routing.calls import SESSION_HEADER, STAGE_HEADER, CallInfo, call_scope
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
 from routing.limits import AdaptiveLimit, FixedLimit, Sample
-from routing.router import Router
+from routing.router import Router, kv_capacity_tokens
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -294,3 +295,66 @@ def test_exporter_series_and_absent_gpu() -> None:
     assert "tandem_parallel_tasks 7.0" in page
     if metrics.nvml is not None and not metrics.nvml.present:
         assert "tandem_gpu_utilization_percent" not in page  # absent, never 0
+
+
+def test_kv_capacity_from_cache_config_info() -> None:
+    page = (FIXTURES / "vllm_metrics_v1.txt").read_text()
+    assert kv_capacity_tokens(page) == 41524 * 16
+    assert kv_capacity_tokens("vllm:num_requests_running 1\n") is None
+    assert kv_capacity_tokens("not { a page") is None
+
+
+@pytest.mark.looptime
+async def test_scraper_gives_the_adaptive_limit_its_kv_capacity() -> None:
+    page = (FIXTURES / "vllm_metrics_v1.txt").read_text()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text=page)
+
+    router = Router(
+        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
+        limit="adaptive",
+    )
+    async with router:
+        await asyncio.sleep(2.5)
+        limit = router.lanes("reasoning")[0].admission.limit_algorithm
+        assert isinstance(limit, AdaptiveLimit)
+        assert limit.kv_capacity_tokens == 41524 * 16
+
+
+@pytest.mark.looptime
+async def test_finish_estimate_from_measured_latency_and_queue() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=_sse(11, 0.5, 0.02)
+        )
+
+    router = Router(
+        {"coder": [_replica("http://h/v1", "gpu1", httpx.MockTransport(handler))]},
+        limit="fixed-2",
+    )
+    assert router.estimate_finish_s("coder", 100) is None  # nothing measured yet
+    assert router.estimate_finish_s("reasoning", 100) is None  # no such role
+    client = router.client("coder")
+    async with client.stream("POST", "http://coder.tandem.internal/v1/x", json=CHAT) as r:
+        _ = [c async for c in r.aiter_bytes()]
+    lane = router.lanes("coder")[0]
+    itl = 0.02 * 10 / 11
+    assert lane.latency.ttft_s == pytest.approx(0.5, abs=0.01)
+    assert lane.latency.itl_s == pytest.approx(itl, abs=0.002)
+    idle = router.estimate_finish_s("coder", 100)
+    assert idle == pytest.approx(0.5 + 100 * itl, abs=0.2)
+    # Both slots held and three calls queued: wait for 2 of them to clear 2 slots.
+    slots = [await lane.admission.acquire("s") for _ in range(2)]
+    waiters = [asyncio.ensure_future(lane.admission.acquire("s")) for _ in range(3)]
+    await asyncio.sleep(0)
+    service = lane.latency.service_s
+    assert service is not None
+    busy = router.estimate_finish_s("coder", 100)
+    assert busy == pytest.approx(idle + 4 * service / 2)
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    for slot in slots:
+        slot.release(Outcome("cancelled"))
+    await router.aclose()

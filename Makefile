@@ -31,6 +31,33 @@ prometheus:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
 	  else echo "install Debian's prometheus package (sudo apt-get install prometheus)"; fi; }
 
+# Real-engine benchmark on this CPU machine (docs/real-vllm.md): start both vLLM CPU servers,
+# run every policy against them on the real clock, stop the servers (also on failure).
+BENCH_CPU_WORKLOAD ?= --sessions 16 --tasks 8 --arrival-spread-s 2
+BENCH_CPU_TOKENS ?= plan=384,code=256,review=256
+BENCH_CPU_POLICIES ?= seed-current,seed-phase3,fixed-4,fixed-8,fixed-16,fixed-32,fixed-64,adaptive
+
+bench-cpu: $(STAMP) vllm-cpu
+	mkdir -p bench/results out/logs
+	@rm -f out/logs/bench-cpu-serve.out; \
+	$(BIN)/python -m graph.cli serve --backend vllm-cpu > out/logs/bench-cpu-serve.out 2>&1 & \
+	serve=$$!; trap 'kill $$serve 2>/dev/null; wait $$serve' EXIT; \
+	for i in $$(seq 300); do \
+	  grep -q '^export TANDEM_CODER_URL' out/logs/bench-cpu-serve.out && break; \
+	  kill -0 $$serve 2>/dev/null || { cat out/logs/bench-cpu-serve.out; exit 1; }; sleep 1; \
+	done; \
+	grep -q '^export TANDEM_CODER_URL' out/logs/bench-cpu-serve.out || { echo "servers not ready"; exit 1; }; \
+	eval "$$(grep '^export ' out/logs/bench-cpu-serve.out)"; \
+	$(BIN)/python -m graph.cli bench --clock real --endpoints env --workload adhoc \
+	  $(BENCH_CPU_WORKLOAD) --policies $(BENCH_CPU_POLICIES) --max-tokens $(BENCH_CPU_TOKENS) \
+	  --json bench/results/cpu-multi.json --plot bench/results/cpu-multi.png
+
+# The emulated benchmark figures in the README (virtual clock, seconds each).
+bench: $(STAMP)
+	$(BIN)/tandem bench --workload seed-single --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --json bench/results/seed-single.json --plot bench/results/seed-single.png
+	$(BIN)/tandem bench --workload seed-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --json bench/results/seed-multi.json --plot bench/results/seed-multi.png
+	$(BIN)/tandem bench --workload heavy --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --json bench/results/heavy.json --plot bench/results/heavy.png
+
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 

@@ -67,6 +67,9 @@ class RoleServer(BaseModel):
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
     expected_context_tokens: int = Field(gt=0, description="prompt + output per sequence")
     extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="this server's own env, over the profile's shared env"
+    )
 
 
 class Profile(BaseModel):
@@ -159,8 +162,8 @@ def build_command(
 
 def build_env(profile: Profile, role: Role) -> dict[str, str]:
     """Environment variables the server of `role` needs on top of the inherited ones."""
-    env = dict(profile.env)
     server = profile.server(role)
+    env = {**profile.env, **server.env}
     if profile.backend == "gpu" and server.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(server.gpu)
     return env

@@ -8,14 +8,26 @@ model. Tests that use `vllm_servers` are skipped only when the vLLM venv is miss
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
-from serving.launch import DEFAULT_LOG_DIR, ROLES, Role, ServerGroup, load_profile
+from serving.launch import (
+    DEFAULT_LOG_DIR,
+    ROLES,
+    Role,
+    ServerGroup,
+    build_env,
+    load_profile,
+    start_server,
+    wait_healthy,
+)
 from serving.tiny_model import is_built
 from serving.vllm_env import MISSING_HINT, REPO_ROOT, is_installed, venv_python
 
@@ -29,6 +41,45 @@ class VllmServers:
     base_url: dict[Role, str]
     model: dict[Role, str]
     ready_after_s: dict[str, float]
+    group: ServerGroup | None = field(default=None, compare=False, repr=False)
+
+    def pid(self, role: Role) -> int:
+        """Process id (and process-group id) of the server of `role`."""
+        assert self.group is not None
+        return self.group.servers[role].pid
+
+    def kill(self, role: Role) -> None:
+        """SIGKILL the whole process group of `role`'s server (API server and engine core)."""
+        assert self.group is not None
+        server = self.group.servers[role]
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(timeout=10)
+
+    async def restart(self, role: Role, timeout_s: float = 300.0) -> float:
+        """Start `role`'s server again with the same command line and port; wait until healthy.
+
+        Returns:
+            Seconds from start to ready.
+        """
+        assert self.group is not None
+        old = self.group.servers[role]
+        group = self.group
+        new = start_server(
+            old.argv,
+            role=role,
+            served_name=old.served_name,
+            base_url=old.base_url,
+            env=_role_env(group, role),
+            log_dir=group.log_dir,
+        )
+        group.servers[role] = new
+        return await wait_healthy(new, timeout_s)
+
+
+def _role_env(group: ServerGroup, role: Role) -> dict[str, str]:
+    return build_env(group.profile, role)
 
 
 def _free_port() -> int:
@@ -39,7 +90,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def vllm_servers() -> Iterator[VllmServers]:
-    """Start the two real vLLM CPU servers (about 35 s on 2 cores) and stop them at the end."""
+    """Start the two real vLLM CPU servers (about 35 s on 2 cores) and stop them at the end.
+
+    The profile pins each server's OpenMP worker to its own core (VLLM_CPU_OMP_THREADS_BIND
+    per role in cpu-tiny.yaml), so the two engines do not share core 0.
+    """
     if not is_installed():
         pytest.skip(MISSING_HINT)
     python = venv_python()
@@ -60,6 +115,7 @@ def vllm_servers() -> Iterator[VllmServers]:
             base_url={role: profile.base_url(role) for role in ROLES},
             model={role: profile.server(role).served_name for role in ROLES},
             ready_after_s=ready,
+            group=group,
         )
     finally:
         group.stop()

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodes.schemas import Plan
 from serving.clock import run
+from serving.emulator.profiles import PROFILES
 from serving.emulator.app import create_app
 from serving.emulator.engine import Engine
 from serving.emulator.transport import InProcessTransport
@@ -100,7 +101,7 @@ def test_streaming_sends_role_deltas_finish_usage_and_done_over_time() -> None:
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["completion_tokens"] >= 32
     # Tokens arrive spread over virtual time: the first well before the last.
-    assert times[-1] > times[0] + 30 * 5e-3
+    assert times[-1] > times[0] + 30 * PROFILES["cpu-tiny"].base_s
 
 
 def test_reasoning_profile_streams_reasoning_then_json() -> None:

@@ -34,7 +34,7 @@ async def _closed_loop(
 
 
 @pytest.mark.parametrize(
-    ("concurrency", "reference"), [(1, 170), (4, 474), (16, 1152), (32, 1170), (64, 1088)]
+    ("concurrency", "reference"), [(1, 896), (4, 3647), (16, 10886), (32, 15092), (64, 16659)]
 )
 def test_cpu_tiny_matches_measured_vllm_cpu(concurrency: int, reference: float) -> None:
     tps = run(_closed_loop(PROFILES["cpu-tiny"], concurrency, 32, 256, 4), virtual=True)

@@ -99,6 +99,8 @@ def _model(server: Server, streaming: bool = True) -> VLLMChatOpenAI:
         streaming=streaming,
         stream_usage=True,
         max_retries=0,
+        # The clients are given; skip ChatOpenAI's probe of TCP socket options.
+        http_socket_options=(),
     )
 
 

@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policies",
         default="seed-current,seed-phase1,seed-phase3,adaptive",
-        help="comma-separated: seed-current, seed-phase1, seed-phase3, fixed-N, adaptive, adaptive-fifo; "
+        help="comma-separated: seed-current, seed-phase1, seed-phase3, fixed-N, fixed-N+auto, "
+        "adaptive, adaptive-reasoning, adaptive-fifo; "
         "'sweep' expands to fixed-4 … fixed-256 ('sweep+auto': fixed-N+auto)",
     )
     p.add_argument("--clock", choices=["virtual", "real"], default="virtual")
@@ -147,7 +148,8 @@ async def _bench(
         if say:
             r = run.result()
             say(
-                f"   makespan {r['makespan_s']:.1f} s, efficiency {r['efficiency']}, sessions ok {r['sessions_ok']}"
+                f"   makespan {r['makespan_s']:.1f} s, efficiency {r['efficiency']}, "
+                f"sessions ok {r['sessions_ok']}"
             )
     report = {
         "workload": workload.name,

@@ -42,33 +42,87 @@ def get_policy(name: str) -> Policy:
     adaptive-fifo (review auto).
     """
     if name == "seed-current":
-        return Policy(name, "fixed", 10, "coder", False, "unlimited", "fifo",
-                      "the seed's manager today: 10 coders per session, review on the coder GPU, "
-                      "sessions one after another")
+        return Policy(
+            name,
+            "fixed",
+            10,
+            "coder",
+            False,
+            "unlimited",
+            "fifo",
+            "the seed's manager today: 10 coders per session, review on the coder GPU, "
+            "sessions one after another",
+        )
     if name == "seed-phase1":
-        return Policy(name, "fixed", 25, "coder", False, "unlimited", "fifo",
-                      "seed phase 1: 25 coders per session, sessions one after another")
+        return Policy(
+            name,
+            "fixed",
+            25,
+            "coder",
+            False,
+            "unlimited",
+            "fifo",
+            "seed phase 1: 25 coders per session, sessions one after another",
+        )
     if name == "seed-phase3":
-        return Policy(name, "seed", 25, "reasoning", True, "fixed-25", "fifo",
-                      "seed phase 3: calculate_optimal_parallel, review on GPU 0, sessions "
-                      "concurrent behind per-GPU FIFO queues of 25")
+        return Policy(
+            name,
+            "seed",
+            25,
+            "reasoning",
+            True,
+            "fixed-25",
+            "fifo",
+            "seed phase 3: calculate_optimal_parallel, review on GPU 0, sessions "
+            "concurrent behind per-GPU FIFO queues of 25",
+        )
     match = re.fullmatch(r"fixed-([1-9][0-9]*)(?:\+(reasoning|coder|auto))?", name)
     if match:
         review_on = match.group(2) or "reasoning"
-        return Policy(name, "seed", ROUTED_FANOUT_CAP, review_on, True,
-                      f"fixed-{match.group(1)}", "las",
-                      f"router admission fixed at {match.group(1)} per GPU, LAS order, "
-                      f"review on {review_on}")
+        return Policy(
+            name,
+            "seed",
+            ROUTED_FANOUT_CAP,
+            review_on,
+            True,
+            f"fixed-{match.group(1)}",
+            "las",
+            f"router admission fixed at {match.group(1)} per GPU, LAS order, review on {review_on}",
+        )
     if name == "adaptive":
-        return Policy(name, "seed", ROUTED_FANOUT_CAP, "auto", True, "adaptive", "las",
-                      "router admission sized from latency and server metrics, LAS order, "
-                      "review placed per call by the router (auto)")
+        return Policy(
+            name,
+            "seed",
+            ROUTED_FANOUT_CAP,
+            "auto",
+            True,
+            "adaptive",
+            "las",
+            "router admission sized from latency and server metrics, LAS order, "
+            "review placed per call by the router (auto)",
+        )
     if name == "adaptive-reasoning":
-        return Policy(name, "seed", ROUTED_FANOUT_CAP, "reasoning", True, "adaptive", "las",
-                      "adaptive limit, LAS order, review on the reasoning model")
+        return Policy(
+            name,
+            "seed",
+            ROUTED_FANOUT_CAP,
+            "reasoning",
+            True,
+            "adaptive",
+            "las",
+            "adaptive limit, LAS order, review on the reasoning model",
+        )
     if name == "adaptive-fifo":
-        return Policy(name, "seed", ROUTED_FANOUT_CAP, "auto", True, "adaptive", "fifo",
-                      "adaptive limit with FIFO order, review auto")
+        return Policy(
+            name,
+            "seed",
+            ROUTED_FANOUT_CAP,
+            "auto",
+            True,
+            "adaptive",
+            "fifo",
+            "adaptive limit with FIFO order, review auto",
+        )
     raise ValueError(
         f"unknown policy {name!r}: seed-current, seed-phase1, seed-phase3, fixed-N, "
         "fixed-N+coder, fixed-N+auto, adaptive, adaptive-reasoning, adaptive-fifo"

@@ -314,7 +314,7 @@ async def _serve_loopback(app: Any) -> tuple[str, Any]:
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
         await asyncio.sleep(0.02)
     return f"http://127.0.0.1:{port}/v1", server
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import Mapping, Sequence
 
 import httpx
@@ -64,7 +65,7 @@ class MetricsSampler:
         """Spans between consecutive samples where any replica of `role` had a running request."""
         spans: list[tuple[float, float]] = []
         for series in self.samples.get(role, []):
-            for prev, cur in zip(series, series[1:], strict=False):
+            for prev, cur in itertools.pairwise(series):
                 if cur.ok and cur.running > 0:
                     spans.append((prev.taken_at, cur.taken_at))
         spans.sort()

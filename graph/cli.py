@@ -113,7 +113,8 @@ async def _run_async(
     context = settings.run_context()
     fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
     where = (
-        f"built-in emulator ({settings.emulator_reasoning_profile} + {settings.emulator_coder_profile})"
+        "built-in emulator "
+        f"({settings.emulator_reasoning_profile} + {settings.emulator_coder_profile})"
         if settings.emulated
         else "configured vLLM endpoints"
     )
@@ -195,7 +196,8 @@ async def _resume_async(session_id: str, settings: Settings) -> int:
             return 2
         if not snapshot.next:
             print(
-                f"tandem resume: session {session_id} already finished ({snapshot.values.get('status')})"
+                f"tandem resume: session {session_id} already finished "
+                f"({snapshot.values.get('status')})"
             )
             return 0
         print(f"tandem: resuming {session_id} at {', '.join(snapshot.next)}")

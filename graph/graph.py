@@ -67,7 +67,9 @@ def build_graph(
 
     def get_models() -> ChatModels:
         if not resolved:
-            resolved.append(models() if callable(models) and not hasattr(models, "for_role") else models)
+            resolved.append(
+                models() if callable(models) and not hasattr(models, "for_role") else models
+            )
         return resolved[0]
 
     def ctx_of(runtime: Runtime[RunContext] | None) -> RunContext:
@@ -98,7 +100,7 @@ def build_graph(
         checks = dict(state.get("checks", {}))
         for path in state.get("pending", []):
             checks[path] = check_file(path, files.get(path, {}).get("content", ""))
-        code_wall = _now() - float(state.get("round_started_at", _now()))  # type: ignore[arg-type]
+        code_wall = _now() - float(state.get("round_started_at", _now()))
         return {"checks": checks, "timings_s": {"code": code_wall}}
 
     async def review(state: SessionState, runtime: Runtime[RunContext]) -> dict[str, Any]:
@@ -180,7 +182,9 @@ def build_graph(
                     plan=state.get("plan", {}),
                     path=path,
                     round=int(state.get("round", 0)),
-                    comments=verdicts.get(path, {}).get("comments", "") if state.get("round") else "",
+                    comments=verdicts.get(path, {}).get("comments", "")
+                    if state.get("round")
+                    else "",
                     previous=files.get(path, {}).get("content", "") if state.get("round") else "",
                 ),
             )
@@ -188,11 +192,12 @@ def build_graph(
         ]
 
     builder = StateGraph(SessionState, context_schema=RunContext, input_schema=InputState)
-    builder.add_node("plan", plan, retry_policy=LLM_RETRY)
-    builder.add_node("code", code, retry_policy=LLM_RETRY)
+    # LangGraph's add_node overloads do not cover (state, config, runtime) signatures.
+    builder.add_node("plan", plan, retry_policy=LLM_RETRY)  # type: ignore[call-overload]
+    builder.add_node("code", code, retry_policy=LLM_RETRY)  # type: ignore[call-overload]
     builder.add_node("check", check)
     builder.add_node("review", review, retry_policy=LLM_RETRY)
-    builder.add_node("finalize", finalize)
+    builder.add_node("finalize", finalize)  # type: ignore[arg-type]
     builder.add_edge(START, "plan")
     builder.add_conditional_edges("plan", fan_out, ["code", "finalize"])
     builder.add_edge("code", "check")
@@ -202,7 +207,7 @@ def build_graph(
     compiled = builder.compile(checkpointer=checkpointer, name=name)
     # The fan-out cap travels as the run's top-level max_concurrency (LangGraph ignores it
     # under `configurable`); callers may still pass their own.
-    return compiled.with_config(max_concurrency=policy.max_concurrency(base.max_files))  # type: ignore[return-value]
+    return compiled.with_config(max_concurrency=policy.max_concurrency(base.max_files))
 
 
 def _server_models() -> ChatModels:

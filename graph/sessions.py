@@ -217,7 +217,8 @@ def format_table(
 ) -> str:
     """The final summary: per session, then per endpoint."""
     lines = [
-        f"{'session':<22} {'status':<11} {'ok':>4} {'failed':>6} {'rounds':>6} {'seconds':>9}  rejected",
+        f"{'session':<22} {'status':<11} {'ok':>4} {'failed':>6} {'rounds':>6} "
+        f"{'seconds':>9}  rejected",
     ]
     for r in results:
         lines.append(

@@ -26,7 +26,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
 
-    reasoning_url: str | None = Field(None, description="OpenAI base URL of the reasoning vLLM, e.g. http://gpu0:8001/v1")
+    reasoning_url: str | None = Field(
+        None, description="OpenAI base URL of the reasoning vLLM, e.g. http://gpu0:8001/v1"
+    )
     reasoning_model: str = "tandem-reasoning"
     coder_url: str | None = Field(None, description="OpenAI base URL of the coder vLLM")
     coder_model: str = "tandem-coder"
@@ -39,7 +41,9 @@ class Settings(BaseSettings):
     max_output_retries: int = Field(2, ge=0, le=10)
     workspace: Path = Path("out")
     request_timeout_s: float = Field(600.0, gt=0)
-    limit: str = Field("adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N")
+    limit: str = Field(
+        "adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N"
+    )
     order: Literal["fifo", "las"] = "las"
     metrics_port: int | None = Field(None, ge=0, le=65535)
     emulator_reasoning_profile: str = "h100-reasoning-32b"

@@ -49,9 +49,7 @@ def review_role(models: ChatModels | Any, ctx: RunContext) -> Role:
     choose = getattr(models, "choose_role", None)
     if choose is None:
         return "reasoning"
-    role: Role = choose(
-        REVIEW_CANDIDATES, ctx.max_tokens.get("review") or DEFAULT_REVIEW_TOKENS
-    )
+    role: Role = choose(REVIEW_CANDIDATES, ctx.max_tokens.get("review") or DEFAULT_REVIEW_TOKENS)
     return role
 
 

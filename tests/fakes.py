@@ -113,7 +113,7 @@ def review_json(paths: Sequence[str], needs_fix: Sequence[str] = ()) -> str:
 def python_file(path: str) -> str:
     """A small valid file for the path's extension, fenced as a coder answers."""
     if path.endswith(".json"):
-        return '```json\n{"name": "%s"}\n```' % path
+        return f'```json\n{{"name": "{path}"}}\n```'
     if path.endswith(".md"):
         return f"```markdown\n# {path}\n```"
     if path.endswith(".toml"):

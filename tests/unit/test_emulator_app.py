@@ -13,9 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nodes.schemas import Plan
 from serving.clock import run
-from serving.emulator.profiles import PROFILES
 from serving.emulator.app import create_app
 from serving.emulator.engine import Engine
+from serving.emulator.profiles import PROFILES
 from serving.emulator.transport import InProcessTransport
 
 T = TypeVar("T")

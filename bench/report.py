@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bench.runner import PolicyRun, RequestSpan
+from bench.sampler import merge_intervals
 
 LANES = (("reasoning", "GPU 0 · reasoning"), ("coder", "GPU 1 · coder"))
 
@@ -39,17 +40,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    intervals.sort()
-    out: list[tuple[float, float]] = []
-    for start, end in intervals:
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(end, out[-1][1]))
-        else:
-            out.append((start, end))
-    return out
-
-
 def plot_gantt(runs: Sequence[PolicyRun], path: str, title: str) -> None:
     """One panel per policy; in each, a lane per GPU with one thin row per session."""
     import matplotlib
@@ -80,7 +70,7 @@ def plot_gantt(runs: Sequence[PolicyRun], path: str, title: str) -> None:
         for lane_index, (role, label) in enumerate(LANES):
             top = lane_index * (n + 1)
             for row, sid in enumerate(sessions):
-                bars = [(a, b - a) for a, b in _merge(spans.get((role, sid), []))]
+                bars = [(a, b - a) for a, b in merge_intervals(spans.get((role, sid), []))]
                 if bars:
                     ax.broken_barh(bars, (top + row, 0.85), facecolors=colour[sid])
             yticks.append(top + n / 2)

@@ -21,6 +21,17 @@ _FIELDS = {
 }
 
 
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted union of `(start, end)` spans."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 class MetricsSampler:
     """Polls every replica's `/metrics` every `interval_s` seconds until stopped."""
 
@@ -68,14 +79,7 @@ class MetricsSampler:
             for prev, cur in itertools.pairwise(series):
                 if cur.ok and cur.running > 0:
                     spans.append((prev.taken_at, cur.taken_at))
-        spans.sort()
-        merged: list[tuple[float, float]] = []
-        for start, end in spans:
-            if merged and start <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-            else:
-                merged.append((start, end))
-        return merged
+        return merge_intervals(spans)
 
     def delta(self, role: str, name: str) -> float:
         """Increase of a counter over the run, summed over `role`'s replicas."""

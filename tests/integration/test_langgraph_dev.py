@@ -206,6 +206,11 @@ async def test_run_writes_planned_files(dev_server: DevServer) -> None:
     client = get_client(url=dev_server.url)
     assistants = await client.assistants.search(graph_id="tandem")
     assert assistants, "langgraph dev did not register the `tandem` graph"
+    # Studio builds its input form and its context form from these schemas.
+    schemas = await client.assistants.get_schemas(assistants[0]["assistant_id"])
+    assert schemas["input_schema"] is not None, "Studio would show no input form"
+    assert {"request", "session_id"} <= set(schemas["input_schema"]["properties"])
+    assert "max_files" in (schemas.get("context_schema") or {}).get("properties", {})
     thread_id, run_id = await _start_run(
         client, "lgdev-one", {"max_files": 10, "max_tokens": MAX_TOKENS}
     )

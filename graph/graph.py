@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from typing import Any, Literal
 
+from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
@@ -25,11 +26,19 @@ from nodes.workspace import check_session_id
 from routing.fanout import FanoutPolicy
 from serving.clock import is_virtual
 
+
 # Transient failures (HTTP errors after the client's own retries, a restarted server) are
 # retried by LangGraph; bad model output is handled inside the nodes and never retried here.
-LLM_RETRY = RetryPolicy(
-    max_attempts=3, retry_on=lambda exc: not isinstance(exc, OutputError | UnsafePathError)
-)
+def _transient(exc: Exception) -> bool:
+    """Worth another attempt: not bad output, not a request the server refused as invalid."""
+    if isinstance(exc, OutputError | UnsafePathError | ModelInvalidRequestError):
+        return False
+    status = getattr(exc, "status_code", None)
+    # 4xx other than timeout/conflict/rate limit will fail the same way again.
+    return not (isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429))
+
+
+LLM_RETRY = RetryPolicy(max_attempts=3, retry_on=_transient)
 
 
 def _now() -> float:
@@ -117,9 +126,9 @@ def build_graph(
                 review_out, usage, role = await run_review(
                     get_models(), str(state["session_id"]), dict(state), to_review, ctx
                 )
-            except OutputError as exc:
+            except (OutputError, ModelInvalidRequestError) as exc:
                 return {
-                    "error": str(exc),
+                    "error": f"review: {exc}",
                     "pending": [],
                     "timings_s": {"review": _now() - started},
                 }

@@ -235,12 +235,15 @@ def format_table(
                 slot[k] = slot.get(k, 0) + v
     lines.append("")
     lines.append(f"{'endpoint':<12} {'calls':>7} {'prompt tok':>11} {'output tok':>11}")
-    for role in sorted(totals):
+    for role in sorted(r for r in totals if r != "review_role"):
         c = totals[role]
         lines.append(
             f"{role:<12} {int(c.get('calls', 0)):>7} {int(c.get('prompt_tokens', 0)):>11} "
             f"{int(c.get('completion_tokens', 0)):>11}"
         )
+    if totals.get("review_role"):
+        reviews = ", ".join(f"{r} {int(n)}" for r, n in sorted(totals["review_role"].items()))
+        lines.append(f"review rounds by role: {reviews}")
     if endpoint_stats:
         lines.append("")
         lines.append("router: " + ", ".join(f"{k}: {v}" for k, v in endpoint_stats.items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 
 from nodes.context import RunContext
@@ -68,10 +69,21 @@ async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) ->
     messages = coder_messages(task)
     content = ""
     attempts = 0
+    refused = ""
     for attempts in range(1, ctx.max_output_retries + 2):  # noqa: B007
-        text, _ = await complete_text(
-            models.for_role("coder"), messages, info, usage, max_tokens=ctx.max_tokens.get("code")
-        )
+        try:
+            text, _ = await complete_text(
+                models.for_role("coder"),
+                messages,
+                info,
+                usage,
+                max_tokens=ctx.max_tokens.get("code"),
+            )
+        except ModelInvalidRequestError as exc:
+            # The server refused this request (e.g. longer than its context): it would
+            # refuse it again, so the file fails and the other files go on.
+            refused = f"the coder server refused the request: {exc}"
+            break
         content = strip_code_fence(text) if text.strip() else ""
         if content.strip():
             break
@@ -80,5 +92,6 @@ async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) ->
     if content.strip():
         result.update(content=content, status="written")
     else:
-        result.update(content="", status="failed", error=f"empty code after {attempts} attempts")
+        error = refused or f"empty code after {attempts} attempts"
+        result.update(content="", status="failed", error=error)
     return {"files": {path: result}, "usage": {"coder": usage.as_dict()}}

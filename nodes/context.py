@@ -20,6 +20,9 @@ class RunContext:
     max_files: int = 40
     max_output_retries: int = 2
     workspace: str = "./out"
+    # Most prompt characters per review call; files are split over several calls beyond it
+    # (and it is lowered to fit the reviewer's context window when the server reports one).
+    review_batch_chars: int = 60_000
     # Output token caps per stage (None: the server's default). The benchmark sets them.
     max_tokens: dict[str, int] = field(default_factory=dict)
 
@@ -54,6 +57,7 @@ class RunContext:
             ("max_review_rounds", 0),
             ("max_files", 1),
             ("max_output_retries", 0),
+            ("review_batch_chars", 1000),
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import httpx
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
@@ -155,6 +156,7 @@ class RoutedModels:
     timeout_s: float = 600.0
     http_retries: int = 2
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
+    _windows: dict[str, int | None] = field(default_factory=dict)
 
     def choose_role(self, candidates: Sequence[Role], expected_output_tokens: int) -> Role:
         """The candidate whose call would finish first by the router's estimate.
@@ -172,6 +174,26 @@ class RoutedModels:
             return candidates[0]
         # min() keeps the first of equal keys: ties go to the preferred role.
         return min(zip(finish_s, candidates, strict=True), key=lambda fr: float(fr[0]))[1]
+
+    async def context_tokens(self, role: Role) -> int | None:
+        """The server's context window for `role` (vLLM's `max_model_len` on /v1/models).
+
+        Read once per role; None when the server does not say.
+        """
+        if role not in self._windows:
+            window: int | None = None
+            try:
+                response = await self.router.client(role).get(
+                    f"{self.router.base_url(role)}/models",
+                    headers={"Authorization": f"Bearer {self.api_key}"},
+                )
+                for card in response.json().get("data", []):
+                    if card.get("id") == self.router.model(role) and card.get("max_model_len"):
+                        window = int(card["max_model_len"])
+            except (httpx.HTTPError, ValueError, AttributeError):
+                window = None
+            self._windows[role] = window
+        return self._windows[role]
 
     def for_role(self, role: Role) -> BaseChatModel:
         """The chat model serving `role` (built once)."""

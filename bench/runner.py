@@ -172,6 +172,7 @@ async def _run_sessions(
     policy: Policy,
     context: RunContext,
     progress: Callable[[str], None] | None,
+    metrics: TandemMetrics | None = None,
 ) -> tuple[list[SessionResult], list[float], float]:
     fanout = FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap)
     arrivals = workload.arrivals_s()
@@ -188,6 +189,8 @@ async def _run_sessions(
             context=context,
             fanout=fanout,
             progress=progress,
+            on_code_done=metrics.session_progress if metrics else None,
+            on_stage=metrics.stage_latency if metrics else None,
         )
 
     if policy.concurrent_sessions:
@@ -205,6 +208,7 @@ async def run_policy_emulated(
     seed: int = 0,
     real_clock: bool = False,
     progress: Callable[[str], None] | None = None,
+    metrics: TandemMetrics | None = None,
 ) -> PolicyRun:
     """One policy against fresh emulators (in-process, or over loopback HTTP on a real clock)."""
     from serving.emulator.app import create_app
@@ -231,7 +235,7 @@ async def run_policy_emulated(
                 )
             ]
     try:
-        run = await _run_with_router(workload, policy, endpoints, progress)
+        run = await _run_with_router(workload, policy, endpoints, progress, metrics)
     finally:
         for server in servers:
             server.should_exit = True
@@ -272,8 +276,11 @@ async def _run_with_router(
     policy: Policy,
     endpoints: dict[Role, list[Replica]],
     progress: Callable[[str], None] | None,
+    metrics: TandemMetrics | None = None,
 ) -> PolicyRun:
-    router = Router(endpoints, limit=policy.limit, order=policy.order, metrics=TandemMetrics())
+    # One exporter may serve every policy of a bench run in turn (`--metrics-port`).
+    metrics = metrics or TandemMetrics(gpu=False)
+    router = Router(endpoints, limit=policy.limit, order=policy.order, metrics=metrics)
     models = RoutedModels(router=router)
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as workspace:
         context = RunContext(
@@ -290,7 +297,9 @@ async def _run_with_router(
             name=f"tandem-bench-{policy.name}",
         )
         async with router:
-            sessions, arrivals, t0 = await _run_sessions(graph, workload, policy, context, progress)
+            sessions, arrivals, t0 = await _run_sessions(
+                graph, workload, policy, context, progress, metrics
+            )
             stats = router.stats()
     t_end = max(s.finished_at for s in sessions)
     return PolicyRun(
@@ -327,6 +336,7 @@ async def run_policy_env(
     profiles: dict[str, str] | None = None,
     sample_interval_s: float = 0.25,
     progress: Callable[[str], None] | None = None,
+    metrics: TandemMetrics | None = None,
 ) -> PolicyRun:
     """One policy against real servers: busy time and tokens come from their `/metrics`.
 
@@ -338,7 +348,7 @@ async def run_policy_env(
     sampler = MetricsSampler(endpoints, interval_s=sample_interval_s)
     await sampler.start()
     try:
-        run = await _run_with_router(workload, policy, endpoints, progress)
+        run = await _run_with_router(workload, policy, endpoints, progress, metrics)
     finally:
         await sampler.stop()
     for role in ROLES:

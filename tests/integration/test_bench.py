@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 
 from bench.cli import main as bench_main
@@ -44,10 +46,18 @@ def test_virtual_bench_is_deterministic_and_complete(tmp_path: Path) -> None:
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_real_clock_smoke_over_loopback_http(tmp_path: Path) -> None:
     path = tmp_path / "real.json"
+    port = _free_port()
     code = bench_main(
         [
+            "--metrics-port", str(port),
             "--workload", "adhoc", "--sessions", "1", "--tasks", "2", "--quiet",
             "--policies", "fixed-4", "--clock", "real",
             "--reasoning-profile", "cpu-tiny-reasoning", "--coder-profile", "cpu-tiny",
@@ -58,3 +68,10 @@ def test_real_clock_smoke_over_loopback_http(tmp_path: Path) -> None:
     result = json.loads(path.read_text())["results"][0]
     assert result["sessions_ok"] == 1
     assert result["makespan_s"] > 0 and result["tokens_per_s"]["coder"] > 0
+    # The benchmark served the router's series while it ran (the exporter stays up after).
+    page = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    admitted = [
+        line for line in page.splitlines()
+        if line.startswith("tandem_") and "admitted" in line and 'role="coder"' in line
+    ]  # fmt: skip
+    assert admitted and float(admitted[0].rsplit(" ", 1)[1]) >= 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from bench.policies import SWEEP, get_policy
 from bench.report import format_table, plot_gantt
 from bench.runner import PolicyRun, run_policy_emulated, run_policy_env
 from bench.workloads import WORKLOADS, Workload, get_workload
+from routing.calls import Role
 
 DEFAULT_PROFILES = {"reasoning": "h100-reasoning-32b", "coder": "h100-coder-8b"}
 
@@ -77,14 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stage not in caps or not value.isdigit():
                     raise ValueError(f"--max-tokens: bad item {part!r}")
                 caps[stage] = int(value)
-            workload = Workload(
-                workload.name,
-                workload.sessions,
-                workload.tasks,
-                workload.arrival_spread_s,
-                workload.seed,
-                caps,
-            )
+            workload = dataclasses.replace(workload, max_tokens=caps)
     except ValueError as exc:
         print(f"tandem bench: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    profiles = {"reasoning": args.reasoning_profile, "coder": args.coder_profile}
+    profiles: dict[Role, str] = {"reasoning": args.reasoning_profile, "coder": args.coder_profile}
     from serving.clock import run
 
     report, runs = run(_bench(workload, policies, args, profiles), virtual=args.clock == "virtual")
@@ -116,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _bench(
-    workload: Workload, policies: list[Any], args: argparse.Namespace, profiles: dict[str, str]
+    workload: Workload, policies: list[Any], args: argparse.Namespace, profiles: dict[Role, str]
 ) -> tuple[dict[str, Any], list[PolicyRun]]:
     runs: list[PolicyRun] = []
     say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from routing.fanout import FanoutPolicy
+
 # The user's upper bound on a run's fan-out where the router decides (TANDEM_MAX_PARALLEL_AGENTS).
 ROUTED_FANOUT_CAP = 256
 
@@ -33,6 +35,46 @@ class Policy:
     order: str
     description: str
 
+    def fanout(self) -> FanoutPolicy:
+        """The per-session fan-out cap this policy gives each run."""
+        return FanoutPolicy(kind=self.fanout_kind, max_parallel=self.fanout_cap)
+
+
+def _routed(name: str, review_on: str, limit: str, order: str, description: str) -> Policy:
+    """A policy where the router decides: sessions concurrent, fan-out up to the user's bound."""
+    return Policy(name, "seed", ROUTED_FANOUT_CAP, review_on, True, limit, order, description)
+
+
+# The user's system as the seed describes it, unchanged.
+_SEED: dict[str, Policy] = {
+    "seed-current": Policy(
+        "seed-current", "fixed", 10, "coder", False, "unlimited", "fifo",
+        "the seed's manager today: 10 coders per session, review on the coder GPU, "
+        "sessions one after another",
+    ),
+    "seed-phase1": Policy(
+        "seed-phase1", "fixed", 25, "coder", False, "unlimited", "fifo",
+        "seed phase 1: 25 coders per session, sessions one after another",
+    ),
+    "seed-phase3": Policy(
+        "seed-phase3", "seed", 25, "reasoning", True, "fixed-25", "fifo",
+        "seed phase 3: calculate_optimal_parallel, review on GPU 0, sessions "
+        "concurrent behind per-GPU FIFO queues of 25",
+    ),
+}  # fmt: skip
+
+_ADAPTIVE: dict[str, tuple[str, str, str]] = {
+    "adaptive": (
+        "auto", "las",
+        "router admission sized from latency and server metrics, LAS order, "
+        "review placed per call by the router (auto)",
+    ),
+    "adaptive-reasoning": (
+        "reasoning", "las", "adaptive limit, LAS order, review on the reasoning model",
+    ),
+    "adaptive-fifo": ("auto", "fifo", "adaptive limit with FIFO order, review auto"),
+}  # fmt: skip
+
 
 def get_policy(name: str) -> Policy:
     """Parse a policy name.
@@ -41,88 +83,18 @@ def get_policy(name: str) -> Policy:
     on reasoning), fixed-N+coder, fixed-N+auto; adaptive (review auto), adaptive-reasoning,
     adaptive-fifo (review auto).
     """
-    if name == "seed-current":
-        return Policy(
-            name,
-            "fixed",
-            10,
-            "coder",
-            False,
-            "unlimited",
-            "fifo",
-            "the seed's manager today: 10 coders per session, review on the coder GPU, "
-            "sessions one after another",
-        )
-    if name == "seed-phase1":
-        return Policy(
-            name,
-            "fixed",
-            25,
-            "coder",
-            False,
-            "unlimited",
-            "fifo",
-            "seed phase 1: 25 coders per session, sessions one after another",
-        )
-    if name == "seed-phase3":
-        return Policy(
-            name,
-            "seed",
-            25,
-            "reasoning",
-            True,
-            "fixed-25",
-            "fifo",
-            "seed phase 3: calculate_optimal_parallel, review on GPU 0, sessions "
-            "concurrent behind per-GPU FIFO queues of 25",
-        )
+    if name in _SEED:
+        return _SEED[name]
+    if name in _ADAPTIVE:
+        review_on, order, description = _ADAPTIVE[name]
+        return _routed(name, review_on, "adaptive", order, description)
     match = re.fullmatch(r"fixed-([1-9][0-9]*)(?:\+(reasoning|coder|auto))?", name)
     if match:
-        review_on = match.group(2) or "reasoning"
-        return Policy(
-            name,
-            "seed",
-            ROUTED_FANOUT_CAP,
-            review_on,
-            True,
-            f"fixed-{match.group(1)}",
-            "las",
-            f"router admission fixed at {match.group(1)} per GPU, LAS order, review on {review_on}",
-        )
-    if name == "adaptive":
-        return Policy(
-            name,
-            "seed",
-            ROUTED_FANOUT_CAP,
-            "auto",
-            True,
-            "adaptive",
-            "las",
-            "router admission sized from latency and server metrics, LAS order, "
-            "review placed per call by the router (auto)",
-        )
-    if name == "adaptive-reasoning":
-        return Policy(
-            name,
-            "seed",
-            ROUTED_FANOUT_CAP,
-            "reasoning",
-            True,
-            "adaptive",
-            "las",
-            "adaptive limit, LAS order, review on the reasoning model",
-        )
-    if name == "adaptive-fifo":
-        return Policy(
-            name,
-            "seed",
-            ROUTED_FANOUT_CAP,
-            "auto",
-            True,
-            "adaptive",
-            "fifo",
-            "adaptive limit with FIFO order, review auto",
-        )
+        n, review_on = match.group(1), match.group(2) or "reasoning"
+        return _routed(
+            name, review_on, f"fixed-{n}", "las",
+            f"router admission fixed at {n} per GPU, LAS order, review on {review_on}",
+        )  # fmt: skip
     raise ValueError(
         f"unknown policy {name!r}: seed-current, seed-phase1, seed-phase3, fixed-N, "
         "fixed-N+coder, fixed-N+auto, adaptive, adaptive-reasoning, adaptive-fifo"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bench.runner import PolicyRun, RequestSpan
+from bench.runner import PolicyRun
 from bench.sampler import merge_intervals
 
 LANES = (("reasoning", "GPU 0 · reasoning"), ("coder", "GPU 1 · coder"))
@@ -100,5 +100,3 @@ def plot_gantt(runs: Sequence[PolicyRun], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-__all__ = ["RequestSpan", "format_table", "plot_gantt"]

@@ -10,26 +10,25 @@ from __future__ import annotations
 import asyncio
 import statistics
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.policies import Policy
 from bench.workloads import Workload
 from graph.graph import build_graph
+from graph.runtime import GPU_OF, emulator_apps, in_process_endpoints
 from graph.sessions import SessionResult, run_session
 from nodes.context import RunContext
 from nodes.llm import RoutedModels
 from routing.calls import Role
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
-from routing.fanout import FanoutPolicy
 from routing.router import Router
 from serving.clock import now
 from serving.emulator.profiles import Profile, get_profile, saturated_time_s, solo_latency_s
 
-ROLES: tuple[Role, ...] = ("reasoning", "coder")
-GPU_OF: dict[str, str] = {"reasoning": "gpu0", "coder": "gpu1"}
+ROLES: tuple[Role, ...] = tuple(GPU_OF)
 
 
 @dataclass
@@ -174,7 +173,7 @@ async def _run_sessions(
     progress: Callable[[str], None] | None,
     metrics: TandemMetrics | None = None,
 ) -> tuple[list[SessionResult], list[float], float]:
-    fanout = FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap)
+    fanout = policy.fanout()
     arrivals = workload.arrivals_s()
     t0 = now()
 
@@ -204,36 +203,24 @@ async def run_policy_emulated(
     workload: Workload,
     policy: Policy,
     *,
-    profiles: dict[str, str],
+    profiles: Mapping[Role, str],
     seed: int = 0,
     real_clock: bool = False,
     progress: Callable[[str], None] | None = None,
     metrics: TandemMetrics | None = None,
 ) -> PolicyRun:
     """One policy against fresh emulators (in-process, or over loopback HTTP on a real clock)."""
-    from serving.emulator.app import create_app
-    from serving.emulator.transport import InProcessTransport
-
-    apps = {
-        role: create_app(profiles[role], seed=seed, served_model_name=f"tandem-{role}")
-        for role in ROLES
-    }
+    models: dict[Role, str] = {role: f"tandem-{role}" for role in ROLES}
+    apps = emulator_apps(profiles, models, seed)
     servers: list[Any] = []
-    endpoints: dict[Role, list[Replica]] = {}
-    for role in ROLES:
-        if real_clock:
+    if real_clock:
+        endpoints: dict[Role, list[Replica]] = {}
+        for role in ROLES:
             url, server = await _serve_loopback(apps[role])
             servers.append(server)
-            endpoints[role] = [Replica(url=url, model=f"tandem-{role}", gpu=GPU_OF[role])]
-        else:
-            endpoints[role] = [
-                Replica(
-                    url=f"http://emulator-{role}.tandem.internal/v1",
-                    model=f"tandem-{role}",
-                    gpu=GPU_OF[role],
-                    transport=InProcessTransport(apps[role]),
-                )
-            ]
+            endpoints[role] = [Replica(url=url, model=models[role], gpu=GPU_OF[role])]
+    else:
+        endpoints = in_process_endpoints(apps, models)
     try:
         run = await _run_with_router(workload, policy, endpoints, progress, metrics)
     finally:
@@ -293,7 +280,7 @@ async def _run_with_router(
         graph = build_graph(
             models,
             defaults=context,
-            fanout=FanoutPolicy(kind=policy.fanout_kind, max_parallel=policy.fanout_cap),
+            fanout=policy.fanout(),
             name=f"tandem-bench-{policy.name}",
         )
         async with router:
@@ -333,7 +320,6 @@ async def run_policy_env(
     policy: Policy,
     endpoints: dict[Role, list[Replica]],
     *,
-    profiles: dict[str, str] | None = None,
     sample_interval_s: float = 0.25,
     progress: Callable[[str], None] | None = None,
     metrics: TandemMetrics | None = None,

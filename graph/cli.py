@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graph.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from langchain_core.runnables import RunnableConfig
 
 DEMO_REQUEST = (
     "Build a small Python package `textstats` that reads a text file and reports word "
@@ -88,13 +92,19 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return run(_run_async(args, settings, request, virtual), virtual=virtual)
 
 
-async def _open_checkpointer(settings: Settings, enabled: bool) -> Any:
+@contextlib.asynccontextmanager
+async def _checkpointer(settings: Settings, enabled: bool) -> AsyncIterator[Any]:
+    """The SQLite checkpointer in the workspace (None when disabled)."""
     if not enabled:
-        return None
+        yield None
+        return
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
     settings.workspace.mkdir(parents=True, exist_ok=True)
-    return AsyncSqliteSaver.from_conn_string(str(settings.workspace / "checkpoints.db"))
+    async with AsyncSqliteSaver.from_conn_string(
+        str(settings.workspace / "checkpoints.db")
+    ) as saver:
+        yield saver
 
 
 async def _run_async(
@@ -126,22 +136,16 @@ async def _run_async(
 
     def on_code(sid: str, done: int, total: int) -> None:
         runtime.metrics.session_progress(sid, done, total)
-        coder = runtime.router.stats()
         runtime.metrics.parallel_tasks(
-            sum(int(v["in_flight"]) for v in coder.values() if v.get("role") == "coder")
+            sum(lane.admission.in_flight for lane in runtime.router.lanes("coder"))
         )
         if progress and (done == total or done % 5 == 0):
             progress(f"[{sid}] code: {done}/{total} files")
 
-    saver_cm = await _open_checkpointer(settings, not args.no_checkpoint)
     try:
-        if saver_cm is not None:
-            saver = await saver_cm.__aenter__()
-        else:
-            saver = None
-        graph = build_graph(runtime.models, defaults=context, checkpointer=saver, fanout=fanout)
-        requests = [(new_session_id(), request) for _ in range(args.sessions)]
-        async with runtime.router:
+        async with _checkpointer(settings, not args.no_checkpoint) as saver, runtime.router:
+            graph = build_graph(runtime.models, defaults=context, checkpointer=saver, fanout=fanout)
+            requests = [(new_session_id(), request) for _ in range(args.sessions)]
             results = await run_many(
                 graph,
                 requests,
@@ -153,8 +157,6 @@ async def _run_async(
             )
             stats = runtime.router.stats()
     finally:
-        if saver_cm is not None:
-            await saver_cm.__aexit__(None, None, None)
         await runtime.aclose()
     print()
     print(format_table(results))
@@ -185,34 +187,32 @@ async def _resume_async(session_id: str, settings: Settings) -> int:
     runtime = build_runtime(settings)
     context = settings.run_context()
     fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
-    saver_cm = await _open_checkpointer(settings, True)
     try:
-        saver = await saver_cm.__aenter__()
-        graph = build_graph(runtime.models, defaults=context, checkpointer=saver, fanout=fanout)
-        config = {"configurable": {"thread_id": session_id}}
-        snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
-        if not snapshot.values:
-            print(f"tandem resume: no session {session_id} in {db}", file=sys.stderr)
-            return 2
-        if not snapshot.next:
-            print(
-                f"tandem resume: session {session_id} already finished "
-                f"({snapshot.values.get('status')})"
-            )
-            return 0
-        print(f"tandem: resuming {session_id} at {', '.join(snapshot.next)}")
-        async with runtime.router:
-            result = await run_session(
-                graph,
-                None,
-                session_id,
-                context=context,
-                fanout=fanout,
-                progress=lambda line: print(line, flush=True),
-                resume=True,
-            )
+        async with _checkpointer(settings, True) as saver:
+            graph = build_graph(runtime.models, defaults=context, checkpointer=saver, fanout=fanout)
+            config: RunnableConfig = {"configurable": {"thread_id": session_id}}
+            snapshot = await graph.aget_state(config)
+            if not snapshot.values:
+                print(f"tandem resume: no session {session_id} in {db}", file=sys.stderr)
+                return 2
+            if not snapshot.next:
+                print(
+                    f"tandem resume: session {session_id} already finished "
+                    f"({snapshot.values.get('status')})"
+                )
+                return 0
+            print(f"tandem: resuming {session_id} at {', '.join(snapshot.next)}")
+            async with runtime.router:
+                result = await run_session(
+                    graph,
+                    None,
+                    session_id,
+                    context=context,
+                    fanout=fanout,
+                    progress=lambda line: print(line, flush=True),
+                    resume=True,
+                )
     finally:
-        await saver_cm.__aexit__(None, None, None)
         await runtime.aclose()
     print(format_table([result]))
     return 0 if result.status in ("ok", "partial") else 1

@@ -24,7 +24,7 @@ from nodes.plan import run_plan
 from nodes.review import run_review
 from nodes.workspace import check_session_id
 from routing.fanout import FanoutPolicy
-from serving.clock import is_virtual
+from serving.clock import now
 
 
 # Transient failures (HTTP errors after the client's own retries, a restarted server) are
@@ -39,10 +39,6 @@ def _transient(exc: Exception) -> bool:
 
 
 LLM_RETRY = RetryPolicy(max_attempts=3, retry_on=_transient)
-
-
-def _now() -> float:
-    return asyncio.get_running_loop().time()
 
 
 def _session_id(state: dict[str, Any], config: RunnableConfig) -> str:
@@ -87,21 +83,21 @@ def build_graph(
     async def plan(
         state: SessionState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        started = _now()
+        started = now()
         session_id = _session_id(dict(state), config)
         if not (state.get("request") or "").strip():
             return {"session_id": session_id, "status": "failed", "error": "empty request"}
         update = await run_plan(get_models(), session_id, state["request"], ctx_of(runtime))
         update["session_id"] = session_id
         update.setdefault("status", "running")
-        update["timings_s"] = {"plan": _now() - started}
-        update["round_started_at"] = _now()
+        update["timings_s"] = {"plan": now() - started}
+        update["round_started_at"] = now()
         return update
 
     async def code(task: CodeTask, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        started = _now()
+        started = now()
         update = await run_code(get_models(), dict(task), ctx_of(runtime))
-        update["timings_s"] = {"code_agents": _now() - started}
+        update["timings_s"] = {"code_agents": now() - started}
         return update
 
     async def check(state: SessionState) -> dict[str, Any]:
@@ -109,11 +105,11 @@ def build_graph(
         checks = dict(state.get("checks", {}))
         for path in state.get("pending", []):
             checks[path] = check_file(path, files.get(path, {}).get("content", ""))
-        code_wall = _now() - float(state.get("round_started_at", _now()))
+        code_wall = now() - float(state.get("round_started_at", now()))
         return {"checks": checks, "timings_s": {"code": code_wall}}
 
     async def review(state: SessionState, runtime: Runtime[RunContext]) -> dict[str, Any]:
-        started = _now()
+        started = now()
         ctx = ctx_of(runtime)
         files = state.get("files", {})
         checks = state.get("checks", {})
@@ -130,7 +126,7 @@ def build_graph(
                 return {
                     "error": f"review: {exc}",
                     "pending": [],
-                    "timings_s": {"review": _now() - started},
+                    "timings_s": {"review": now() - started},
                 }
             # Usage per role, plus which role reviewed (review_on may be "auto").
             update["usage"] = {role: usage, "review_role": {role: 1}}
@@ -155,25 +151,22 @@ def build_graph(
         needs_fix = [p for p in pending if verdicts.get(p, {}).get("verdict") == "needs-fix"]
         rounds_done = int(state.get("round", 0))
         if needs_fix and rounds_done < ctx.max_review_rounds:
-            update.update(pending=needs_fix, round=rounds_done + 1, round_started_at=_now())
+            update.update(pending=needs_fix, round=rounds_done + 1, round_started_at=now())
         else:
             update["pending"] = []
         update["verdicts"] = verdicts
-        update["timings_s"] = {"review": _now() - started}
+        update["timings_s"] = {"review": now() - started}
         return update
 
     async def finalize(
         state: SessionState, config: RunnableConfig, runtime: Runtime[RunContext]
     ) -> dict[str, Any]:
-        started = _now()
+        started = now()
         session_id = _session_id(dict(state), config)
-        # Blocking file I/O off the event loop (langgraph dev refuses blocking calls in it),
-        # except on a virtual clock, where waiting on a thread would let time jump.
-        if is_virtual():
-            out = run_finalize(dict(state), session_id, ctx_of(runtime))
-        else:
-            out = await asyncio.to_thread(run_finalize, dict(state), session_id, ctx_of(runtime))
-        out["timings_s"] = {"finalize": _now() - started}
+        # Blocking file I/O off the event loop (langgraph dev refuses blocking calls in it);
+        # on a virtual clock `serving.clock.run` makes the default executor run it inline.
+        out = await asyncio.to_thread(run_finalize, dict(state), session_id, ctx_of(runtime))
+        out["timings_s"] = {"finalize": now() - started}
         return out
 
     def fan_out(state: SessionState) -> list[Send] | Literal["finalize"]:

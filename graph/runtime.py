@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ class Runtime:
     router: Router
     models: RoutedModels
     metrics: TandemMetrics
-    emulators: dict[str, Any] = field(default_factory=dict)
+    emulators: dict[Role, Any] = field(default_factory=dict)
 
     async def aclose(self) -> None:
         """Stop scrapers and emulator engines."""
@@ -32,41 +33,53 @@ class Runtime:
                 await engine.aclose()
 
 
-def emulated_endpoints(
-    settings: Settings,
-    *,
-    reasoning_profile: str | None = None,
-    coder_profile: str | None = None,
-    seed: int | None = None,
-) -> tuple[dict[Role, list[Replica]], dict[str, Any]]:
-    """One in-process emulator per role, reached through a streaming in-process transport."""
+# Which GPU each role runs on, in the seed's two-card layout (labels only).
+GPU_OF: dict[Role, str] = {"reasoning": "gpu0", "coder": "gpu1"}
+
+
+def emulator_apps(
+    profiles: Mapping[Role, str], models: Mapping[Role, str], seed: int
+) -> dict[Role, Any]:
+    """One emulated vLLM server (an ASGI app with its engine) per role."""
     from serving.emulator.app import create_app
+
+    return {
+        role: create_app(profiles[role], seed=seed, served_model_name=models[role])
+        for role in GPU_OF
+    }
+
+
+def in_process_endpoints(
+    apps: Mapping[Role, Any], models: Mapping[Role, str]
+) -> dict[Role, list[Replica]]:
+    """Endpoints that reach `apps` through a streaming in-process transport (no sockets)."""
     from serving.emulator.transport import InProcessTransport
 
-    profiles = {
-        "reasoning": reasoning_profile or settings.emulator_reasoning_profile,
-        "coder": coder_profile or settings.emulator_coder_profile,
-    }
-    models = {"reasoning": settings.reasoning_model, "coder": settings.coder_model}
-    gpus = {"reasoning": "gpu0", "coder": "gpu1"}
-    endpoints: dict[Role, list[Replica]] = {}
-    apps: dict[str, Any] = {}
-    for role in ("reasoning", "coder"):
-        app = create_app(
-            profiles[role],
-            seed=settings.emulator_seed if seed is None else seed,
-            served_model_name=models[role],
-        )
-        apps[role] = app
-        endpoints[role] = [
+    return {
+        role: [
             Replica(
                 url=f"http://emulator-{role}.tandem.internal/v1",
                 model=models[role],
-                gpu=gpus[role],
+                gpu=GPU_OF[role],
                 transport=InProcessTransport(app),
             )
         ]
-    return endpoints, apps
+        for role, app in apps.items()
+    }
+
+
+def emulated_endpoints(settings: Settings) -> tuple[dict[Role, list[Replica]], dict[Role, Any]]:
+    """The built-in emulator for both roles, from the `TANDEM_EMULATOR_*` settings."""
+    profiles: dict[Role, str] = {
+        "reasoning": settings.emulator_reasoning_profile,
+        "coder": settings.emulator_coder_profile,
+    }
+    models: dict[Role, str] = {
+        "reasoning": settings.reasoning_model,
+        "coder": settings.coder_model,
+    }
+    apps = emulator_apps(profiles, models, settings.emulator_seed)
+    return in_process_endpoints(apps, models), apps
 
 
 def configured_endpoints(settings: Settings) -> dict[Role, list[Replica]]:
@@ -76,9 +89,11 @@ def configured_endpoints(settings: Settings) -> dict[Role, list[Replica]]:
     assert settings.reasoning_url and settings.coder_url
     return {
         "reasoning": [
-            Replica(url=settings.reasoning_url, model=settings.reasoning_model, gpu="gpu0")
+            Replica(
+                url=settings.reasoning_url, model=settings.reasoning_model, gpu=GPU_OF["reasoning"]
+            )
         ],
-        "coder": [Replica(url=settings.coder_url, model=settings.coder_model, gpu="gpu1")],
+        "coder": [Replica(url=settings.coder_url, model=settings.coder_model, gpu=GPU_OF["coder"])],
     }
 
 
@@ -88,10 +103,9 @@ def build_runtime(
     limit: str | None = None,
     order: str | None = None,
     endpoints: dict[Role, list[Replica]] | None = None,
-    emulators: dict[str, Any] | None = None,
 ) -> Runtime:
     """Router + models for `settings` (the emulator when no endpoint is configured)."""
-    apps: dict[str, Any] = dict(emulators or {})
+    apps: dict[Role, Any] = {}
     if endpoints is None:
         if settings.emulated:
             endpoints, apps = emulated_endpoints(settings)

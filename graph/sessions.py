@@ -212,9 +212,7 @@ async def run_many(
     return [await one(sid, req) for sid, req in requests]
 
 
-def format_table(
-    results: Sequence[SessionResult], endpoint_stats: dict[str, Any] | None = None
-) -> str:
+def format_table(results: Sequence[SessionResult]) -> str:
     """The final summary: per session, then per endpoint."""
     lines = [
         f"{'session':<22} {'status':<11} {'ok':>4} {'failed':>6} {'rounds':>6} "
@@ -244,9 +242,6 @@ def format_table(
     if totals.get("review_role"):
         reviews = ", ".join(f"{r} {int(n)}" for r, n in sorted(totals["review_role"].items()))
         lines.append(f"review rounds by role: {reviews}")
-    if endpoint_stats:
-        lines.append("")
-        lines.append("router: " + ", ".join(f"{k}: {v}" for k, v in endpoint_stats.items()))
     return "\n".join(lines)
 
 

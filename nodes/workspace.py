@@ -65,30 +65,27 @@ class SessionDir:
         return final
 
     def write_text(self, relative: str, content: str) -> Path:
-        """Write atomically (temp file + rename in the same directory)."""
+        """Write one generated file atomically."""
         final = self.target(relative)
-        fd, tmp = tempfile.mkstemp(prefix=".tandem-", dir=final.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-                handle.write(content)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic_write(final, content)
         return final
 
     def write_manifest(self, manifest: dict[str, Any]) -> Path:
         """Write `manifest.json` at the session root (atomically)."""
-        fd, tmp = tempfile.mkstemp(prefix=".tandem-", dir=self.root)
         final = self.root / "manifest.json"
         if _is_link(final):
             raise UnsafePathError(f"{final} is a symlink")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(manifest, handle, indent=2, sort_keys=False, default=str)
-                handle.write("\n")
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _atomic_write(final, json.dumps(manifest, indent=2, default=str) + "\n")
         return final
+
+
+def _atomic_write(final: Path, text: str) -> None:
+    """Temp file + rename in the same directory: readers see the old or the new file, whole."""
+    fd, tmp = tempfile.mkstemp(prefix=".tandem-", dir=final.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

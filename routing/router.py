@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from routing.admission import Admission, AdmissionObserver
 from routing.calls import Role
@@ -26,25 +25,6 @@ from routing.transport import Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
 
 STALE_AFTER_INTERVALS = 3
-CACHE_CONFIG_TRIES = 3
-
-
-def kv_capacity_tokens(page: str) -> int | None:
-    """KV capacity from `vllm:cache_config_info` (num_gpu_blocks x block_size), if present."""
-    try:
-        for family in text_string_to_metric_families(page):
-            if family.name != "vllm:cache_config_info":
-                continue
-            total = 0
-            for sample in family.samples:
-                blocks = sample.labels.get("num_gpu_blocks", "")
-                size = sample.labels.get("block_size", "")
-                if blocks.isdigit() and size.isdigit():
-                    total += int(blocks) * int(size)
-            return total or None
-    except ValueError:
-        return None
-    return None
 
 
 def lane_finish_s(lane: Lane, expected_output_tokens: int) -> float | None:
@@ -210,31 +190,18 @@ class Router:
             transport=_Unclosed(lane.transport), timeout=2 * self.scrape_interval_s
         ) as client:
             limit = lane.admission.limit_algorithm
-            capacity_tries = CACHE_CONFIG_TRIES if isinstance(limit, AdaptiveLimit) else 0
             while True:
                 taken_at = loop.time()
                 try:
                     async with asyncio.timeout(2 * self.scrape_interval_s):
                         snapshot = await scrape(client, url, taken_at)
-                        if capacity_tries and snapshot.ok and isinstance(limit, AdaptiveLimit):
-                            # The cache size never changes while a server runs: read it once.
-                            capacity_tries -= 1
-                            capacity = await self._kv_capacity(client, url)
-                            if capacity is not None:
-                                limit.set_kv_capacity(capacity)
-                                capacity_tries = 0
                 except TimeoutError:
                     snapshot = ServerSnapshot.failed(taken_at, "scrape timed out")
+                # The page that gives the load also gives the KV cache size.
+                if snapshot.kv_capacity_tokens is not None and isinstance(limit, AdaptiveLimit):
+                    limit.set_kv_capacity(snapshot.kv_capacity_tokens)
                 lane.admission.on_snapshot(snapshot)
                 await asyncio.sleep(self.scrape_interval_s)
-
-    @staticmethod
-    async def _kv_capacity(client: httpx.AsyncClient, url: str) -> int | None:
-        try:
-            response = await client.get(url)
-        except httpx.HTTPError:
-            return None
-        return kv_capacity_tokens(response.text) if response.status_code == 200 else None
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per replica: role, url, limit, in_flight, queued, admitted, failed, peak_in_flight."""

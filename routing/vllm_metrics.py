@@ -8,10 +8,12 @@ Both naming eras are accepted: V1 (`vllm:kv_cache_usage_perc`,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+_CACHE_CONFIG = "vllm:cache_config_info"
 _RUNNING = "vllm:num_requests_running"
 _WAITING = "vllm:num_requests_waiting"
 _KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
@@ -61,6 +63,7 @@ class ServerSnapshot:
     ttft_sum_s: float = 0.0
     ttft_count: float = 0.0
     error: str | None = None
+    kv_capacity_tokens: int | None = None
 
     @classmethod
     def failed(cls, taken_at: float, error: str) -> ServerSnapshot:
@@ -86,11 +89,14 @@ def parse_metrics(text: str, taken_at: float) -> ServerSnapshot:
         The snapshot; `ok` is False when the page is unparsable or has no vLLM gauges.
     """
     sums: dict[str, float] = {}
+    capacity = 0
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name.startswith("vllm:"):
                     sums[sample.name] = sums.get(sample.name, 0.0) + float(sample.value)
+            if family.name == _CACHE_CONFIG:
+                capacity += _capacity_of(family.samples)
     except ValueError as exc:
         return ServerSnapshot.failed(taken_at, f"unparsable metrics page: {exc}")
     if _RUNNING not in sums and _WAITING not in sums:
@@ -117,7 +123,29 @@ def parse_metrics(text: str, taken_at: float) -> ServerSnapshot:
         itl_count=first(_ITL, "_count") or 0.0,
         ttft_sum_s=sums.get(_TTFT + "_sum", 0.0),
         ttft_count=sums.get(_TTFT + "_count", 0.0),
+        kv_capacity_tokens=capacity or None,
     )
+
+
+def _capacity_of(samples: Any) -> int:
+    total = 0
+    for sample in samples:
+        blocks = sample.labels.get("num_gpu_blocks", "")
+        size = sample.labels.get("block_size", "")
+        if blocks.isdigit() and size.isdigit():
+            total += int(blocks) * int(size)
+    return total
+
+
+def kv_capacity_tokens(page: str) -> int | None:
+    """KV capacity from `vllm:cache_config_info` (num_gpu_blocks x block_size), if present."""
+    try:
+        for family in text_string_to_metric_families(page):
+            if family.name == _CACHE_CONFIG:
+                return _capacity_of(family.samples) or None
+    except ValueError:
+        return None
+    return None
 
 
 async def scrape(client: httpx.AsyncClient, url: str, taken_at: float) -> ServerSnapshot:

@@ -55,12 +55,3 @@ def run(main: Coroutine[Any, Any, T], *, virtual: bool = False) -> T:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
-
-
-def is_virtual() -> bool:
-    """True on a virtual-time loop, where work must not wait on threads (time would jump)."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return isinstance(loop, looptime.LoopTimeEventLoop)

@@ -19,7 +19,8 @@ from routing.calls import SESSION_HEADER, STAGE_HEADER, CallInfo, call_scope
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
 from routing.limits import AdaptiveLimit, FixedLimit, Sample
-from routing.router import Router, kv_capacity_tokens
+from routing.router import Router
+from routing.vllm_metrics import kv_capacity_tokens
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}

@@ -18,10 +18,14 @@ of attention per token already in the cache.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
 
 GB = 1e9
 GiB = 2**30
@@ -215,12 +219,66 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def get_profile(name: str) -> Profile:
-    """The profile called `name`, or a ValueError listing the known ones."""
+PROFILE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Profile))
+
+
+def profile_from_mapping(data: Mapping[str, Any], *, origin: str = "profile") -> Profile:
+    """A Profile from a mapping of its fields (a profile file's contents).
+
+    Raises:
+        ValueError: unknown or missing fields, or values the Profile refuses; the message
+            names `origin` and the field.
+    """
+    unknown = sorted(set(data) - set(PROFILE_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{origin}: unknown profile fields {unknown}; known: {list(PROFILE_FIELDS)}"
+        )
     try:
+        return Profile(**dict(data))
+    except TypeError as exc:
+        raise ValueError(f"{origin}: {exc}") from None
+
+
+def profile_to_mapping(profile: Profile) -> dict[str, Any]:
+    """The fields of `profile`, in declaration order, ready for YAML."""
+    return {name: getattr(profile, name) for name in PROFILE_FIELDS}
+
+
+def load_profile_file(path: str | Path) -> Profile:
+    """Read a profile file (YAML mapping of Profile fields, as `tandem calibrate` writes)."""
+    origin = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read profile file {origin}: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{origin}: a profile file is a YAML mapping of profile fields")
+    return profile_from_mapping(data, origin=origin)
+
+
+def dump_profile_file(profile: Profile, path: str | Path) -> None:
+    """Write `profile` as a YAML profile file that `load_profile_file` reads back."""
+    text = yaml.safe_dump(profile_to_mapping(profile), sort_keys=False, width=100)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def get_profile(name: str) -> Profile:
+    """The built-in profile called `name`, or the profile file at path `name`.
+
+    A name ending in .yaml/.yml, or naming an existing file, is read as a profile file.
+
+    Raises:
+        ValueError: neither a known name nor a readable profile file (the message lists the
+            known names).
+    """
+    if name in PROFILES:
         return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown emulator profile {name!r}; known: {sorted(PROFILES)}") from None
+    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        return load_profile_file(name)
+    raise ValueError(
+        f"unknown emulator profile {name!r}; known: {sorted(PROFILES)} or a profile file (.yaml)"
+    )
 
 
 def solo_latency_s(profile: Profile, prompt_tokens: int, output_tokens: int) -> float:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from serving.emulator.profiles import PROFILES
+from serving.emulator.profiles import PROFILES, Profile, get_profile
+
+
+def profile_arg(name: str) -> Profile:
+    """argparse type: any name `get_profile` accepts, a built-in or a profile file."""
+    try:
+        return get_profile(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="tandem emulate",
         description="Serve an emulated vLLM (OpenAI API, /metrics) with H100 or CPU timing.",
     )
-    parser.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    parser.add_argument(
+        "--profile",
+        required=True,
+        type=profile_arg,
+        help=f"a built-in profile ({', '.join(sorted(PROFILES))}) or a profile file (.yaml)",
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--seed", type=int, default=0)

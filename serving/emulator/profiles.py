@@ -2,7 +2,9 @@
 
 A profile is what the emulator needs to behave like one vLLM server on one device: the
 step-time model of the continuous-batching loop, the scheduler limits, the KV cache size,
-and the output-length model. Each profile's `source` says where its numbers come from.
+and the output-length model. Each profile's `source` says where its numbers come from; the
+H100 profiles' data points are in serving/emulator/calibration/ (one YAML file per profile),
+and `python -m serving.emulator.calibration` compares them with what the engine does.
 
 Step-time model (one engine step = one forward pass over the scheduled batch)::
 
@@ -29,6 +31,7 @@ import yaml
 
 GB = 1e9
 GiB = 2**30
+MiB = 2**20
 
 
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -85,80 +88,211 @@ class Profile:
         )
 
 
+# -- H100 profiles ---------------------------------------------------------------------------
+# Every number below is checked against serving/emulator/calibration/<profile>.yaml by
+# tests/unit/test_emulator_calibration.py: the points, the HBM floor, the prefill share of
+# peak and the KV arithmetic.
+
+# Cards: total memory as nvidia-smi reports it, HBM bandwidth, dense BF16 peak.
+_SXM_MEMORY_MIB = 81_559  # H100 SXM 80GB: 3.35 TB/s, ~989 TFLOP/s
+_NVL_MEMORY_MIB = 95_830  # H100 NVL 94GB: 3.9 TB/s, ~835 TFLOP/s
+# SXM -> NVL: memory-bound terms (weight and KV reads) scale with bandwidth, compute-bound
+# terms (prefill and per-sequence decode FLOPs) with dense BF16 peak.
+_SXM_TO_NVL_BANDWIDTH = 3.35 / 3.9
+_SXM_TO_NVL_FLOPS = 989 / 835
+
 # Qwen3-8B: 36 layers, 8 KV heads, head_dim 128, BF16 -> 147,456 bytes per token.
 _CODER_8B_KV_BYTES = kv_bytes_per_token(36, 8, 128)
-# H100 NVL 96 GB at --gpu-memory-utilization 0.95, minus ~16.4 GB of BF16 weights and ~4 GB
-# of activations / CUDA graphs: ~70.8 GB of KV, ~480k tokens.
-_CODER_8B_KV_TOKENS = kv_tokens_from_memory(96 * GB * 0.95 - 16.4 * GB - 4 * GB, _CODER_8B_KV_BYTES)
+_CODER_8B_WEIGHT_BYTES = 16.38 * GB  # 8.19e9 parameters x 2 B
+# Activations, CUDA graphs and non-torch memory, measured: the published SXM run logged
+# 377,024 KV tokens at 0.9 = 0.9 x 81,559 MiB - 16.38 GB - 377,024 x 147,456 B -> 4.65 GiB.
+_CODER_8B_RESERVE_BYTES = 4.65 * GiB
+_CODER_UTILIZATION = 0.95  # serving/profiles/h100-pair.yaml's coder
 
-# DeepSeek-R1-Distill-Qwen-32B: 64 layers, 8 KV heads, head_dim 128, BF16 -> 262,144 B/token.
+# DeepSeek-R1-Distill-Qwen-32B (Qwen2.5-32B): 64 layers, 8 KV heads, 128 -> 262,144 B/token.
 _REASONING_32B_KV_BYTES = kv_bytes_per_token(64, 8, 128)
-# H100 NVL 96 GB at 0.9, minus ~64 GB of weights and ~4 GB of activations: ~18.4 GB, ~70k tokens.
-_REASONING_32B_KV_TOKENS = kv_tokens_from_memory(
-    96 * GB * 0.9 - 64 * GB - 4 * GB, _REASONING_32B_KV_BYTES
+_REASONING_32B_WEIGHT_BYTES = 65.52 * GB  # 32.76e9 parameters x 2 B
+# The 8B's measured 4.65 GiB plus the wider MLP (27,648 vs 12,288) of an 8,192-token profiling
+# step and CUDA graphs over 64 layers instead of 36: an estimate.
+_REASONING_32B_RESERVE_BYTES = 5.5 * GiB
+_REASONING_UTILIZATION = 0.9  # serving/profiles/h100-pair.yaml's reasoning server
+# 32B vs 8B: weight bytes and FLOPs per token 4x (32.76e9 / 8.19e9 parameters), KV bytes x1.78.
+_PARAMS_32B_OVER_8B = 32.76 / 8.19
+_KV_32B_OVER_8B = _REASONING_32B_KV_BYTES / _CODER_8B_KV_BYTES
+
+
+def _kv_tokens(
+    card_mib: int, utilization: float, weight_bytes: float, reserve: float, kv: int
+) -> int:
+    """vLLM's KV budget: utilization x card memory, minus weights and the reserve."""
+    return kv_tokens_from_memory(card_mib * MiB * utilization - weight_bytes - reserve, kv)
+
+
+# Fitted to the published Qwen3-8B BF16 points on one H100 SXM (vLLM 0.30.0, silybench):
+# base_s 6.81 ms from batch-1 ITL 6.86 ms at 640 tokens of context (the weight read is 4.89 ms
+# at 3.35 TB/s, so 72% of peak bandwidth); context_token_s 45.7 ns and decode_seq_s 14.4 us
+# from the slope of step time over batch at two context lengths (128/1024 and 2048/2048
+# closed loops, c=1..256); 45.7 ns is the raw KV read of a token (147,456 B / 3.35 TB/s = 44 ns).
+# prefill_token_s 28 us: 2 x 8.19e9 FLOPs at 59% of 989 TFLOP/s; the 8,192-token TTFT (254 ms
+# at c=1) implies 30 us including attention, the 1,024-token one 22 us.
+
+_CODER_SOURCE = (
+    "Qwen3-8B, BF16, vLLM V1 defaults (max_num_seqs 1024, max_num_batched_tokens 8192 on "
+    "H100), --gpu-memory-utilization 0.95. Calibration points and provenance: "
+    "serving/emulator/calibration/{name}.yaml. Step terms fitted to the published Qwen3-8B "
+    "BF16 sweep on one H100 SXM, vLLM 0.30.0 (github.com/tgarg01/silybench-data "
+    "perf_points.csv): base_s 6.81 ms = batch-1 ITL 6.86 ms at 640 tokens of context (72% of "
+    "3.35 TB/s for 16.38 GB of weights); decode_seq_s 14.4 us and context_token_s 45.7 ns "
+    "from the step time's slope over batch at 640 and 3,072 tokens of mean context (45.7 ns "
+    "= the raw KV read, 147,456 B / 3.35 TB/s); prefill_token_s 28 us = 2 x 8.19e9 FLOPs at "
+    "59% of 989 TFLOP/s (the 8k-token TTFT implies 30 us). {card}"
+    "KV: 36 x 8 x 128 x 2 x 2 B = 147,456 B/token; {mib:,} MiB x 0.95 - 16.38 GB weights - "
+    "4.65 GiB reserve (measured: the SXM run logged 377,024 tokens at 0.9) -> {kv:,} tokens."
 )
 
-# Tiny Qwen2 on CPU: 2 layers, 1 KV head, head_dim 64, BF16 -> 512 B/token; 1 GiB of KV.
-_CPU_TINY_KV_TOKENS = kv_tokens_from_memory(1 * GiB, kv_bytes_per_token(2, 1, 64))
-
-_CODER_8B = Profile(
-    name="h100-coder-8b",
+_SXM_CODER_8B_KV_TOKENS = _kv_tokens(
+    _SXM_MEMORY_MIB,
+    _CODER_UTILIZATION,
+    _CODER_8B_WEIGHT_BYTES,
+    _CODER_8B_RESERVE_BYTES,
+    _CODER_8B_KV_BYTES,
+)
+_SXM_CODER_8B = Profile(
+    name="h100-sxm-coder-8b",
     served_model_name="Qwen/Qwen3-8B",
     role="coder",
-    base_s=4.6e-3,
-    prefill_token_s=17.25e-6,
-    decode_seq_s=6.0e-6,
-    context_token_s=15e-9,
-    max_num_seqs=256,
+    base_s=6.81e-3,
+    prefill_token_s=28e-6,
+    decode_seq_s=14.4e-6,
+    context_token_s=45.7e-9,
+    max_num_seqs=1024,
     max_num_batched_tokens=8192,
-    kv_cache_tokens=_CODER_8B_KV_TOKENS,
+    kv_cache_tokens=_SXM_CODER_8B_KV_TOKENS,
     max_model_len=32768,
     min_output_frac=0.5,
     default_max_tokens=2048,
-    source=(
-        "Qwen3-8B-class coder, BF16, one H100 NVL 96GB, vLLM V1. "
-        "base_s 4.6 ms: NIM Llama-3.1-8B ITL at concurrency 1 (215 tok/s), which is the HBM "
-        "bound (16 GB / 3.35 TB/s = 4.8 ms). prefill_token_s 17.25 us and decode_seq_s 6.0 us: "
-        "BLIS fit for Llama-3.1-8B on H100 (vLLM 0.8.4). context_token_s 15 ns: fitted so that "
-        "ISL 1000 / OSL 1000 closed-loop load lands within 10% of NIM at concurrency 50 "
-        "(8,018 tok/s) and 200 (13,348 tok/s); it is a third of the raw KV read "
-        "(147 KB/token / 3.35 TB/s = 44 ns), as FlashAttention decode overlaps it with the "
-        "weight read. KV: 36 layers x 8 KV heads x 128 x 2 x 2 B = 147,456 B/token; "
-        "96 GB x 0.95 - 16.4 GB weights - 4 GB activations = 70.8 GB -> ~480k tokens. "
-        "max_num_seqs 256 (not the H100 default 1024): past ~200 decodes the step is dominated "
-        "by attention KV reads and throughput flattens (NIM peaks at 200), while 480k tokens / "
-        "256 = ~1.9k tokens per sequence keeps preemption away for coder prompts. "
-        "max_num_batched_tokens 8192: the V1 default on H100."
+    source=_CODER_SOURCE.format(
+        name="h100-sxm-coder-8b",
+        card="One H100 SXM 80GB. ",
+        mib=_SXM_MEMORY_MIB,
+        kv=_SXM_CODER_8B_KV_TOKENS,
     ),
 )
 
-_REASONING_32B = Profile(
-    name="h100-reasoning-32b",
-    served_model_name="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
-    role="reasoning",
-    base_s=4 * 4.6e-3,
-    prefill_token_s=4 * 17.25e-6,
-    decode_seq_s=4 * 6.0e-6,
-    context_token_s=15e-9 * _REASONING_32B_KV_BYTES / _CODER_8B_KV_BYTES,
-    max_num_seqs=256,
-    max_num_batched_tokens=8192,
-    kv_cache_tokens=_REASONING_32B_KV_TOKENS,
-    max_model_len=32768,
-    min_output_frac=0.5,
-    default_max_tokens=4096,
-    reasoning=True,
-    reasoning_frac=0.6,
-    source=(
-        "DeepSeek-R1-Distill-Qwen-32B, BF16, one H100 NVL 96GB at --gpu-memory-utilization 0.9, "
-        "--reasoning-parser deepseek_r1. base, prefill and decode terms are 4x the 8B coder's: "
-        "a step reads 4x the weight bytes (64 GB vs 16 GB) and a token costs ~4x the FLOPs. "
-        "context_token_s scales with KV bytes per token: 64 x 8 x 128 x 2 x 2 = 262,144 B vs "
-        "147,456 B (x1.78). KV: 96 GB x 0.9 - 64 GB weights - 4 GB activations = 18.4 GB -> "
-        "~70k tokens, so a few dozen multi-thousand-token reasoning requests fill it and "
-        "over-admission preempts. max_num_seqs 256 like the coder. 60% of the output tokens "
-        "are reasoning."
+
+def _scaled(
+    profile: Profile, *, weights: float, compute: float, kv: float, **changes: Any
+) -> Profile:
+    """`profile` with its step terms scaled: base_s by `weights` (the weight read),
+    prefill_token_s and decode_seq_s by `compute` (FLOPs), context_token_s by `kv` (KV reads)."""
+    return dataclasses.replace(
+        profile,
+        base_s=profile.base_s * weights,
+        prefill_token_s=profile.prefill_token_s * compute,
+        decode_seq_s=profile.decode_seq_s * compute,
+        context_token_s=profile.context_token_s * kv,
+        **changes,
+    )
+
+
+_NVL_CODER_8B_KV_TOKENS = _kv_tokens(
+    _NVL_MEMORY_MIB,
+    _CODER_UTILIZATION,
+    _CODER_8B_WEIGHT_BYTES,
+    _CODER_8B_RESERVE_BYTES,
+    _CODER_8B_KV_BYTES,
+)
+_NVL_CODER_8B = _scaled(
+    _SXM_CODER_8B,
+    weights=_SXM_TO_NVL_BANDWIDTH,
+    compute=_SXM_TO_NVL_FLOPS,
+    kv=_SXM_TO_NVL_BANDWIDTH,
+    name="h100-nvl-coder-8b",
+    kv_cache_tokens=_NVL_CODER_8B_KV_TOKENS,
+    source=_CODER_SOURCE.format(
+        name="h100-nvl-coder-8b",
+        card=(
+            "One H100 NVL 94GB (no published NVL sweep): base_s and context_token_s x 3.35/3.9 "
+            "(bandwidth), prefill_token_s and decode_seq_s x 989/835 (dense BF16 peak), so "
+            "prefill stays at 59% of peak. "
+        ),
+        mib=_NVL_MEMORY_MIB,
+        kv=_NVL_CODER_8B_KV_TOKENS,
     ),
 )
+
+_REASONING_SOURCE = (
+    "DeepSeek-R1-Distill-Qwen-32B, BF16, vLLM V1 defaults (max_num_seqs 1024, "
+    "max_num_batched_tokens 8192), --gpu-memory-utilization 0.9, --reasoning-parser "
+    "deepseek_r1; 60% of the output tokens are reasoning. Calibration points (all derived, "
+    "no published 32B sweep on this card): serving/emulator/calibration/{name}.yaml. Step "
+    "terms are {coder}'s scaled by the model: base_s, prefill_token_s and decode_seq_s x4 "
+    "(32.76e9 vs 8.19e9 parameters: 4x the weight bytes per step and FLOPs per token), "
+    "context_token_s x1.78 (262,144 vs 147,456 KV bytes per token). base_s {base_ms:.1f} ms "
+    "is above the weight read (65.52 GB / {tb_s} TB/s = {floor_ms:.1f} ms) by the 8B's "
+    "measured 72% bandwidth efficiency; prefill runs at 59% of peak. KV: 64 x 8 x 128 x 2 x "
+    "2 B = 262,144 B/token; {mib:,} MiB x 0.9 - 65.52 GB weights - 5.5 GiB reserve (the 8B's "
+    "measured 4.65 GiB plus wider activations and 64 layers of CUDA graphs) -> {kv:,} tokens."
+    "{extra}"
+)
+
+
+def _reasoning_profile(
+    name: str, coder: Profile, card_mib: int, tb_s: float, max_model_len: int, extra: str
+) -> Profile:
+    """The 32B reasoning server on the card `coder` was calibrated for."""
+    base_s = coder.base_s * _PARAMS_32B_OVER_8B
+    kv = _kv_tokens(
+        card_mib,
+        _REASONING_UTILIZATION,
+        _REASONING_32B_WEIGHT_BYTES,
+        _REASONING_32B_RESERVE_BYTES,
+        _REASONING_32B_KV_BYTES,
+    )
+    source = _REASONING_SOURCE.format(
+        name=name,
+        coder=coder.name,
+        base_ms=base_s * 1e3,
+        tb_s=tb_s,
+        floor_ms=_REASONING_32B_WEIGHT_BYTES / (tb_s * 1e12) * 1e3,
+        mib=card_mib,
+        kv=kv,
+        extra=extra,
+    )
+    return _scaled(
+        coder,
+        weights=_PARAMS_32B_OVER_8B,
+        compute=_PARAMS_32B_OVER_8B,
+        kv=_KV_32B_OVER_8B,
+        name=name,
+        served_model_name="deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
+        role="reasoning",
+        kv_cache_tokens=kv,
+        max_model_len=max_model_len,
+        min_output_frac=0.5,
+        default_max_tokens=4096,
+        reasoning=True,
+        reasoning_frac=0.6,
+        source=source,
+    )
+
+
+_NVL_REASONING_32B = _reasoning_profile(
+    "h100-nvl-reasoning-32b", _NVL_CODER_8B, _NVL_MEMORY_MIB, 3.9, 32768, ""
+)
+_SXM_REASONING_32B = _reasoning_profile(
+    "h100-sxm-reasoning-32b",
+    _SXM_CODER_8B,
+    _SXM_MEMORY_MIB,
+    3.35,
+    16384,
+    " On an 80 GB card only ~21k KV tokens remain, so max_model_len is 16384 (vLLM would "
+    "refuse 32768 with less KV than that).",
+)
+
+
+# Tiny Qwen2 on CPU: 2 layers, 1 KV head, head_dim 64, BF16 -> 512 B/token; 1 GiB of KV.
+_CPU_TINY_KV_TOKENS = kv_tokens_from_memory(1 * GiB, kv_bytes_per_token(2, 1, 64))
 
 _CPU_TINY = Profile(
     name="cpu-tiny",
@@ -215,8 +349,23 @@ _CPU_TINY_REASONING = Profile(
 )
 
 PROFILES: dict[str, Profile] = {
-    p.name: p for p in (_CODER_8B, _REASONING_32B, _CPU_TINY, _CPU_TINY_REASONING)
+    p.name: p
+    for p in (
+        _NVL_CODER_8B,
+        _NVL_REASONING_32B,
+        _SXM_CODER_8B,
+        _SXM_REASONING_32B,
+        _CPU_TINY,
+        _CPU_TINY_REASONING,
+    )
 }
+# The names before the NVL/SXM split, kept for settings and scripts that use them: the seed's
+# card is an H100 NVL.
+PROFILE_ALIASES: dict[str, str] = {
+    "h100-coder-8b": _NVL_CODER_8B.name,
+    "h100-reasoning-32b": _NVL_REASONING_32B.name,
+}
+PROFILES.update({alias: PROFILES[target] for alias, target in PROFILE_ALIASES.items()})
 
 
 PROFILE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Profile))

@@ -1,14 +1,28 @@
-"""The profiles reproduce their reference points when the engine is driven on a virtual clock."""
+"""The profiles' shape and bounds, and cpu-tiny's measured points, on a virtual clock.
+
+The H100 profiles' published points are checked in test_emulator_calibration.py.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
+from pathlib import Path
 
 import pytest
 
 from serving.clock import run
+from serving.emulator.cli import main as emulate_main
+from serving.emulator.cli import profile_arg
 from serving.emulator.engine import CHARS_PER_TOKEN, Engine
-from serving.emulator.profiles import PROFILES, Profile, saturated_time_s, solo_latency_s
+from serving.emulator.profiles import (
+    PROFILES,
+    Profile,
+    dump_profile_file,
+    saturated_time_s,
+    solo_latency_s,
+)
 
 
 def _prompt(tag: str, tokens: int) -> str:
@@ -41,45 +55,74 @@ def test_cpu_tiny_matches_measured_vllm_cpu(concurrency: int, reference: float) 
     assert tps == pytest.approx(reference, rel=0.15)
 
 
-@pytest.mark.parametrize(("concurrency", "reference"), [(1, 215), (50, 8018), (200, 13348)])
-def test_h100_coder_matches_nim_reference(concurrency: int, reference: float) -> None:
-    # NIM's table is ISL 1000 / OSL 1000.
-    tps = run(_closed_loop(PROFILES["h100-coder-8b"], concurrency, 1000, 1000, 2), virtual=True)
-    assert tps == pytest.approx(reference, rel=0.15)
+def test_nvl_profiles_are_the_sxm_fit_moved_by_bandwidth_and_flops() -> None:
+    sxm, nvl = PROFILES["h100-sxm-coder-8b"], PROFILES["h100-nvl-coder-8b"]
+    bandwidth, flops = 3.35 / 3.9, 989 / 835
+    assert nvl.base_s == pytest.approx(sxm.base_s * bandwidth)
+    assert nvl.context_token_s == pytest.approx(sxm.context_token_s * bandwidth)
+    assert nvl.prefill_token_s == pytest.approx(sxm.prefill_token_s * flops)
+    assert nvl.decode_seq_s == pytest.approx(sxm.decode_seq_s * flops)
+    assert nvl.kv_cache_tokens > sxm.kv_cache_tokens  # 94 GB vs 80 GB
+    for profile in (sxm, nvl):
+        # vLLM V1's H100 defaults; c=512 in the calibration needs max_num_seqs >= 512.
+        assert (profile.max_num_seqs, profile.max_num_batched_tokens) == (1024, 8192)
 
 
-def test_h100_coder_step_terms_match_blis_and_hbm_bound() -> None:
-    coder = PROFILES["h100-coder-8b"]
-    assert coder.prefill_token_s == pytest.approx(17.25e-6)
-    assert coder.decode_seq_s == pytest.approx(6.0e-6)
-    assert 4.0e-3 < coder.step_s(0, 1, 1000) < 4.8e-3 * 1.1  # about the 16 GB / 3.35 TB/s bound
-    assert coder.max_num_batched_tokens == 8192
-    assert 400_000 < coder.kv_cache_tokens < 520_000
-
-
-def test_reasoning_32b_is_four_times_the_coder_and_has_a_small_cache() -> None:
-    coder, reasoning = PROFILES["h100-coder-8b"], PROFILES["h100-reasoning-32b"]
+@pytest.mark.parametrize("card", ["sxm", "nvl"])
+def test_reasoning_32b_is_four_times_the_coder_and_has_a_small_cache(card: str) -> None:
+    coder, reasoning = PROFILES[f"h100-{card}-coder-8b"], PROFILES[f"h100-{card}-reasoning-32b"]
     assert reasoning.base_s == pytest.approx(4 * coder.base_s)
     assert reasoning.prefill_token_s == pytest.approx(4 * coder.prefill_token_s)
+    assert reasoning.context_token_s == pytest.approx(coder.context_token_s * 262_144 / 147_456)
     assert solo_latency_s(reasoning, 1000, 1000) == pytest.approx(
         4 * solo_latency_s(coder, 1000, 1000), rel=0.1
     )
     assert 10_000 < reasoning.kv_cache_tokens < 100_000
     assert reasoning.reasoning and not coder.reasoning
+    coder_tps = run(_closed_loop(coder, 1, 1000, 1000, 1), virtual=True)
     tps = run(_closed_loop(reasoning, 1, 1000, 1000, 1), virtual=True)
-    assert tps == pytest.approx(215 / 4, rel=0.15)
+    assert tps == pytest.approx(coder_tps / 4, rel=0.1)
 
 
 def test_every_profile_documents_its_source() -> None:
-    assert {"h100-coder-8b", "h100-reasoning-32b", "cpu-tiny", "cpu-tiny-reasoning"} <= set(
-        PROFILES
-    )
+    assert {
+        "h100-nvl-coder-8b",
+        "h100-nvl-reasoning-32b",
+        "h100-sxm-coder-8b",
+        "h100-sxm-reasoning-32b",
+        "h100-coder-8b",
+        "h100-reasoning-32b",
+        "cpu-tiny",
+        "cpu-tiny-reasoning",
+    } <= set(PROFILES)
     for profile in PROFILES.values():
         assert len(profile.source) > 40
         assert profile.kv_cache_tokens % profile.block_size == 0
         assert profile.max_model_len <= profile.kv_cache_tokens
+    for name in ("h100-nvl-coder-8b", "h100-sxm-reasoning-32b"):
+        assert f"serving/emulator/calibration/{name}.yaml" in PROFILES[name].source
     assert PROFILES["cpu-tiny"].max_model_len == 4096
     assert PROFILES["cpu-tiny-reasoning"].reasoning
+
+
+def test_emulate_cli_takes_names_aliases_and_profile_files(tmp_path: Path) -> None:
+    assert profile_arg("h100-coder-8b") is PROFILES["h100-nvl-coder-8b"]
+    assert profile_arg("h100-sxm-reasoning-32b") is PROFILES["h100-sxm-reasoning-32b"]
+    custom = dataclasses.replace(PROFILES["cpu-tiny"], name="mine", base_s=2e-3)
+    path = tmp_path / "mine.yaml"
+    dump_profile_file(custom, path)
+    assert profile_arg(str(path)) == custom
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown emulator profile 'h100'"):
+        profile_arg("h100")
+
+
+def test_emulate_cli_refuses_an_unknown_profile_before_serving(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        emulate_main(["--profile", "h200-coder-8b", "--port", "1"])
+    assert exc.value.code == 2
+    assert "unknown emulator profile 'h200-coder-8b'" in capsys.readouterr().err
 
 
 async def _serve(profile: Profile, requests: list[tuple[str, int]]) -> float:

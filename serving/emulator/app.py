@@ -2,7 +2,9 @@
 
 POST /v1/chat/completions (JSON or SSE streaming), GET /v1/models, GET /health and
 GET /metrics (vLLM V1 metric names, from a per-app registry so several emulators can live in
-one process). Timing comes from the engine; text from `content`.
+one process). Text comes from `content`, built before the request is submitted so that the
+engine generates and times exactly the answer's tokens (`content`'s token spec); timing comes
+from the engine.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -43,36 +45,6 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
 def _sse(payload: Mapping[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
-
-
-def _slice(text: str, start: int, end: int, total: int) -> str:
-    """The part of `text` spread over tokens [start, end) of `total`."""
-    if total <= 0 or end <= start:
-        return ""
-    size = len(text)
-    return text[start * size // total : end * size // total]
-
-
-class _Answer:
-    """The full text of one answer and how its tokens split into reasoning and content."""
-
-    def __init__(self, reasoning: str, text: str, tokens: int, reasoning_tokens: int) -> None:
-        self.reasoning = reasoning
-        self.text = text
-        self.tokens = tokens
-        self.reasoning_tokens = reasoning_tokens
-
-    def deltas(self, start: int, end: int) -> list[dict[str, str]]:
-        """Streaming deltas for tokens [start, end)."""
-        r = self.reasoning_tokens
-        out: list[dict[str, str]] = []
-        think = _slice(self.reasoning, start, min(end, r), r)
-        if think:
-            out.append({"reasoning": think})
-        said = _slice(self.text, max(start, r) - r, end - r, self.tokens - r)
-        if said:
-            out.append({"content": said})
-        return out
 
 
 class _VllmCollector(Collector):
@@ -203,16 +175,25 @@ class _Server:
         if asked is not None and (not isinstance(asked, int) or asked < 1):
             return _error(400, "max_tokens must be a positive integer.", "BadRequestError")
         max_tokens = min(asked or self.profile.default_max_tokens, limit - prompt_tokens)
-        tokens = content.output_token_count(
+        target = content.output_token_count(
             self.seed, messages, max_tokens, self.profile.min_output_frac
         )
-        answer = self._answer(body, messages, request.headers.get(FILE_HEADER), tokens)
+        # The answer is built first and the engine charged its real size (the token spec).
+        answer = content.build_answer(
+            self.seed,
+            messages,
+            response_format=body.get("response_format"),
+            file_header=request.headers.get(FILE_HEADER),
+            target_tokens=target,
+            reasoning_frac=self.profile.reasoning_frac if self.profile.reasoning else 0.0,
+            context_tokens=limit - prompt_tokens,
+        )
 
         self._requests += 1
         request_id = f"chatcmpl-{content.short_hash(self.seed, 'id', self._requests)}"
         handle = self.engine.submit(
             prompt,
-            tokens,
+            answer.tokens,
             session_id=request.headers.get(SESSION_HEADER, "-"),
             stage=request.headers.get(STAGE_HEADER, "-"),
             request_id=request_id,
@@ -227,34 +208,6 @@ class _Server:
             )
         return await self._complete(request, handle, answer, request_id, created)
 
-    def _answer(
-        self,
-        body: Mapping[str, Any],
-        messages: Sequence[Mapping[str, Any]],
-        file_header: str | None,
-        tokens: int,
-    ) -> _Answer:
-        fmt = body.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            spec = fmt.get("json_schema") or {}
-            text = content.structured_answer(
-                self.seed,
-                str(spec.get("name", "")),
-                spec.get("schema") or {},
-                content.last_user_text(messages),
-            )
-        elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
-            text = "{}"
-        else:
-            path = content.coder_path(messages, file_header)
-            text = content.coder_answer(self.seed, messages, path)
-        reasoning_tokens = 0
-        reasoning = ""
-        if self.profile.reasoning and tokens > 1:
-            reasoning_tokens = min(tokens - 1, round(tokens * self.profile.reasoning_frac))
-            reasoning = content.reasoning_text(self.seed, messages, reasoning_tokens)
-        return _Answer(reasoning, text, tokens, reasoning_tokens)
-
     def _usage(self, handle: RequestHandle) -> dict[str, Any]:
         record = handle.record
         return {
@@ -265,7 +218,7 @@ class _Server:
         }
 
     async def _complete(
-        self, request: Request, handle: RequestHandle, answer: _Answer, request_id: str,
+        self, request: Request, handle: RequestHandle, answer: content.Answer, request_id: str,
         created: int,
     ) -> Response:  # fmt: skip
         done = asyncio.ensure_future(handle.result())
@@ -281,7 +234,7 @@ class _Server:
             return _error(499, "Client disconnected or server shut down.", "Aborted")
         message: dict[str, Any] = {
             "role": "assistant",
-            "content": answer.text,
+            "content": answer.content,
             "reasoning": answer.reasoning or None,
             "tool_calls": [],
         }
@@ -296,7 +249,7 @@ class _Server:
                         "index": 0,
                         "message": message,
                         "logprobs": None,
-                        "finish_reason": handle.record.finish_reason,
+                        "finish_reason": _finish_reason(handle, answer),
                         "stop_reason": None,
                     }
                 ],
@@ -306,7 +259,7 @@ class _Server:
         )
 
     async def _stream(
-        self, handle: RequestHandle, answer: _Answer, request_id: str, created: int,
+        self, handle: RequestHandle, answer: content.Answer, request_id: str, created: int,
         include_usage: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
         def chunk(delta: Mapping[str, Any], finish: str | None = None) -> str:
@@ -337,7 +290,7 @@ class _Server:
                     break
             if handle.record.finish_reason == "abort":
                 return
-            yield chunk({}, handle.record.finish_reason)
+            yield chunk({}, _finish_reason(handle, answer))
             if include_usage:
                 yield _sse(
                     {
@@ -353,6 +306,12 @@ class _Server:
         finally:
             if not handle.finished:
                 handle.abort()
+
+
+def _finish_reason(handle: RequestHandle, answer: content.Answer) -> str | None:
+    """The engine's reason, or "length" where the context window cut the answer."""
+    reason = handle.record.finish_reason
+    return answer.finish_reason if reason == "stop" else reason
 
 
 async def _disconnected(request: Request) -> None:

@@ -9,10 +9,13 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from nodes.schemas import Plan
+from nodes.schemas import Plan, Review
 from serving.clock import run
+from serving.emulator import content
 from serving.emulator.app import create_app
 from serving.emulator.engine import Engine
 from serving.emulator.profiles import PROFILES
@@ -234,3 +237,89 @@ def test_same_seed_same_answers_and_timings() -> None:
         ]
 
     assert _with_client("cpu-tiny", scenario, seed=3) == _with_client("cpu-tiny", scenario, seed=3)
+
+
+def _json_schema(model: type[Plan] | type[Review]) -> dict[str, Any]:
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": model.__name__, "schema": model.model_json_schema()},
+    }
+
+
+_KINDS: dict[str, dict[str, Any] | None] = {
+    "coder": None,
+    "plan": _json_schema(Plan),
+    "review": _json_schema(Review),
+    "object": {"type": "json_object"},
+}
+_REVIEW_PROMPT = "\n".join(f"### FILE: pkg/m{i}.py\n```\nX = {i}\n```" for i in range(12))
+
+
+def _text_of(kind: str) -> str:
+    if kind == "review":
+        return _REVIEW_PROMPT
+    return "FILE: pkg/util.py\nWrite pkg/util.py and pkg/core.py."
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    profile=st.sampled_from(["cpu-tiny", "cpu-tiny-reasoning"]),
+    kind=st.sampled_from(sorted(_KINDS)),
+    max_tokens=st.integers(1, 3000),
+    seed=st.integers(0, 1000),
+)
+def test_charged_tokens_are_the_text_sent_streamed_or_not(
+    profile: str, kind: str, max_tokens: int, seed: int
+) -> None:
+    model = PROFILES[profile].served_model_name
+    request = _chat(model, _text_of(kind), max_tokens=max_tokens)
+    if _KINDS[kind] is not None:
+        request["response_format"] = _KINDS[kind]
+
+    async def scenario(client: httpx.AsyncClient, engine: Engine) -> tuple[Any, list[Any], Any]:
+        plain = (await client.post("/v1/chat/completions", json=request)).json()
+        stream = {**request, "stream": True, "stream_options": {"include_usage": True}}
+        streamed = await client.post("/v1/chat/completions", json=stream)
+        return plain, _events(streamed.text), engine.records
+
+    plain, events, records = _with_client(profile, scenario, seed=seed)
+    message = plain["choices"][0]["message"]
+    reasoning, text = message["reasoning"] or "", message["content"]
+    charged = content.part_tokens(reasoning) + content.part_tokens(text)
+    assert plain["usage"]["completion_tokens"] == charged
+    assert [r.output_tokens for r in records] == [charged, charged]
+    assert [r.generated_tokens for r in records] == [charged, charged]
+    deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
+    assert events[-2]["usage"]["completion_tokens"] == charged
+    assert "".join(d.get("content", "") for d in deltas) == text
+    assert "".join(d.get("reasoning", "") for d in deltas) == reasoning
+    # Deltas split on 4-character token boundaries: only a part's last piece may be shorter.
+    for part, whole in (("reasoning", reasoning), ("content", text)):
+        pieces = [d[part] for d in deltas if d.get(part)]
+        assert all(len(p) % 4 == 0 for p in pieces[:-1]), part
+        assert not pieces or whole.endswith(pieces[-1])
+    if kind == "coder" and max_tokens >= 8 and profile == "cpu-tiny":
+        assert charged <= max_tokens
+        compile(text.split("\n", 1)[1].rsplit("```", 1)[0], "pkg/util.py", "exec")
+    if kind == "plan":
+        Plan.model_validate_json(text)
+    if kind == "review":
+        assert len(Review.model_validate_json(text).verdicts) == 12
+
+
+def test_an_answer_longer_than_the_context_is_cut_with_length() -> None:
+    paths = ", ".join(f"pkg/module_{i}.py" for i in range(200))
+    text = f"Files: {paths}\n" + "z" * (4 * 3600 - len(paths))
+    request = _chat("tandem-tiny-reasoning", text, response_format=_KINDS["plan"])
+
+    async def scenario(client: httpx.AsyncClient, engine: Engine) -> tuple[Any, Any]:
+        body = (await client.post("/v1/chat/completions", json=request)).json()
+        return body, engine.records[0]
+
+    body, record = _with_client("cpu-tiny-reasoning", scenario)
+    (choice,) = body["choices"]
+    room = PROFILES["cpu-tiny-reasoning"].max_model_len - record.prompt_tokens
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["reasoning"] is None  # reasoning gave way first
+    assert body["usage"]["completion_tokens"] == room == record.output_tokens
+    assert len(choice["message"]["content"]) == 4 * room

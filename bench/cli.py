@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.policies import SWEEP, get_policy
-from bench.report import format_table, plot_gantt
-from bench.runner import PolicyRun, run_policy_emulated, run_policy_env
+from bench.policies import SWEEP, Policy, get_policy
+from bench.report import aggregate_seeds, apply_common_bound, format_table, plot_gantt
+from bench.runner import PolicyRun, resolve_profiles, run_policy_emulated, run_policy_env
 from bench.workloads import WORKLOADS, Workload, get_workload
 from routing.calls import Role
 
-DEFAULT_PROFILES = {"reasoning": "h100-reasoning-32b", "coder": "h100-coder-8b"}
+DEFAULT_PROFILES = {"reasoning": "h100-nvl-reasoning-32b", "coder": "h100-nvl-coder-8b"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,14 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--clock", choices=["virtual", "real"], default="virtual")
     p.add_argument("--endpoints", choices=["emulated", "env"], default="emulated")
-    p.add_argument("--reasoning-profile", default=DEFAULT_PROFILES["reasoning"])
-    p.add_argument("--coder-profile", default=DEFAULT_PROFILES["coder"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reasoning-profile",
+        help=f"profile name or .yaml file (default {DEFAULT_PROFILES['reasoning']}; with "
+        "--endpoints env: the servers' profile, for gpu_saturation)",
+    )
+    p.add_argument(
+        "--coder-profile", help=f"profile name or .yaml file (default {DEFAULT_PROFILES['coder']})"
+    )
+    p.add_argument("--seed", type=int, default=0, help="first workload and emulator seed")
+    p.add_argument(
+        "--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, …); report means"
+    )
     p.add_argument(
         "--max-tokens", help="override per-stage caps, e.g. plan=256,code=128,review=128"
     )
     p.add_argument("--json", dest="json_path", help="write the report here")
-    p.add_argument("--plot", help="write the Gantt chart (PNG) here")
+    p.add_argument("--plot", help="write the Gantt chart (PNG, the first seed) here")
+    p.add_argument("--table", dest="table_path", help="write the printed table (text) here")
     p.add_argument("--metrics-port", type=int, help="serve tandem_ metrics on this localhost port")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -79,7 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stage not in caps or not value.isdigit():
                     raise ValueError(f"--max-tokens: bad item {part!r}")
                 caps[stage] = int(value)
-            workload = dataclasses.replace(workload, max_tokens=caps)
+            tokens = dataclasses.replace(workload.tokens, max_tokens=caps)
+            workload = dataclasses.replace(workload, tokens=tokens)
+        if args.seeds < 1:
+            raise ValueError("--seeds must be at least 1")
+        profiles = _profiles(args)
+        if profiles:
+            resolve_profiles(profiles)  # a bad name or file stops here, naming it
     except ValueError as exc:
         print(f"tandem bench: {exc}", file=sys.stderr)
         return 2
@@ -89,15 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    profiles: dict[Role, str] = {"reasoning": args.reasoning_profile, "coder": args.coder_profile}
     from serving.clock import run
 
     report, runs = run(_bench(workload, policies, args, profiles), virtual=args.clock == "virtual")
-    print(format_table(report))
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-        print(f"wrote {args.json_path}")
+    table = format_table(report)
+    print(table)
+    _write(args.table_path, table + "\n")
+    _write(args.json_path, json.dumps(report, indent=2, sort_keys=False) + "\n")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         title = f"{workload.name}: {workload.sessions} x {workload.tasks} files · " + (
@@ -110,10 +124,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if all(r["sessions_failed"] == 0 for r in report["results"]) else 1
 
 
+def _write(path: str | None, text: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+        print(f"wrote {path}")
+
+
+def _profiles(args: argparse.Namespace) -> dict[Role, str]:
+    """Profiles by role: the defaults on emulators; on real servers only those given."""
+    given = {"reasoning": args.reasoning_profile, "coder": args.coder_profile}
+    if args.endpoints == "env":
+        if not any(given.values()):
+            return {}
+        if not all(given.values()):
+            raise ValueError("--endpoints env: give both --reasoning-profile and --coder-profile")
+    return {role: given[role] or DEFAULT_PROFILES[role] for role in ("reasoning", "coder")}
+
+
 async def _bench(
-    workload: Workload, policies: list[Any], args: argparse.Namespace, profiles: dict[Role, str]
+    workload: Workload, policies: list[Policy], args: argparse.Namespace, profiles: dict[Role, str]
 ) -> tuple[dict[str, Any], list[PolicyRun]]:
-    runs: list[PolicyRun] = []
+    """Every policy on every seed; the report's results are means over seeds."""
     say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     metrics = None
     if args.metrics_port is not None:
@@ -134,38 +166,66 @@ async def _bench(
                 "tandem bench --endpoints env: set TANDEM_REASONING_URL and TANDEM_CODER_URL"
             )
         endpoints = configured_endpoints(settings)
-    for policy in policies:
-        if say:
-            say(f"== {policy.name}: {policy.description}")
-        if endpoints is None:
-            run = await run_policy_emulated(
-                workload,
-                policy,
-                profiles=profiles,
-                seed=args.seed,
-                real_clock=args.clock == "real",
-                progress=None,
-                metrics=metrics,
-            )
-        else:
-            run = await run_policy_env(workload, policy, endpoints, progress=None, metrics=metrics)
-        runs.append(run)
-        if say:
-            r = run.result()
-            say(
-                f"   makespan {r['makespan_s']:.1f} s, efficiency {r['efficiency']}, "
-                f"sessions ok {r['sessions_ok']}"
-            )
+    seeds = [args.seed + i for i in range(args.seeds)]
+    first_runs: list[PolicyRun] = []
+    per_policy: list[list[tuple[int, dict[str, Any]]]] = [[] for _ in policies]
+    bounds: list[dict[str, Any]] = []
+    for seed in seeds:
+        seeded = dataclasses.replace(workload, seed=seed)
+        runs = []
+        for policy in policies:
+            if say:
+                say(f"== seed {seed} · {policy.name}: {policy.description}")
+            if endpoints is None:
+                run = await run_policy_emulated(
+                    seeded,
+                    policy,
+                    profiles=profiles,
+                    seed=seed,
+                    real_clock=args.clock == "real",
+                    progress=None,
+                    metrics=metrics,
+                )
+            else:
+                declared = resolve_profiles(profiles) if profiles else None
+                run = await run_policy_env(
+                    seeded, policy, endpoints, progress=None, metrics=metrics, profiles=declared
+                )
+            runs.append(run)
+            if say:
+                r = run.result()
+                say(
+                    f"   makespan {r['makespan_s']:.1f} s, own bound {r['lower_bound_own_s']}, "
+                    f"sessions ok {r['sessions_ok']}"
+                )
+        records = [run.result() for run in runs]
+        bound = apply_common_bound(records)
+        if bound is not None:
+            bounds.append({"seed": seed, **bound})
+        for index, record in enumerate(records):
+            per_policy[index].append((seed, record))
+        if not first_runs:
+            first_runs = runs
     report = {
         "workload": workload.name,
         "clock": args.clock,
         "endpoints": args.endpoints,
-        "profiles": profiles if args.endpoints == "emulated" else "env",
+        "profiles": profiles or "env",
         "sessions": workload.sessions,
         "tasks_per_session": workload.tasks,
         "arrival_spread_s": workload.arrival_spread_s,
         "max_tokens": workload.max_tokens,
         "seed": args.seed,
-        "results": [run.result() for run in runs],
+        "seeds": seeds,
+        "min_output_frac": workload.tokens.min_output_frac,
+        "overrides": workload.overrides,
+        "profile_names": {role: p.name for role, p in resolve_profiles(profiles).items()}
+        if profiles
+        else None,
+        "lower_bound_s": round(sum(b["lower_bound_s"] for b in bounds) / len(bounds), 4)
+        if bounds
+        else None,
+        "lower_bound": bounds or None,
+        "results": [aggregate_seeds(items) for items in per_policy],
     }
-    return report, runs
+    return report, first_runs

@@ -8,6 +8,7 @@ over loopback HTTP, to emulators started here or to the servers in `TANDEM_*` se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from serving.clock import now
 from serving.emulator.profiles import Profile, get_profile, saturated_time_s, solo_latency_s
 
 ROLES: tuple[Role, ...] = tuple(GPU_OF)
+STAGES: tuple[str, ...] = ("plan", "code", "review")
 
 
 @dataclass
@@ -44,6 +46,8 @@ class RequestSpan:
     prompt_tokens: int
     output_tokens: int
     cached_tokens: int
+    # Ended by the client (a timeout) or the server: output_tokens is what it generated.
+    aborted: bool = False
 
 
 @dataclass
@@ -62,13 +66,24 @@ class PolicyRun:
     spans: list[RequestSpan] = field(default_factory=list)
     router_stats: dict[str, Any] = field(default_factory=dict)
     lower_bound: dict[str, float] | None = None
+    # Per review placement ("reasoning", "coder"): the bound of this run's requests with every
+    # review served there (see `placement_bounds`).
+    placement_bounds: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The profiles the servers ran (or were declared to run, for real servers); None: unknown.
+    profiles: dict[str, Profile] | None = None
+    # Real servers only: (prompt tokens, requests) per role from /metrics, for saturation.
+    served: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def makespan_s(self) -> float:
         return self.t_end - self.t0
 
     def result(self) -> dict[str, Any]:
-        """The JSON record of this policy (field names are a contract)."""
+        """The JSON record of this policy (field names are a contract).
+
+        `lower_bound_s` and `efficiency` are this run's own here; the report replaces them with
+        the workload run's common bound (`bench.report.apply_common_bound`).
+        """
         makespan = max(self.makespan_s, 1e-9)
         latencies = sorted(
             s.finished_at - (self.t0 + a)
@@ -76,11 +91,13 @@ class PolicyRun:
         )
         tasks = sum(s.files_ok for s in self.sessions)
         bound = self.lower_bound["lower_bound_s"] if self.lower_bound else None
+        own = None if bound is None else round(bound, 3)
+        own_efficiency = None if bound is None else round(bound / makespan, 4)
         return {
             "policy": self.policy.name,
             "makespan_s": round(makespan, 3),
-            "lower_bound_s": None if bound is None else round(bound, 3),
-            "efficiency": None if bound is None else round(bound / makespan, 4),
+            "lower_bound_s": own,
+            "efficiency": own_efficiency,
             "tasks_per_s": round(tasks / makespan, 4),
             "session_latency_mean_s": round(statistics.fmean(latencies), 3),
             "session_latency_p50_s": round(_percentile(latencies, 50), 3),
@@ -97,10 +114,112 @@ class PolicyRun:
             "sessions_ok": sum(1 for s in self.sessions if s.status in ("ok", "partial")),
             "sessions_failed": sum(1 for s in self.sessions if s.status not in ("ok", "partial")),
             "files_ok": tasks,
-            "lower_bound_parts": self.lower_bound,
+            "lower_bound_parts": self._bound_parts(),
             "router": self.router_stats,
             "description": self.policy.description,
+            "review_on": self.policy.review_on,
+            "review_share": review_share(self.spans),
+            "lower_bound_own_s": own,
+            "efficiency_own": own_efficiency,
+            "gpu_saturation": self._saturation(makespan),
+            "stage_s": stage_times_s(self.spans),
         }
+
+    def _bound_parts(self) -> dict[str, Any] | None:
+        if self.lower_bound is None:
+            return None
+        rounded = {k: round(v, 3) for k, v in self.lower_bound.items()}
+        by_review_on = {
+            where: {k: round(v, 3) for k, v in parts.items()}
+            for where, parts in self.placement_bounds.items()
+        }
+        return {**rounded, "by_review_on": by_review_on}
+
+    def _saturation(self, makespan_s: float) -> dict[str, float | None]:
+        """Per role: generated tokens / what the profile generates saturated over the makespan."""
+        out: dict[str, float | None] = {}
+        for role in ROLES:
+            profile = self.profiles.get(role) if self.profiles else None
+            context = self._mean_context_tokens(role)
+            if profile is None or context is None:
+                out[role] = None
+                continue
+            capacity = saturated_decode_tokens_per_s(profile, context) * makespan_s
+            out[role] = round(self.generation_tokens.get(role, 0) / capacity, 4)
+        return out
+
+    def _mean_context_tokens(self, role: str) -> float | None:
+        """Mean context behind each token `role` generated.
+
+        From the spans: sum of o (p + o / 2) over sum of o, for requests of p prompt and o
+        output tokens (a request holds p + o / 2 on average while it decodes). Real servers
+        give only totals: mean prompt + half the mean output per request.
+        """
+        if role in self.served:
+            prompt_tokens, requests = self.served[role]
+            if requests <= 0:
+                return 0.0
+            return (prompt_tokens + self.generation_tokens.get(role, 0) / 2) / requests
+        if self.profiles is None:
+            return None
+        spans = [s for s in self.spans if s.role == role and s.output_tokens > 0]
+        generated = sum(s.output_tokens for s in spans)
+        if not generated:
+            return 0.0
+        held = sum(s.output_tokens * (s.prompt_tokens + s.output_tokens / 2) for s in spans)
+        return held / generated
+
+
+def saturated_decode_tokens_per_s(profile: Profile, mean_context_tokens: float) -> float:
+    """Tokens per second `profile` generates with its largest batch of decodes.
+
+    The batch is `max_num_seqs`, capped by how many sequences of `mean_context_tokens` fit in
+    the KV cache (at least 1); each holds `mean_context_tokens` of context. Prefill is left out:
+    this is the decode rate a saturated server sustains.
+    """
+    context = max(1.0, mean_context_tokens)
+    batch = max(1, min(profile.max_num_seqs, int(profile.kv_cache_tokens // context)))
+    step_s = profile.step_s(0, batch, round(batch * context))
+    return batch / step_s
+
+
+def review_share(spans: Sequence[RequestSpan]) -> dict[str, float] | None:
+    """Fraction of the review calls each role completed; None when none did (or no spans)."""
+    reviews = [s.role for s in spans if s.stage == "review" and not s.aborted]
+    if not reviews:
+        return None
+    return {role: round(reviews.count(role) / len(reviews), 4) for role in ROLES}
+
+
+def _stage_phases(items: Sequence[RequestSpan]) -> list[tuple[str, list[RequestSpan]]]:
+    """A session's requests in arrival order, grouped into runs of one stage (fix rounds too)."""
+    phases: list[tuple[str, list[RequestSpan]]] = []
+    for span in sorted(items, key=lambda s: (s.arrival_s, s.stage)):
+        if phases and phases[-1][0] == span.stage:
+            phases[-1][1].append(span)
+        else:
+            phases.append((span.stage, [span]))
+    return phases
+
+
+def stage_times_s(spans: Sequence[RequestSpan]) -> dict[str, float] | None:
+    """Mean per-session seconds in each stage ("plan", "code", "review").
+
+    A stage's time in a session is, per round, its first request's arrival to its last
+    request's finish, summed over the rounds (fix rounds count in code and review). None when
+    no spans were recorded (real servers).
+    """
+    by_session: dict[str, list[RequestSpan]] = {}
+    for span in spans:
+        by_session.setdefault(span.session_id, []).append(span)
+    if not by_session:
+        return None
+    totals = {stage: 0.0 for stage in STAGES}
+    for items in by_session.values():
+        for stage, phase in _stage_phases(items):
+            if stage in totals:
+                totals[stage] += max(s.end_s for s in phase) - min(s.arrival_s for s in phase)
+    return {stage: round(total / len(by_session), 3) for stage, total in totals.items()}
 
 
 def _percentile(values: Sequence[float], pct: float) -> float:
@@ -134,6 +253,9 @@ def lower_bound(
     from its arrival: its stages run in order (plan, code round, review, …), a stage can end no
     sooner than its slowest request served alone on an idle server (`solo_latency_s`).
     """
+    # An aborted request counts with the tokens it generated; one that generated none may not
+    # have finished its prefill either, so it counts not at all.
+    spans = [s for s in spans if not (s.aborted and s.output_tokens == 0)]
     parts: dict[str, float] = {}
     for role in ROLES:
         reqs = [
@@ -145,24 +267,57 @@ def lower_bound(
     for span in spans:
         by_session.setdefault(span.session_id, []).append(span)
     for sid, items in by_session.items():
-        items.sort(key=lambda s: (s.arrival_s, s.stage))
-        path = 0.0
-        phase_stage, phase_max = None, 0.0
-        for span in items:
-            solo = solo_latency_s(
-                profiles[span.role],
-                max(1, span.prompt_tokens - span.cached_tokens),
-                span.output_tokens,
+        path = sum(
+            max(
+                solo_latency_s(
+                    profiles[span.role],
+                    max(1, span.prompt_tokens - span.cached_tokens),
+                    span.output_tokens,
+                )
+                for span in phase
             )
-            if span.stage != phase_stage:
-                path += phase_max
-                phase_stage, phase_max = span.stage, 0.0
-            phase_max = max(phase_max, solo)
-        path += phase_max
+            for _stage, phase in _stage_phases(items)
+        )
         critical = max(critical, arrivals.get(sid, t0) - t0 + path)
     parts["critical_path_s"] = critical
     parts["lower_bound_s"] = max(parts.values())
     return parts
+
+
+def placement_bounds(
+    spans: Sequence[RequestSpan],
+    profiles: dict[str, Profile],
+    arrivals: dict[str, float],
+    t0: float,
+) -> dict[str, dict[str, float]]:
+    """`lower_bound` of this run's requests with every review served on each role.
+
+    A review request carries the same prompt whichever GPU serves it, and the emulator draws
+    its length from its content, so it is the same request on either GPU. On the reasoning
+    model its answer splits into reasoning and content, with the same token total. The cached
+    prefix is kept as this run saw it (an approximation: the other GPU's cache may differ).
+    """
+    bounds: dict[str, dict[str, float]] = {}
+    for where in ROLES:
+        moved = [
+            dataclasses.replace(span, role=where) if span.stage == "review" else span
+            for span in spans
+        ]
+        bounds[where] = lower_bound(moved, profiles, arrivals, t0)
+    return bounds
+
+
+def resolve_profiles(
+    profiles: Mapping[Role, str], min_output_frac: float | None = None
+) -> dict[Role, Profile]:
+    """The profile of each role (a name or a .yaml path), with the workload's output fraction."""
+    resolved: dict[Role, Profile] = {}
+    for role in ROLES:
+        profile = get_profile(profiles[role])
+        if min_output_frac is not None:
+            profile = dataclasses.replace(profile, min_output_frac=min_output_frac)
+        resolved[role] = profile
+    return resolved
 
 
 async def _run_sessions(
@@ -211,7 +366,8 @@ async def run_policy_emulated(
 ) -> PolicyRun:
     """One policy against fresh emulators (in-process, or over loopback HTTP on a real clock)."""
     models: dict[Role, str] = {role: f"tandem-{role}" for role in ROLES}
-    apps = emulator_apps(profiles, models, seed)
+    prof = resolve_profiles(profiles, workload.tokens.min_output_frac)
+    apps = emulator_apps(prof, models, seed)
     servers: list[Any] = []
     if real_clock:
         endpoints: dict[Role, list[Replica]] = {}
@@ -229,7 +385,6 @@ async def run_policy_emulated(
         for app in apps.values():
             await app.state.engine.aclose()
     engines = {role: apps[role].state.engine for role in ROLES}
-    prof: dict[str, Profile] = {role: get_profile(profiles[role]) for role in ROLES}
     for role, engine in engines.items():
         run.busy[role] = list(engine.busy_intervals)
         run.generation_tokens[role] = engine.stats.generation_tokens
@@ -249,12 +404,17 @@ async def run_policy_emulated(
                     else rec.arrival_s,
                     end_s=rec.finish_s,
                     prompt_tokens=rec.prompt_tokens,
-                    output_tokens=rec.generated_tokens or rec.output_tokens,
+                    output_tokens=rec.generated_tokens
+                    if rec.finish_reason == "abort"
+                    else rec.generated_tokens or rec.output_tokens,
                     cached_tokens=rec.cached_tokens,
+                    aborted=rec.finish_reason == "abort",
                 )
             )
     arrivals = {workload.session_id(i): run.t0 + a for i, a in enumerate(run.arrivals_s)}
-    run.lower_bound = lower_bound(run.spans, prof, arrivals, run.t0)
+    run.profiles = {str(role): profile for role, profile in prof.items()}
+    run.lower_bound = lower_bound(run.spans, run.profiles, arrivals, run.t0)
+    run.placement_bounds = placement_bounds(run.spans, run.profiles, arrivals, run.t0)
     return run
 
 
@@ -323,11 +483,13 @@ async def run_policy_env(
     sample_interval_s: float = 0.25,
     progress: Callable[[str], None] | None = None,
     metrics: TandemMetrics | None = None,
+    profiles: Mapping[Role, Profile] | None = None,
 ) -> PolicyRun:
     """One policy against real servers: busy time and tokens come from their `/metrics`.
 
     `gpu_busy` is the fraction of /metrics samples (every `sample_interval_s`) that showed at
     least one running request; tokens and preemptions are counter deltas over the run.
+    `gpu_saturation` needs `profiles` (the servers' declared profiles); else it is null.
     """
     from bench.sampler import MetricsSampler
 
@@ -340,6 +502,8 @@ async def run_policy_env(
     for role in ROLES:
         run.busy[role] = sampler.busy_intervals(role)
         run.generation_tokens[role] = int(sampler.delta(role, "generation_tokens"))
+        run.served[role] = (sampler.delta(role, "prompt_tokens"), sampler.delta(role, "requests"))
+    run.profiles = {str(r): p for r, p in profiles.items()} if profiles else None
     run.preemptions = int(sum(sampler.delta(role, "preemptions") for role in ROLES))
     run.requests = int(sum(sampler.delta(role, "requests") for role in ROLES))
     return run

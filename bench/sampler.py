@@ -18,6 +18,7 @@ _FIELDS = {
     "generation_tokens": "generation_tokens_total",
     "preemptions": "preemptions_total",
     "requests": "ttft_count",
+    "prompt_tokens": "prompt_tokens_total",
 }
 
 

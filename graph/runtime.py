@@ -38,9 +38,12 @@ GPU_OF: dict[Role, str] = {"reasoning": "gpu0", "coder": "gpu1"}
 
 
 def emulator_apps(
-    profiles: Mapping[Role, str], models: Mapping[Role, str], seed: int
+    profiles: Mapping[Role, Any], models: Mapping[Role, str], seed: int
 ) -> dict[Role, Any]:
-    """One emulated vLLM server (an ASGI app with its engine) per role."""
+    """One emulated vLLM server (an ASGI app with its engine) per role.
+
+    `profiles` maps each role to a profile name, a profile file path or a `Profile`.
+    """
     from serving.emulator.app import create_app
 
     return {

@@ -1,4 +1,4 @@
-"""The `tandem` command: run, resume, emulate, serve, bench."""
+"""The `tandem` command: run, resume, emulate, serve, bench, calibrate."""
 
 from __future__ import annotations
 
@@ -60,12 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.cli import main as bench_main
 
         return bench_main(args_list[1:])
+    if args_list and args_list[0] == "calibrate":
+        from serving.calibrate import main as calibrate_main
+
+        return calibrate_main(args_list[1:])
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _run_parser(sub)
     sub.add_parser("emulate", help="serve an emulated vLLM (tandem emulate --help)")
     sub.add_parser("serve", help="start real vLLM servers (tandem serve --help)")
     sub.add_parser("bench", help="benchmark policies side by side (tandem bench --help)")
+    sub.add_parser(
+        "calibrate", help="fit an emulator profile to a running vLLM (tandem calibrate --help)"
+    )
     args = parser.parse_args(args_list)
     settings = load_settings()
     if args.command == "run":

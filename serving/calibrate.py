@@ -1,0 +1,1024 @@
+"""Calibrate an emulator profile against a running vLLM (or vLLM-compatible) server.
+
+    tandem calibrate --url http://127.0.0.1:18002/v1 --model tiny-coder --out coder.yaml
+
+Measurement (functions that return points, reusable from tests):
+
+- time to first token against prompt length: one request at a time, `max_tokens` 1, several
+  prompt lengths up to half of `max_model_len`;
+- decode time per token against batch size: a wave of `concurrency` streamed requests sent
+  together, each generating exactly `output_tokens` tokens (`ignore_eos`), at two prompt
+  (context) lengths. Tokens are counted from `usage` (`stream_options.include_usage`), never
+  from SSE events (one event may carry several tokens); a request's decode time per token is
+  (last event - first event) / (completion tokens - 1), which is exact however the stream
+  coalesces tokens;
+- KV capacity from `/metrics` `vllm:cache_config_info`, `max_model_len` from `/v1/models`.
+
+Every point is measured once per round, all points in every round, so a slow spell of a
+shared machine hits calibration and held-out points alike; a point's value is the median
+over rounds.
+
+Fit: the step model is linear in its four terms, and the schedule of a wave (which requests
+share which step, how prompts are chunked) does not depend on them. So each point's model
+value is `features . terms`, where the features come from running the emulator's engine on a
+virtual clock with the same wave (four probe profiles, then a 4x4 solve). Time to first token
+also carries a per-request overhead of the HTTP server (tokenisation, detokenisation, SSE)
+that no engine step models; it is a fifth, nuisance unknown of the TTFT rows. The terms are
+the non-negative least-squares solution of the relative errors (all active sets enumerated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import math
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import httpx
+
+from routing.vllm_metrics import kv_capacity_tokens, parse_metrics
+from serving.clock import now
+from serving.clock import run as run_clock
+from serving.emulator.engine import CHARS_PER_TOKEN, Engine
+from serving.emulator.profiles import Profile, dump_profile_file
+
+Kind = Literal["ttft", "itl"]
+Progress = Callable[[str], None]
+
+TERMS: tuple[str, ...] = ("base_s", "prefill_token_s", "decode_seq_s", "context_token_s")
+OVERHEAD = "ttft_overhead_s"
+DEFAULT_LEVELS = (1, 4, 16, 64)
+DEFAULT_OUTPUT_TOKENS = 128
+# vLLM's API-server default on GPUs below H100 class (H100/H200: 1024; CPU build: 128).
+DEFAULT_MAX_NUM_SEQS = 256
+# vLLM's API-server default on GPUs below H100 class and on the CPU build (H100/H200: 8192).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+DEFAULT_REASONING_FRAC = 0.6
+SHORT_PROMPT_TOKENS = 32
+_ITL_NAMES = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+
+
+# -- server facts -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server reports about itself."""
+
+    model: str
+    max_model_len: int
+    kv_cache_tokens: int | None
+    block_size: int | None
+
+
+def _root_url(base_url: str) -> str:
+    """`http://host:port` from a base URL ending in /v1."""
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _block_size(page: str) -> int | None:
+    """`block_size` label of `vllm:cache_config_info`, if present."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        for family in text_string_to_metric_families(page):
+            if family.name == "vllm:cache_config_info":
+                for sample in family.samples:
+                    size = sample.labels.get("block_size", "")
+                    if size.isdigit():
+                        return int(size)
+    except ValueError:
+        return None
+    return None
+
+
+async def read_server_info(client: httpx.AsyncClient, base_url: str, model: str) -> ServerInfo:
+    """`max_model_len` from /v1/models and the KV capacity from /metrics.
+
+    Raises:
+        ValueError: the server does not serve `model` or reports no max_model_len.
+    """
+    response = await client.get(f"{base_url}/models")
+    response.raise_for_status()
+    cards = response.json().get("data", [])
+    card = next((c for c in cards if c.get("id") == model), None)
+    if card is None:
+        served = [c.get("id") for c in cards]
+        raise ValueError(f"{base_url} does not serve {model!r}; it serves {served}")
+    max_model_len = card.get("max_model_len")
+    if not isinstance(max_model_len, int):
+        raise ValueError(f"{base_url}/models reports no max_model_len for {model!r}")
+    metrics = await client.get(f"{_root_url(base_url)}/metrics")
+    page = metrics.text if metrics.status_code == 200 else ""
+    return ServerInfo(model, max_model_len, kv_capacity_tokens(page), _block_size(page))
+
+
+# -- one streamed request -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamTiming:
+    """One streamed completion as the client saw it (seconds on the loop's clock)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    decode_s: float
+
+    @property
+    def decode_per_token_s(self) -> float | None:
+        """Mean time per token after the first (None for a one-token answer)."""
+        if self.completion_tokens < 2:
+            return None
+        return self.decode_s / (self.completion_tokens - 1)
+
+
+async def stream_completion(
+    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int
+) -> StreamTiming:
+    """Send one streamed chat completion of exactly `max_tokens` tokens and time it.
+
+    The first event that carries a choice marks the first token; the last such event (the one
+    with `finish_reason`) the last token. Token counts come from the usage chunk.
+
+    Raises:
+        ValueError: the stream ended without a usage chunk.
+    """
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    import json
+
+    start = now()
+    first: float | None = None
+    last = start
+    usage: dict[str, int] | None = None
+    async with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("choices"):
+                last = now()
+                first = last if first is None else first
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    if usage is None or first is None:
+        raise ValueError(f"{base_url}: the stream carried no usage chunk (include_usage)")
+    return StreamTiming(
+        prompt_tokens=int(usage["prompt_tokens"]),
+        completion_tokens=int(usage["completion_tokens"]),
+        ttft_s=first - start,
+        decode_s=last - first,
+    )
+
+
+# -- prompts of a given token length --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    """Prompts of about `n` tokens as the server counts them (chat template included).
+
+    Attributes:
+        tokens_per_word: Server tokens per filler word.
+        overhead_tokens: Tokens of the chat template and the nonce.
+    """
+
+    tokens_per_word: float
+    overhead_tokens: float
+    _counter: list[int] = field(default_factory=lambda: [0], compare=False, repr=False)
+
+    def words_for(self, tokens: int) -> int:
+        """Filler words for a prompt of `tokens` tokens (at least 1)."""
+        return max(1, round((tokens - self.overhead_tokens) / self.tokens_per_word))
+
+    def text(self, tokens: int) -> str:
+        """A fresh prompt of about `tokens` tokens; its unique start defeats the prefix cache."""
+        self._counter[0] += 1
+        return filler_text(self.words_for(tokens), nonce=self._counter[0])
+
+
+def filler_text(words: int, nonce: int) -> str:
+    """`words` filler words after a nonce that makes the prompt's first block unique."""
+    body = " ".join(_WORDS[(nonce + i) % len(_WORDS)] for i in range(words))
+    return f"{nonce:06d} {body}"
+
+
+async def probe_prompt_builder(
+    client: httpx.AsyncClient, base_url: str, model: str, words: tuple[int, int] = (16, 512)
+) -> PromptBuilder:
+    """Learn the server's tokens per filler word from two one-token requests."""
+    counts = []
+    for i, n in enumerate(words):
+        timing = await stream_completion(
+            client, base_url, model, filler_text(n, nonce=900_000 + i), 1
+        )
+        counts.append(timing.prompt_tokens)
+    per_word = (counts[1] - counts[0]) / (words[1] - words[0])
+    return PromptBuilder(per_word, counts[0] - per_word * words[0])
+
+
+# -- points ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """One measurement: a lone request's TTFT, or a wave's decode time per token.
+
+    Attributes:
+        kind: "ttft" (one request, one output token) or "itl" (a wave).
+        prompt_tokens: Target prompt length, server tokens.
+        concurrency: Requests sent together (1 for ttft).
+        output_tokens: Tokens each request generates (1 for ttft).
+    """
+
+    kind: Kind
+    prompt_tokens: int
+    concurrency: int = 1
+    output_tokens: int = 1
+
+    @property
+    def label(self) -> str:
+        """Short human name."""
+        if self.kind == "ttft":
+            return f"ttft p={self.prompt_tokens}"
+        return f"itl c={self.concurrency} p={self.prompt_tokens}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One round's measurement of a point."""
+
+    value_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point measured over several rounds; `value_s` is the median over rounds.
+
+    Attributes:
+        spec: What was measured.
+        prompt_tokens: Median prompt length the server counted.
+        output_tokens: Median completion tokens per request.
+        value_s: Median over rounds of the TTFT, or of the wave's mean decode time per token.
+        rounds_s: Each round's value.
+        tokens_per_s: Median over rounds of the wave's output tokens per second of wall time.
+        retries: Waves measured again because they reached the engine staggered.
+    """
+
+    spec: PointSpec
+    prompt_tokens: int
+    output_tokens: int
+    value_s: float
+    rounds_s: tuple[float, ...]
+    tokens_per_s: float
+    retries: int = 0
+
+
+async def measure_ttft(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    builder: PromptBuilder,
+    prompt_tokens: int,
+    repeats: int = 3,
+) -> Sample:
+    """Median TTFT of `repeats` lone one-token requests with fresh prompts."""
+    timings = [
+        await stream_completion(client, base_url, model, builder.text(prompt_tokens), 1)
+        for _ in range(repeats)
+    ]
+    return Sample(
+        value_s=statistics.median(t.ttft_s for t in timings),
+        prompt_tokens=round(statistics.median(t.prompt_tokens for t in timings)),
+        completion_tokens=1,
+        wall_s=sum(t.ttft_s for t in timings),
+    )
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    """Cumulative engine-side counters from `/metrics`.
+
+    Attributes:
+        itl_sum_s: Sum of the inter-token latency histogram (engine-core timestamps in vLLM
+            V1, so a lagging API server does not distort it).
+        itl_count: Its count (decode tokens).
+        iterations: Engine steps (`vllm:iteration_tokens_total` count), None if not reported.
+    """
+
+    itl_sum_s: float
+    itl_count: float
+    iterations: float | None
+
+
+async def read_counters(client: httpx.AsyncClient, base_url: str) -> EngineCounters:
+    """Scrape the server's inter-token latency histogram and step count.
+
+    Raises:
+        ValueError: the page has no inter-token latency histogram.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.get(f"{_root_url(base_url)}/metrics")
+    response.raise_for_status()
+    snapshot = parse_metrics(response.text, 0.0)
+    has_itl = any(name in response.text for name in _ITL_NAMES)
+    if not snapshot.ok or not has_itl:
+        raise ValueError(f"{base_url}: /metrics has no inter-token latency histogram")
+    iterations = None
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "vllm:iteration_tokens_total":
+            iterations = sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return EngineCounters(snapshot.itl_sum_s, snapshot.itl_count, iterations)
+
+
+async def _complete(
+    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int
+) -> tuple[int, int]:
+    """One non-streamed completion of exactly `max_tokens` tokens: (prompt, completion) tokens."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    response = await client.post(f"{base_url}/chat/completions", json=body)
+    response.raise_for_status()
+    usage = response.json()["usage"]
+    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+
+
+@dataclass(frozen=True)
+class WaveSample(Sample):
+    """A wave's sample, with the engine steps it took (None if the server does not say)."""
+
+    iterations: float | None = None
+
+
+async def measure_wave(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    builder: PromptBuilder,
+    spec: PointSpec,
+) -> WaveSample:
+    """Mean inter-token latency of `spec.concurrency` requests sent together.
+
+    The requests are not streamed: per-token SSE work in the server's API process is what
+    delays the admission of a wave's later requests on a busy machine. The step time comes
+    from the server's own inter-token latency histogram over the wave.
+
+    Raises:
+        ValueError: a request generated other than `spec.output_tokens` tokens (the server
+            ignored `ignore_eos` or capped `max_tokens`).
+    """
+    before = await read_counters(client, base_url)
+    start = now()
+    usages = await asyncio.gather(
+        *(
+            _complete(client, base_url, model, builder.text(spec.prompt_tokens), spec.output_tokens)
+            for _ in range(spec.concurrency)
+        )
+    )
+    wall_s = now() - start
+    after = await read_counters(client, base_url)
+    short = [c for _, c in usages if c != spec.output_tokens]
+    if short:
+        raise ValueError(
+            f"{spec.label}: asked for {spec.output_tokens} tokens, got {sorted(set(short))}"
+        )
+    count = after.itl_count - before.itl_count
+    if count <= 0:
+        raise ValueError(f"{spec.label}: the server's inter-token latency count did not move")
+    iterations = None
+    if after.iterations is not None and before.iterations is not None:
+        iterations = after.iterations - before.iterations
+    return WaveSample(
+        value_s=(after.itl_sum_s - before.itl_sum_s) / count,
+        prompt_tokens=round(statistics.median(p for p, _ in usages)),
+        completion_tokens=spec.output_tokens,
+        wall_s=wall_s,
+        iterations=iterations,
+    )
+
+
+def expected_steps(spec: PointSpec, prompt_tokens: int, limits: EngineLimits) -> int:
+    """Engine steps a wave takes when its requests reach the engine together."""
+    batch = min(spec.concurrency, limits.max_num_seqs)
+    waves = -(-spec.concurrency // batch)
+    prefill_steps = -(-batch * prompt_tokens // limits.max_num_batched_tokens)
+    return waves * (prefill_steps + spec.output_tokens - 1)
+
+
+async def measure_points(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    specs: Sequence[PointSpec],
+    *,
+    rounds: int = 3,
+    ttft_repeats: int = 3,
+    builder: PromptBuilder | None = None,
+    limits: EngineLimits | None = None,
+    max_attempts: int = 3,
+    progress: Progress | None = None,
+) -> list[Point]:
+    """Measure every spec once per round, `rounds` times, after a warm-up.
+
+    Interleaving puts calibration and held-out points of one round in the same spell of the
+    machine; the median over rounds drops a spell that hit one round only. A wave whose
+    requests reached the engine staggered (it took more engine steps than a wave sent
+    together, see `expected_steps`; needs `limits` and a server that reports its steps) ran
+    at smaller batches than asked: it is measured again, up to `max_attempts` times, and the
+    best-formed attempt kept.
+
+    Args:
+        client: HTTP client (any transport).
+        base_url: Server base URL ending in /v1.
+        model: Served model name.
+        specs: The points.
+        rounds: Measurements per point.
+        ttft_repeats: Requests per TTFT measurement (median of them).
+        builder: Prompt builder; probed from the server if None.
+        limits: The server's scheduler limits, for the wave check.
+        max_attempts: Tries per wave and round.
+        progress: Called with a spec's label after each measurement.
+    """
+    builder = builder or await probe_prompt_builder(client, base_url, model)
+    await _warm_up(client, base_url, model, builder, specs)
+    samples: dict[PointSpec, list[Sample]] = {spec: [] for spec in specs}
+    retries: dict[PointSpec, int] = dict.fromkeys(specs, 0)
+    for _ in range(rounds):
+        for spec in specs:
+            sample: Sample
+            if spec.kind == "ttft":
+                sample = await measure_ttft(
+                    client, base_url, model, builder, spec.prompt_tokens, ttft_repeats
+                )
+            else:
+                sample = await _formed_wave(
+                    client, base_url, model, builder, spec, limits, max_attempts
+                )
+                retries[spec] += getattr(sample, "attempts", 1) - 1
+            samples[spec].append(sample)
+            if progress is not None:
+                progress(spec.label)
+    return [_point(spec, samples[spec], retries[spec]) for spec in specs]
+
+
+@dataclass(frozen=True)
+class _Attempted(WaveSample):
+    attempts: int = 1
+
+
+async def _formed_wave(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    builder: PromptBuilder,
+    spec: PointSpec,
+    limits: EngineLimits | None,
+    max_attempts: int,
+) -> _Attempted:
+    """The first wave that reached the engine together, else the best-formed of the tries."""
+    tries: list[WaveSample] = []
+    for _ in range(max_attempts):
+        sample = await measure_wave(client, base_url, model, builder, spec)
+        tries.append(sample)
+        if limits is None or sample.iterations is None:
+            break
+        expected = expected_steps(spec, sample.prompt_tokens, limits)
+        if sample.iterations <= 1.1 * expected + 2:
+            break
+    best = min(tries, key=lambda s: s.iterations if s.iterations is not None else 0.0)
+    return _Attempted(
+        value_s=best.value_s,
+        prompt_tokens=best.prompt_tokens,
+        completion_tokens=best.completion_tokens,
+        wall_s=best.wall_s,
+        iterations=best.iterations,
+        attempts=len(tries),
+    )
+
+
+async def _warm_up(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    builder: PromptBuilder,
+    specs: Sequence[PointSpec],
+) -> None:
+    """One wave at the widest batch and longest prompt, so first-use costs are not measured."""
+    waves = [s for s in specs if s.kind == "itl"] or [PointSpec("itl", SHORT_PROMPT_TOKENS, 1, 8)]
+    widest = max(s.concurrency for s in waves)
+    longest = max(s.prompt_tokens for s in specs)
+    await measure_wave(client, base_url, model, builder, PointSpec("itl", longest, widest, 8))
+    await measure_ttft(client, base_url, model, builder, longest, 1)
+
+
+def _point(spec: PointSpec, samples: Sequence[Sample], retries: int) -> Point:
+    return Point(
+        spec=spec,
+        prompt_tokens=round(statistics.median(s.prompt_tokens for s in samples)),
+        output_tokens=round(statistics.median(s.completion_tokens for s in samples)),
+        value_s=statistics.median(s.value_s for s in samples),
+        rounds_s=tuple(s.value_s for s in samples),
+        tokens_per_s=statistics.median(
+            s.completion_tokens * spec.concurrency / s.wall_s if s.wall_s > 0 else 0.0
+            for s in samples
+        ),
+        retries=retries,
+    )
+
+
+def calibration_specs(
+    info: ServerInfo,
+    *,
+    levels: Sequence[int] = DEFAULT_LEVELS,
+    output_tokens: int = DEFAULT_OUTPUT_TOKENS,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    ttft_lengths: int = 5,
+) -> list[PointSpec]:
+    """The default points: TTFT up to half of max_model_len, waves at two context lengths.
+
+    The long context is a quarter of max_model_len, capped so the widest wave fits in half
+    the KV cache (preemption would change the schedule the fit assumes).
+    """
+    top = max(SHORT_PROMPT_TOKENS * 2, info.max_model_len // 2)
+    ratio = (top / SHORT_PROMPT_TOKENS) ** (1 / max(1, ttft_lengths - 1))
+    lengths = sorted({round(SHORT_PROMPT_TOKENS * ratio**i) for i in range(ttft_lengths)})
+    specs = [PointSpec("ttft", p) for p in lengths]
+    long_prompt = info.max_model_len // 4
+    if info.kv_cache_tokens:
+        fit = info.kv_cache_tokens // (2 * max(levels)) - output_tokens
+        long_prompt = min(long_prompt, fit)
+    long_prompt = min(long_prompt, max_num_batched_tokens, info.max_model_len - output_tokens - 1)
+    contexts = [SHORT_PROMPT_TOKENS]
+    if long_prompt > 2 * SHORT_PROMPT_TOKENS:
+        contexts.append(long_prompt)
+    for prompt in contexts:
+        specs.extend(PointSpec("itl", prompt, c, output_tokens) for c in levels)
+    return specs
+
+
+# -- the model's features of each point ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The scheduler limits the fitted profile will have (they shape each wave's schedule)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_tokens: int
+    max_model_len: int
+    block_size: int = 16
+
+
+def _probe_profile(limits: EngineLimits, terms: Sequence[float]) -> Profile:
+    return Profile(
+        name="probe",
+        served_model_name="probe",
+        role="coder",
+        base_s=terms[0],
+        prefill_token_s=terms[1],
+        decode_seq_s=terms[2],
+        context_token_s=terms[3],
+        max_num_seqs=limits.max_num_seqs,
+        max_num_batched_tokens=limits.max_num_batched_tokens,
+        kv_cache_tokens=limits.kv_cache_tokens,
+        max_model_len=limits.max_model_len,
+        block_size=limits.block_size,
+        min_output_frac=1.0,
+    )
+
+
+async def _engine_value(profile: Profile, point: Point) -> float:
+    """The point's statistic when the emulator's engine serves the same requests.
+
+    TTFT for a lone request; for a wave, the mean inter-token latency, as the server's
+    histogram gives it.
+    """
+    engine = Engine(profile)
+    spec = point.spec
+    count = spec.concurrency if spec.kind == "itl" else 1
+    chars = point.prompt_tokens * CHARS_PER_TOKEN
+    # Every request is queued before the engine's first step, as a wave sent together.
+    handles = [
+        engine.submit((f"{i:08d}|" + "x" * chars)[:chars], point.output_tokens)
+        for i in range(count)
+    ]
+    records = [await h.result() for h in handles]
+    await engine.aclose()
+    if spec.kind == "ttft":
+        first = records[0].first_token_s
+        assert first is not None
+        return first - records[0].arrival_s
+    itl = engine.stats.itl
+    return itl.sum / max(1, itl.count)
+
+
+# Probe terms of typical magnitude; the probes are this vector with one term doubled each, so
+# the 4x4 system is (ones + identity) after scaling: well conditioned.
+_PROBE_TERMS = (1e-3, 1e-5, 1e-5, 1e-8)
+
+
+def point_features(points: Sequence[Point], limits: EngineLimits) -> list[list[float]]:
+    """Per point, the four coefficients of the step terms in the point's model value.
+
+    Must be called outside a running event loop (it runs the engine on a virtual clock).
+    """
+    probes = []
+    for k in range(len(TERMS)):
+        terms = list(_PROBE_TERMS)
+        terms[k] *= 2
+        probes.append(terms)
+
+    async def values() -> list[list[float]]:
+        out = []
+        for point in points:
+            out.append([await _engine_value(_probe_profile(limits, t), point) for t in probes])
+        return out
+
+    measured = run_clock(values(), virtual=True)
+    # y_i = sum_k probe_ik f_k; with g_k = f_k * PROBE_k: y_i = sum_k (1 + [i == k]) g_k,
+    # whose inverse is g = y - sum(y) / (n + 1).
+    n = len(TERMS)
+    features = []
+    for y in measured:
+        total = sum(y) / (n + 1)
+        features.append([(y[k] - total) / _PROBE_TERMS[k] for k in range(n)])
+    return features
+
+
+# -- non-negative least squares -------------------------------------------------------------
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Solve the square system a x = b by Gaussian elimination with partial pivoting."""
+    n = len(b)
+    m = [[*row, rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col:
+                factor = m[r][col] / m[col][col]
+                m[r] = [x - factor * y for x, y in zip(m[r], m[col], strict=True)]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def nnls(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[float]:
+    """Minimise ||A x - b||^2 subject to x >= 0, for a handful of unknowns.
+
+    The optimum is the unconstrained least-squares solution on its own support, so every
+    support (2^n of them) is solved by its normal equations and the best non-negative one
+    kept. Columns are scaled to unit norm first, so terms of very different size (seconds
+    against nanoseconds per token) condition alike.
+    """
+    n = len(rows[0])
+    norms = [math.sqrt(sum(r[k] ** 2 for r in rows)) or 1.0 for k in range(n)]
+    a = [[r[k] / norms[k] for k in range(n)] for r in rows]
+    best: list[float] = [0.0] * n
+    best_err = sum(t * t for t in targets)
+    for size in range(1, n + 1):
+        for support in itertools.combinations(range(n), size):
+            ata = [[sum(r[i] * r[j] for r in a) for j in support] for i in support]
+            atb = [sum(r[i] * t for r, t in zip(a, targets, strict=True)) for i in support]
+            sol = _solve(ata, atb)
+            if sol is None or min(sol) < 0:
+                continue
+            x = [0.0] * n
+            for i, v in zip(support, sol, strict=True):
+                x[i] = v
+            err = sum(
+                (sum(r[k] * x[k] for k in range(n)) - t) ** 2
+                for r, t in zip(a, targets, strict=True)
+            )
+            if err < best_err - 1e-15:
+                best, best_err = x, err
+    return [v / norms[k] for k, v in enumerate(best)]
+
+
+# -- the fit ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Fitted step terms and how well they reproduce the points.
+
+    Attributes:
+        terms: base_s, prefill_token_s, decode_seq_s, context_token_s.
+        ttft_overhead_s: Per-request time of the HTTP server in TTFT, outside engine steps.
+        points: The points fitted.
+        predicted_s: The model's value of each point.
+    """
+
+    terms: dict[str, float]
+    ttft_overhead_s: float
+    points: tuple[Point, ...]
+    predicted_s: tuple[float, ...]
+
+    @property
+    def residuals(self) -> tuple[float, ...]:
+        """Relative error of the model at each point (predicted / measured - 1)."""
+        return tuple(
+            p / pt.value_s - 1 for p, pt in zip(self.predicted_s, self.points, strict=True)
+        )
+
+
+def fit_step_model(points: Sequence[Point], limits: EngineLimits) -> Fit:
+    """Fit the step terms (and the TTFT overhead) to `points`, minimising relative error.
+
+    Must be called outside a running event loop (see `point_features`).
+
+    Raises:
+        ValueError: no points, or a point with a non-positive value.
+    """
+    if not points:
+        raise ValueError("no points to fit")
+    if any(p.value_s <= 0 for p in points):
+        raise ValueError("every point needs a positive measured time")
+    features = point_features(points, limits)
+    rows = [
+        [*f, 1.0 if p.spec.kind == "ttft" else 0.0] for f, p in zip(features, points, strict=True)
+    ]
+    if all(p.spec.kind != "ttft" for p in points):
+        rows = [r[:-1] for r in rows]
+    weighted = [[v / p.value_s for v in r] for r, p in zip(rows, points, strict=True)]
+    x = nnls(weighted, [1.0] * len(points))
+    predicted = tuple(sum(v * c for v, c in zip(r, x, strict=True)) for r in rows)
+    overhead = x[len(TERMS)] if len(x) > len(TERMS) else 0.0
+    return Fit(dict(zip(TERMS, x, strict=False)), overhead, tuple(points), predicted)
+
+
+# -- the profile --------------------------------------------------------------------------
+
+
+def build_profile(
+    fit: Fit,
+    limits: EngineLimits,
+    *,
+    name: str,
+    served_model_name: str,
+    role: Literal["reasoning", "coder"] = "coder",
+    reasoning_frac: float = DEFAULT_REASONING_FRAC,
+    url: str = "",
+    min_output_frac: float = 0.5,
+    default_max_tokens: int = 1024,
+) -> Profile:
+    """The emulator profile of the fitted server; `source` records how it was measured."""
+    return Profile(
+        name=name,
+        served_model_name=served_model_name,
+        role=role,
+        base_s=fit.terms["base_s"],
+        prefill_token_s=fit.terms["prefill_token_s"],
+        decode_seq_s=fit.terms["decode_seq_s"],
+        context_token_s=fit.terms["context_token_s"],
+        max_num_seqs=limits.max_num_seqs,
+        max_num_batched_tokens=limits.max_num_batched_tokens,
+        kv_cache_tokens=limits.kv_cache_tokens,
+        max_model_len=limits.max_model_len,
+        block_size=limits.block_size,
+        min_output_frac=min_output_frac,
+        default_max_tokens=default_max_tokens,
+        reasoning=role == "reasoning",
+        reasoning_frac=reasoning_frac if role == "reasoning" else 0.0,
+        source=describe_fit(fit, url=url, model=served_model_name),
+    )
+
+
+def describe_fit(fit: Fit, *, url: str, model: str) -> str:
+    """A multi-line record of the calibration: server, date, terms, points and residuals."""
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in fit.terms.items())
+    worst = max((abs(r) for r in fit.residuals), default=0.0)
+    lines = [
+        f"tandem calibrate against {url} (model {model}) on {date}.",
+        f"Fit (non-negative least squares, relative error): {terms}; TTFT overhead outside "
+        f"engine steps {fit.ttft_overhead_s * 1e3:.2f} ms; worst residual {worst:.1%}.",
+        "Points (median over rounds; measured, fitted, residual):",
+    ]
+    for point, pred, res in zip(fit.points, fit.predicted_s, fit.residuals, strict=True):
+        rounds = ", ".join(f"{v * 1e3:.2f}" for v in point.rounds_s)
+        lines.append(
+            f"  {point.spec.label} (prompt {point.prompt_tokens}, out {point.output_tokens}): "
+            f"{point.value_s * 1e3:.3f} ms (rounds {rounds}), fit {pred * 1e3:.3f} ms "
+            f"({res:+.1%}), {point.tokens_per_s:.0f} tok/s"
+        )
+    return "\n".join(lines)
+
+
+def limits_for(
+    info: ServerInfo,
+    *,
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    kv_cache_tokens: int | None = None,
+) -> EngineLimits:
+    """Scheduler limits: what the server reports, then the given values for what it does not.
+
+    Raises:
+        ValueError: the KV capacity is neither reported nor given.
+    """
+    kv = kv_cache_tokens or info.kv_cache_tokens
+    if not kv:
+        raise ValueError(
+            "the server reports no vllm:cache_config_info on /metrics; pass --kv-cache-tokens"
+        )
+    return EngineLimits(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_tokens=kv,
+        max_model_len=info.max_model_len,
+        block_size=info.block_size or 16,
+    )
+
+
+def emulate_points(profile: Profile, specs: Sequence[PointSpec], *, rounds: int = 1) -> list[Point]:
+    """Measure `specs` on the emulator serving `profile`, on a virtual clock.
+
+    The emulator has no `ignore_eos`: it is served with `min_output_frac` 1, so every
+    request generates its `max_tokens`, as the real server does with `ignore_eos`.
+    Must be called outside a running event loop.
+    """
+    from serving.emulator.app import create_app
+    from serving.emulator.transport import InProcessTransport
+
+    async def main() -> list[Point]:
+        app = create_app(replace(profile, min_output_frac=1.0))
+        base = "http://emulator.calibrate/v1"
+        transport = InProcessTransport(app)
+        try:
+            async with httpx.AsyncClient(transport=transport, timeout=None) as client:
+                return await measure_points(
+                    client, base, profile.served_model_name, specs, rounds=rounds,
+                    ttft_repeats=1, limits=_limits_of(profile),
+                )  # fmt: skip
+        finally:
+            await app.state.engine.aclose()
+
+    return run_clock(main(), virtual=True)
+
+
+def _limits_of(profile: Profile) -> EngineLimits:
+    return EngineLimits(
+        max_num_seqs=profile.max_num_seqs,
+        max_num_batched_tokens=profile.max_num_batched_tokens,
+        kv_cache_tokens=profile.kv_cache_tokens,
+        max_model_len=profile.max_model_len,
+        block_size=profile.block_size,
+    )
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem calibrate",
+        description="Measure a running vLLM server and write an emulator profile file.",
+    )
+    parser.add_argument("--url", required=True, help="base URL ending in /v1")
+    parser.add_argument("--model", required=True, help="served model name")
+    parser.add_argument("--out", required=True, help="profile file to write (.yaml)")
+    parser.add_argument("--name", help="profile name (default: the file's stem)")
+    parser.add_argument("--role", choices=["coder", "reasoning"], default="coder")
+    parser.add_argument(
+        "--reasoning-frac",
+        type=float,
+        default=DEFAULT_REASONING_FRAC,
+        help="share of output tokens that are reasoning (role reasoning)",
+    )
+    parser.add_argument(
+        "--levels",
+        default=",".join(map(str, DEFAULT_LEVELS)),
+        help="concurrency levels of the decode waves (comma-separated)",
+    )
+    parser.add_argument("--max-concurrency", type=int, help="drop levels above this")
+    parser.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS)
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=DEFAULT_MAX_NUM_SEQS,
+        help="the server's --max-num-seqs (vLLM does not report it; default %(default)s, "
+        "vLLM's API-server default below H100 class; H100/H200 1024, CPU build 128)",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        help="the server's --max-num-batched-tokens (not reported; default %(default)s, "
+        "vLLM's default below H100 class and on CPU; H100/H200 8192)",
+    )
+    parser.add_argument("--kv-cache-tokens", type=int, help="if /metrics does not report it")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per point")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 3 TTFT lengths")
+    parser.add_argument("--api-key", default="EMPTY")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `tandem calibrate`; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(stderr=True)
+    levels = sorted({int(x) for x in args.levels.split(",") if x.strip()})
+    if args.max_concurrency:
+        levels = [c for c in levels if c <= args.max_concurrency]
+    rounds = 2 if args.quick else args.rounds
+    base_url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"}
+
+    async def measure() -> tuple[EngineLimits, list[Point]]:
+        pool = httpx.Limits(max_connections=max(levels) + 4, keepalive_expiry=2.0)
+        async with httpx.AsyncClient(timeout=600.0, limits=pool, headers=headers) as client:
+            info = await read_server_info(client, base_url, args.model)
+            limits = limits_for(
+                info,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                kv_cache_tokens=args.kv_cache_tokens,
+            )
+            specs = calibration_specs(
+                info,
+                levels=levels,
+                output_tokens=args.output_tokens,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                ttft_lengths=3 if args.quick else 5,
+            )
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                console=console,
+            ) as bar:  # fmt: skip
+                task = bar.add_task("warm-up", total=rounds * len(specs))
+
+                def advance(label: str) -> None:
+                    bar.update(task, advance=1, description=label)
+
+                points = await measure_points(
+                    client,
+                    base_url,
+                    args.model,
+                    specs,
+                    rounds=rounds,
+                    limits=limits,
+                    progress=advance,
+                )
+            return limits, points
+
+    try:
+        limits, points = asyncio.run(measure())
+    except (httpx.HTTPError, ValueError) as exc:
+        console.print(f"[red]calibrate: {exc}[/red]")
+        return 1
+    fit = fit_step_model(points, limits)
+    out = Path(args.out)
+    profile = build_profile(
+        fit,
+        limits,
+        name=args.name or out.stem,
+        served_model_name=args.model,
+        role=args.role,
+        reasoning_frac=args.reasoning_frac,
+        url=base_url,
+    )
+    dump_profile_file(profile, out)
+    print(profile.source)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 
 from nodes.context import RunContext
-from nodes.workspace import SessionDir
+from nodes.finalize import write_interrupted
 from routing.fanout import FanoutPolicy
 from serving.clock import now
 
@@ -126,7 +126,7 @@ async def run_session(
         result.status = "error"
         result.error = f"{type(exc).__name__}: {exc}"
         say(f"[{session_id}] error: {result.error} (resume with: tandem resume {session_id})")
-        state = None
+        # Without a checkpointer the last streamed state is all there is to write.
         if graph.checkpointer:
             try:
                 state = (await graph.aget_state(config)).values
@@ -162,22 +162,7 @@ def _write_interrupted_manifest(
     context: RunContext, session_id: str, state: dict[str, Any], error: str
 ) -> None:
     try:
-        session_dir = SessionDir(context.workspace, session_id)
-        session_dir.write_manifest(
-            {
-                "session_id": session_id,
-                "status": "interrupted",
-                "error": error,
-                "resume": f"tandem resume {session_id}",
-                "request": state.get("request"),
-                "plan": state.get("plan"),
-                "rejected_paths": state.get("rejected_paths", []),
-                "files": {
-                    p: {"status": "checkpointed", "round": f.get("round", 0)}
-                    for p, f in state.get("files", {}).items()
-                },
-            }
-        )
+        write_interrupted(state, session_id, context, error)
     except Exception as exc:
         print(f"[{session_id}] could not write manifest: {exc}", file=sys.stderr)
 

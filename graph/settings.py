@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,6 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from nodes.context import RunContext
 
 _LIMIT_RE = re.compile(r"^(adaptive|unlimited|fixed-[1-9][0-9]*)$")
+# `user:password@` in a URL, and query parameters that look like credentials.
+_URL_CREDENTIALS_RE = re.compile(r"(?<=://)[^\s@]*@")
+_QUERY_SECRET_RE = re.compile(
+    r"([?&][^=&#\s]*(?:key|token|secret|passw|auth|sig)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
+)
+# Fields whose values are never shown, not even redacted.
+_SECRET_FIELDS = frozenset({"api_key"})
 
 
 class SettingsError(SystemExit):
@@ -46,8 +56,8 @@ class Settings(BaseSettings):
     )
     order: Literal["fifo", "las"] = "las"
     metrics_port: int | None = Field(None, ge=0, le=65535)
-    emulator_reasoning_profile: str = "h100-reasoning-32b"
-    emulator_coder_profile: str = "h100-coder-8b"
+    emulator_reasoning_profile: str = "h100-nvl-reasoning-32b"
+    emulator_coder_profile: str = "h100-nvl-coder-8b"
     emulator_seed: int = 0
 
     @field_validator("reasoning_url", "coder_url")
@@ -55,8 +65,7 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
+        check_url(value)
         return value.rstrip("/")
 
     @field_validator("limit")
@@ -91,8 +100,36 @@ class Settings(BaseSettings):
         )
 
 
+def check_url(value: str) -> None:
+    """Refuse anything but a plain http(s) URL with a host (messages never echo the value).
+
+    Raises:
+        ValueError: saying what is wrong.
+    """
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("must be one http(s) URL, without whitespace or control characters")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL such as http://127.0.0.1:8001/v1")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with URL credentials, credential-like query values and `secrets` as `***`."""
+    text = _URL_CREDENTIALS_RE.sub("***@", text)
+    text = _QUERY_SECRET_RE.sub(r"\1***", text)
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment; an invalid value stops with a message naming it.
+
+    The message never shows the API key or credentials in URLs.
 
     Raises:
         SettingsError: (a SystemExit) listing each bad `TANDEM_*` variable and why.
@@ -100,9 +137,26 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
+        secrets = _secret_values(overrides)
         lines = []
         for err in exc.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "settings"
-            name = f"TANDEM_{field.upper()}" if field != "settings" else "TANDEM_* settings"
-            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid Tandem settings:\n" + "\n".join(lines)) from None
+            field = ".".join(str(p) for p in err["loc"])
+            if not field:
+                # A cross-field check: its input is every setting, the API key included.
+                lines.append(f"  TANDEM_* settings: {err['msg']}")
+                continue
+            shown = "***" if field in _SECRET_FIELDS else repr(err.get("input"))
+            lines.append(f"  TANDEM_{field.upper()}: {err['msg']} (got {shown})")
+        text = "invalid Tandem settings:\n" + "\n".join(lines)
+        raise SettingsError(redact(text, secrets)) from None
+
+
+def _secret_values(overrides: dict[str, object]) -> list[str]:
+    """The API key as given in `overrides` or the environment (read case-insensitively)."""
+    values = [v for k, v in os.environ.items() if k.upper() == "TANDEM_API_KEY"]
+    given = overrides.get("api_key")
+    if isinstance(given, SecretStr):
+        given = given.get_secret_value()
+    if isinstance(given, str):
+        values.append(given)
+    return values

@@ -1,43 +1,53 @@
-"""Finalize: write the session's files and `manifest.json` under the workspace."""
+"""Finalize: write the session's files and `manifest.json` under the workspace.
+
+Every failure here is per file: a path the policy or a symlink refuses, a write the
+filesystem refuses, content that is not valid Unicode. The file is marked with the reason,
+the others are written, the session ends `partial` and the manifest is written. Finalize
+does not raise for anything a model sent, so `tandem resume` cannot hit the same error again.
+"""
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
 from typing import Any
 
 from nodes.context import RunContext
-from nodes.paths import UnsafePathError
+from nodes.paths import UnsafePathError, shown
 from nodes.workspace import SessionDir
 
 
+def write_one(session_dir: SessionDir, path: str, content: str) -> tuple[str, str]:
+    """Write one file; return its status (written, refused, failed) and the reason if not."""
+    try:
+        session_dir.write_text(path, content)
+    except UnsafePathError as exc:
+        return "refused", shown(str(exc))
+    except UnicodeEncodeError as exc:
+        return "failed", f"content is not valid Unicode: {shown(exc.reason)} at {exc.start}"
+    except OSError as exc:
+        # ENAMETOOLONG, ENOSPC, EACCES, ...: the reason without the (long) absolute path.
+        code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        return "failed", f"write failed: {exc.strerror or shown(str(exc))} ({code})"
+    except ValueError as exc:
+        return "failed", f"write failed: {shown(str(exc))}"
+    return "written", ""
+
+
+def is_finished(path: str, state: dict[str, Any]) -> bool:
+    """A file is finished when its coder wrote it and review did not send it back."""
+    status = state.get("files", {}).get(path, {}).get("status")
+    verdict = state.get("verdicts", {}).get(path, {}).get("verdict")
+    return bool(status == "written" and verdict != "needs-fix")
+
+
 def run_finalize(state: dict[str, Any], session_id: str, ctx: RunContext) -> dict[str, Any]:
-    """Write every written file, then the manifest. Unsafe paths are refused and reported."""
+    """Write every written file, then the manifest. Each refusal or failure stays per file."""
     session_dir = SessionDir(ctx.workspace, session_id)
-    files = state.get("files", {})
-    verdicts = state.get("verdicts", {})
-    checks = state.get("checks", {})
-    rejected = list(state.get("rejected_paths", []))
-    per_file: dict[str, dict[str, Any]] = {}
-    for path, result in sorted(files.items()):
-        entry: dict[str, Any] = {
-            "status": result.get("status", "failed"),
-            "round": result.get("round", 0),
-            "attempts": result.get("attempts", 0),
-            "verdict": verdicts.get(path, {}).get("verdict"),
-            "comments": verdicts.get(path, {}).get("comments", ""),
-            "checks": checks.get(path, []),
-        }
-        if result.get("error"):
-            entry["error"] = result["error"]
-        if result.get("status") == "written":
-            try:
-                session_dir.write_text(path, result.get("content", ""))
-            except UnsafePathError as exc:
-                entry["status"] = "refused"
-                entry["error"] = str(exc)
-                rejected.append({"path": path, "reason": str(exc)})
-        per_file[path] = entry
-    planned = [f["path"] for f in state.get("plan", {}).get("files", [])]
-    for path in planned:
+    before = list(state.get("rejected_paths", []))
+    rejected = list(before)
+    per_file = _write_files(session_dir, state, rejected)
+    for path in _planned(state):
         per_file.setdefault(path, {"status": "missing", "round": state.get("round", 0)})
     written = sum(1 for e in per_file.values() if e["status"] == "written")
     failing = [
@@ -66,12 +76,77 @@ def run_finalize(state: dict[str, Any], session_id: str, ctx: RunContext) -> dic
         "timings_s": state.get("timings_s", {}),
         "review_on": ctx.review_on,
     }
-    manifest_path = session_dir.write_manifest(manifest)
-    out: dict[str, Any] = {
-        "status": status,
-        "output_dir": str(session_dir.root),
-        "manifest_path": str(manifest_path),
-    }
-    if len(rejected) != len(state.get("rejected_paths", [])):
-        out["rejected_paths"] = rejected[len(state.get("rejected_paths", [])) :]
+    out: dict[str, Any] = {"status": status, "output_dir": str(session_dir.root)}
+    try:
+        out["manifest_path"] = str(session_dir.write_manifest(manifest))
+    except (UnsafePathError, OSError) as exc:
+        # The files are on disk; say why their manifest is not, and end the session.
+        out["error"] = f"manifest not written: {shown(str(exc))}"
+        out["status"] = "failed" if status == "failed" else "partial"
+    if len(rejected) != len(before):
+        out["rejected_paths"] = rejected[len(before) :]
     return out
+
+
+def write_interrupted(state: dict[str, Any], session_id: str, ctx: RunContext, error: str) -> Path:
+    """After an error ends a session: write its finished files and an `interrupted` manifest.
+
+    The checkpoint keeps everything for `tandem resume`; this puts what is already done on
+    disk meanwhile. Files not finished are listed as `checkpointed`.
+
+    Raises:
+        UnsafePathError: the manifest's place is taken by a symlink or a folder.
+        OSError: the session folder cannot be written.
+    """
+    session_dir = SessionDir(ctx.workspace, session_id)
+    files: dict[str, dict[str, Any]] = {}
+    for path, result in sorted(state.get("files", {}).items()):
+        entry: dict[str, Any] = {"status": "checkpointed", "round": result.get("round", 0)}
+        if is_finished(path, state):
+            entry["status"], reason = write_one(session_dir, path, result.get("content", ""))
+            if reason:
+                entry["error"] = reason
+        files[path] = entry
+    return session_dir.write_manifest(
+        {
+            "session_id": session_id,
+            "status": "interrupted",
+            "error": error,
+            "resume": f"tandem resume {session_id}",
+            "request": state.get("request"),
+            "plan": state.get("plan"),
+            "rejected_paths": state.get("rejected_paths", []),
+            "files": files,
+        }
+    )
+
+
+def _write_files(
+    session_dir: SessionDir, state: dict[str, Any], rejected: list[dict[str, str]]
+) -> dict[str, dict[str, Any]]:
+    verdicts = state.get("verdicts", {})
+    checks = state.get("checks", {})
+    per_file: dict[str, dict[str, Any]] = {}
+    for path, result in sorted(state.get("files", {}).items()):
+        entry: dict[str, Any] = {
+            "status": result.get("status", "failed"),
+            "round": result.get("round", 0),
+            "attempts": result.get("attempts", 0),
+            "verdict": verdicts.get(path, {}).get("verdict"),
+            "comments": verdicts.get(path, {}).get("comments", ""),
+            "checks": checks.get(path, []),
+        }
+        if result.get("error"):
+            entry["error"] = result["error"]
+        if entry["status"] == "written":
+            entry["status"], reason = write_one(session_dir, path, result.get("content", ""))
+            if reason:
+                entry["error"] = reason
+            if entry["status"] == "refused":
+                rejected.append({"path": shown(path), "reason": reason})
+        per_file[path] = entry
+    return per_file
+
+
+def _planned(state: dict[str, Any]) -> list[str]:
+    return [f["path"] for f in (state.get("plan") or {}).get("files", [])]

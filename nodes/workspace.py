@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nodes.paths import UnsafePathError, check_relative_path
+from nodes.paths import MANIFEST_NAME, TEMP_PREFIX, UnsafePathError, check_relative_path
 
 _SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -40,13 +40,18 @@ class SessionDir:
             raise UnsafePathError(f"{self.root} is a symlink; refusing to write through it")
         self.root.mkdir(exist_ok=True)
 
-    def target(self, relative: str) -> Path:
+    def target(self, relative: str, *, deny_sensitive: bool | None = None) -> Path:
         """The absolute path for `relative`, after refusing unsafe names and symlinks.
+
+        Args:
+            relative: The path inside the session folder; the path policy is applied again.
+            deny_sensitive: As in `nodes.paths.check_relative_path`.
 
         Raises:
             UnsafePathError: the path is unsafe or a symlink lies on the way.
+            OSError: the filesystem refused a folder on the way.
         """
-        clean = check_relative_path(relative)
+        clean = check_relative_path(relative, deny_sensitive=deny_sensitive)
         current = self.root
         for part in clean.split("/")[:-1]:
             current = current / part
@@ -64,24 +69,38 @@ class SessionDir:
             raise UnsafePathError(f"{relative} resolves outside the session directory")
         return final
 
-    def write_text(self, relative: str, content: str) -> Path:
-        """Write one generated file atomically."""
-        final = self.target(relative)
+    def write_text(
+        self, relative: str, content: str, *, deny_sensitive: bool | None = None
+    ) -> Path:
+        """Write one generated file atomically.
+
+        Raises:
+            UnsafePathError: the path policy or a symlink refused the path.
+            OSError: the filesystem refused the write.
+            UnicodeEncodeError: `content` is not valid Unicode (a lone surrogate).
+        """
+        final = self.target(relative, deny_sensitive=deny_sensitive)
         _atomic_write(final, content)
         return final
 
     def write_manifest(self, manifest: dict[str, Any]) -> Path:
-        """Write `manifest.json` at the session root (atomically)."""
-        final = self.root / "manifest.json"
+        """Write `manifest.json` at the session root (atomically).
+
+        Raises:
+            UnsafePathError: a symlink or a folder stands where the manifest goes.
+        """
+        final = self.root / MANIFEST_NAME
         if _is_link(final):
             raise UnsafePathError(f"{final} is a symlink")
+        if final.is_dir():
+            raise UnsafePathError(f"{final} is a directory")
         _atomic_write(final, json.dumps(manifest, indent=2, default=str) + "\n")
         return final
 
 
 def _atomic_write(final: Path, text: str) -> None:
     """Temp file + rename in the same directory: readers see the old or the new file, whole."""
-    fd, tmp = tempfile.mkstemp(prefix=".tandem-", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=final.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)

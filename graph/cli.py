@@ -39,9 +39,35 @@ def _run_parser(sub: Any) -> None:
     run.add_argument("--metrics-port", type=int, help="serve tandem_ metrics on this port")
     run.add_argument("--no-checkpoint", action="store_true", help="do not keep SQLite checkpoints")
     run.add_argument("--quiet", action="store_true", help="print the summary only")
+    run.add_argument(
+        "--max-tokens",
+        type=parse_max_tokens,
+        default={},
+        help="output token caps per stage, e.g. plan=512,code=768,review=384",
+    )
     resume = sub.add_parser("resume", help="continue an interrupted or failed session")
     resume.add_argument("session_id")
     resume.add_argument("--clock", choices=["real", "virtual"])
+
+
+STAGES = ("plan", "code", "review")
+
+
+def parse_max_tokens(text: str) -> dict[str, int]:
+    """`plan=512,code=768` → {"plan": 512, "code": 768}; stages plan, code, review.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown stage or a cap that is not a positive integer.
+    """
+    caps: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        stage, _, value = part.partition("=")
+        if stage not in STAGES or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(
+                f"bad item {part!r}: use STAGE=N with STAGE in {', '.join(STAGES)} and N >= 1"
+            )
+        caps[stage] = int(value)
+    return caps
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +154,8 @@ async def _run_async(
         runtime.metrics.serve(port)
         print(f"tandem metrics on http://127.0.0.1:{port}/metrics")
     context = settings.run_context()
+    if args.max_tokens:
+        context = context.merged({"max_tokens": args.max_tokens})
     fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
     where = (
         "built-in emulator "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any, Literal
 
@@ -13,15 +14,15 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import RetryPolicy, Send
 
-from graph.state import CodeTask, InputState, SessionState
+from graph.state import CodeTask, InputState, SessionState, add_counts
 from nodes.check import check_file
 from nodes.code import run_code
 from nodes.context import RunContext
-from nodes.finalize import run_finalize
+from nodes.finalize import describe_backend, run_finalize
 from nodes.llm import ChatModels, OutputError
 from nodes.paths import UnsafePathError
 from nodes.plan import run_plan
-from nodes.review import run_review
+from nodes.review import merge_verdicts, run_review
 from nodes.workspace import check_session_id
 from routing.fanout import FanoutPolicy
 from serving.clock import now
@@ -132,13 +133,19 @@ def build_graph(
             update["usage"] = {role: usage, "review_role": {role: 1}}
             update["review_summary"] = review_out.summary
             given = {v.path: v for v in review_out.verdicts}
-            for path in to_review:
-                verdict = given.get(path)
-                verdicts[path] = (
-                    {"verdict": verdict.verdict, "comments": verdict.comments}
-                    if verdict
-                    else {"verdict": "ok", "comments": "(no verdict given; accepted)"}
-                )
+            missing = [p for p in to_review if p not in given]
+            if missing:
+                # Asked once more for the files left out; still none: `unreviewed`, never ok.
+                with contextlib.suppress(OutputError, ModelInvalidRequestError):
+                    again, usage_again, role_again = await run_review(
+                        get_models(), str(state["session_id"]), dict(state), missing, ctx
+                    )
+                    update["usage"] = add_counts(
+                        update["usage"],
+                        {role_again: dict(usage_again), "review_role": {role_again: 1}},
+                    )
+                    given.update({v.path: v for v in again.verdicts if v.path in missing})
+            verdicts.update(merge_verdicts(to_review, given))
         for path in pending:
             problems = checks.get(path, [])
             if files.get(path, {}).get("status") != "written":
@@ -165,7 +172,10 @@ def build_graph(
         session_id = _session_id(dict(state), config)
         # Blocking file I/O off the event loop (langgraph dev refuses blocking calls in it);
         # on a virtual clock `serving.clock.run` makes the default executor run it inline.
-        out = await asyncio.to_thread(run_finalize, dict(state), session_id, ctx_of(runtime))
+        backend = describe_backend(get_models())
+        out = await asyncio.to_thread(
+            run_finalize, dict(state), session_id, ctx_of(runtime), backend
+        )
         out["timings_s"] = {"finalize": now() - started}
         return out
 

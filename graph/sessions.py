@@ -14,7 +14,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 
 from nodes.context import RunContext
-from nodes.finalize import write_interrupted
+from nodes.finalize import is_accepted, write_interrupted
 from routing.fanout import FanoutPolicy
 from serving.clock import now
 
@@ -37,6 +37,8 @@ class SessionResult:
     rejected: list[dict[str, str]] = field(default_factory=list)
     manifest_path: str = ""
     usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    produced_by: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def new_session_id(prefix: str = "s") -> str:
@@ -141,18 +143,14 @@ async def run_session(
 
 
 def _fill(result: SessionResult, state: dict[str, Any]) -> None:
-    files = state.get("files", {})
-    verdicts = state.get("verdicts", {})
-    result.files_ok = sum(
-        1
-        for p, f in files.items()
-        if f.get("status") == "written" and verdicts.get(p, {}).get("verdict") != "needs-fix"
-    )
+    result.files_ok = sum(1 for p in state.get("files", {}) if is_accepted(p, state))
     result.files_failed = len(state.get("plan", {}).get("files", [])) - result.files_ok
     result.rounds = int(state.get("round", 0))
     result.rejected = list(state.get("rejected_paths", []))
     result.manifest_path = str(state.get("manifest_path", ""))
     result.usage = dict(state.get("usage", {}))
+    result.produced_by = str(state.get("produced_by") or "")
+    result.warnings = list(state.get("warnings") or [])
     if result.status != "error":
         result.status = str(state.get("status", "unknown"))
         result.error = str(state.get("error") or "")
@@ -210,6 +208,11 @@ def format_table(results: Sequence[SessionResult]) -> str:
         )
         if r.error:
             lines.append(f"{'':<22} error: {r.error}")
+        lines.extend(f"{'':<22} warning: {w}" for w in r.warnings)
+    produced_by = sorted({r.produced_by for r in results if r.produced_by})
+    if produced_by:
+        lines.append("")
+        lines.extend(f"files by: {line}" for line in produced_by)
     totals: dict[str, dict[str, float]] = {}
     for r in results:
         for role, counts in r.usage.items():

@@ -73,6 +73,9 @@ class SessionState(InputState, total=False):
     error: str
     output_dir: str
     manifest_path: str
+    # Which servers produced the files, and warnings about the plan (finalize).
+    produced_by: str
+    warnings: list[str]
 
 
 class CodeTask(TypedDict):

@@ -26,6 +26,10 @@ CODER_TASK = """FILE: {path}
 Purpose: {purpose}
 Depends on: {depends_on}
 Public interface: {interface}"""
+# Last in the prompt: small models answer with prose unless the final line asks for the file.
+CODER_WRITE = """
+
+Write the complete file {path} now, in one fenced code block."""
 
 CODER_FIX = """
 The reviewer asked for changes to your previous version:
@@ -49,6 +53,7 @@ def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
     )
     if task.get("comments"):
         own += CODER_FIX.format(comments=task["comments"], previous=task.get("previous", ""))
+    own += CODER_WRITE.format(path=task["path"])
     return [
         SystemMessage(content=CODER_SYSTEM),
         HumanMessage(

@@ -11,10 +11,16 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from nodes.context import RunContext
 from nodes.paths import UnsafePathError, shown
+from nodes.plan import named_paths
+from nodes.review import UNREVIEWED
 from nodes.workspace import SessionDir
+
+# Roles whose models produce a session's files, in the order the manifest lists them.
+BACKEND_ROLES = ("reasoning", "coder")
 
 
 def write_one(session_dir: SessionDir, path: str, content: str) -> tuple[str, str]:
@@ -41,8 +47,81 @@ def is_finished(path: str, state: dict[str, Any]) -> bool:
     return bool(status == "written" and verdict != "needs-fix")
 
 
-def run_finalize(state: dict[str, Any], session_id: str, ctx: RunContext) -> dict[str, Any]:
-    """Write every written file, then the manifest. Each refusal or failure stays per file."""
+def is_accepted(path: str, state: dict[str, Any]) -> bool:
+    """A file counts as ok: written, and the reviewer gave it a verdict that is not needs-fix."""
+    verdict = state.get("verdicts", {}).get(path, {}).get("verdict")
+    return is_finished(path, state) and verdict != UNREVIEWED
+
+
+def describe_backend(models: Any) -> dict[str, Any]:
+    """Which servers produce the files: per role, the served model and its host.
+
+    In-process replicas are the built-in emulator, whose files are placeholders. Models
+    without a router (test doubles) are "unknown".
+    """
+    lanes = getattr(getattr(models, "router", None), "lanes", None)
+    if lanes is None:
+        return {"kind": "unknown", "roles": {}, "placeholder_content": False}
+    roles: dict[str, list[dict[str, str]]] = {}
+    for role in BACKEND_ROLES:
+        roles[role] = [
+            {
+                "model": lane.replica.model,
+                "host": "emulator"
+                if lane.replica.transport is not None
+                else urlsplit(lane.replica.url).hostname or lane.replica.url,
+            }
+            for lane in lanes(role)
+        ]
+    emulated = all(r["host"] == "emulator" for replicas in roles.values() for r in replicas)
+    return {
+        "kind": "emulator" if emulated else "served",
+        "roles": roles,
+        "placeholder_content": emulated,
+    }
+
+
+def backend_line(backend: dict[str, Any]) -> str:
+    """One line for the summary, e.g. `reasoning smollm2-reasoning@127.0.0.1, coder ...`."""
+    roles = backend.get("roles") or {}
+    parts = [
+        f"{role} " + ", ".join(f"{r['model']}@{r['host']}" for r in roles.get(role, []))
+        for role in BACKEND_ROLES
+        if roles.get(role)
+    ]
+    text = "; ".join(parts) or "unknown models"
+    if backend.get("placeholder_content"):
+        text += " (emulator: placeholder content, not real code)"
+    return text
+
+
+def plan_warnings(state: dict[str, Any]) -> list[str]:
+    """Warnings about the plan: files the request names that the plan left out."""
+    named = named_paths(str(state.get("request") or ""))
+    planned = _planned(state)
+    left_out = [p for p in named if p not in planned]
+    if not left_out:
+        return []
+    return [
+        f"the request names {len(named)} files, the plan has {len(planned)}; "
+        f"not planned: {', '.join(shown(p) for p in left_out)}"
+    ]
+
+
+def run_finalize(
+    state: dict[str, Any],
+    session_id: str,
+    ctx: RunContext,
+    backend: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write every written file, then the manifest. Each refusal or failure stays per file.
+
+    Args:
+        state: The session's state.
+        session_id: Its id (the folder name).
+        ctx: The run context.
+        backend: `describe_backend(models)`: which servers produced the files.
+    """
     session_dir = SessionDir(ctx.workspace, session_id)
     before = list(state.get("rejected_paths", []))
     rejected = list(before)
@@ -53,13 +132,15 @@ def run_finalize(state: dict[str, Any], session_id: str, ctx: RunContext) -> dic
     failing = [
         p
         for p, e in per_file.items()
-        if e["status"] != "written" or e.get("verdict") == "needs-fix"
+        if e["status"] != "written" or e.get("verdict") in ("needs-fix", UNREVIEWED)
     ]
     status = state.get("status") or "running"
     if status != "failed":
         status = "ok" if per_file and not failing and not state.get("error") else "partial"
     if not per_file and status != "failed":
         status = "failed"
+    backend = backend or describe_backend(None)
+    warnings = plan_warnings(state)
     manifest = {
         "session_id": session_id,
         "status": status,
@@ -75,8 +156,19 @@ def run_finalize(state: dict[str, Any], session_id: str, ctx: RunContext) -> dic
         "usage": state.get("usage", {}),
         "timings_s": state.get("timings_s", {}),
         "review_on": ctx.review_on,
+        "backend": backend,
+        "produced_by": backend_line(backend),
+        "files_unreviewed": sorted(
+            p for p, e in per_file.items() if e.get("verdict") == UNREVIEWED
+        ),
+        "warnings": warnings,
     }
-    out: dict[str, Any] = {"status": status, "output_dir": str(session_dir.root)}
+    out: dict[str, Any] = {
+        "status": status,
+        "output_dir": str(session_dir.root),
+        "produced_by": manifest["produced_by"],
+        "warnings": warnings,
+    }
     try:
         out["manifest_path"] = str(session_dir.write_manifest(manifest))
     except (UnsafePathError, OSError) as exc:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from langchain_core.exceptions import ModelInvalidRequestError
-from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from pydantic import Field, JsonValue, create_model
 
 from nodes.context import RunContext
 from nodes.llm import ChatModels, OutputError, Usage, complete_structured
@@ -23,6 +25,67 @@ Answer with JSON matching the Plan schema and nothing else."""
 
 PLAN_USER = """Request:
 {request}"""
+# Appended when the request names files: small models copy a list far better than they
+# pick paths out of prose.
+PLAN_NAMED = """
+
+Files the request names: {paths}"""
+
+# One worked example as a prior turn: a small instruct model follows the shape of an answer
+# it has seen much better than a description of the schema.
+PLAN_EXAMPLE_REQUEST = (
+    "a calculator: calc/ops.py with add and sub, and calc/main.py that uses it"
+    + PLAN_NAMED.format(paths="calc/ops.py, calc/main.py")
+)
+PLAN_EXAMPLE_ANSWER = (
+    '{"summary":"A calculator: its operations and a command line that uses them.",'
+    '"files":[{"path":"calc/ops.py","purpose":"The operations add and sub.","depends_on":[],'
+    '"interface":"def add(a: float, b: float) -> float; def sub(a: float, b: float) -> float"},'
+    '{"path":"calc/main.py","purpose":"Command line: reads two numbers, prints their sum and '
+    'difference using calc.ops.","depends_on":["calc/ops.py"],"interface":"def main() -> None"}]}'
+)
+
+# A file path as a request names it: relative, with a known extension, not part of a longer
+# path (an absolute or `~/` path is left out whole, never cut into a relative one).
+NAMED_PATH_RE = re.compile(
+    r"(?<![\w/.~-])((?:[\w-][\w.-]*/)*[\w-][\w.-]*\."
+    r"(?:py|pyi|json|toml|yaml|yml|md|txt|cfg|ini|sh|js|ts|html|css|sql))(?![\w/-])"
+)
+
+
+def named_paths(request: str) -> list[str]:
+    """The distinct file paths a request names, in order of first mention."""
+    return list(dict.fromkeys(m.group(1) for m in NAMED_PATH_RE.finditer(request)))
+
+
+def plan_schema(max_files: int, named: int) -> type[Plan]:
+    """`Plan` whose JSON schema asks for between `named` and `max_files` files.
+
+    The bounds guide decoding only (json_schema_extra): a longer plan is still cut to
+    `max_files` with a reason per dropped path, as for any other model.
+    """
+    bounds: dict[str, JsonValue] = {"maxItems": max_files}
+    if named:
+        bounds["minItems"] = min(named, max_files)
+    bounded: type[Plan] = create_model(
+        "Plan",
+        __base__=Plan,
+        files=(list[FileTask], Field(min_length=1, max_length=200, json_schema_extra=bounds)),
+    )
+    return bounded
+
+
+def plan_messages(request: str, max_files: int, named: list[str]) -> list[BaseMessage]:
+    """System prompt, the worked example, then the request (with the files it names)."""
+    user = PLAN_USER.format(request=request)
+    if named:
+        user += PLAN_NAMED.format(paths=", ".join(named))
+    return [
+        SystemMessage(content=PLAN_SYSTEM.format(max_files=max_files)),
+        HumanMessage(content=PLAN_USER.format(request=PLAN_EXAMPLE_REQUEST)),
+        AIMessage(content=PLAN_EXAMPLE_ANSWER),
+        HumanMessage(content=user),
+    ]
 
 
 async def run_plan(
@@ -35,14 +98,12 @@ async def run_plan(
     """
     usage = Usage()
     info = CallInfo(session_id=session_id, stage="plan", role="reasoning")
-    messages = [
-        SystemMessage(content=PLAN_SYSTEM.format(max_files=ctx.max_files)),
-        HumanMessage(content=PLAN_USER.format(request=request)),
-    ]
+    named = named_paths(request)
+    messages = plan_messages(request, ctx.max_files, named)
     try:
         plan = await complete_structured(
             models.for_role("reasoning"),
-            Plan,
+            plan_schema(ctx.max_files, len(named)),
             messages,
             info,
             usage,

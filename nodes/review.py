@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import HumanMessage, SystemMessage
+from pydantic import Field, JsonValue, create_model
 
 from nodes.context import RunContext
 from nodes.llm import ChatModels, Usage, complete_structured, dumps_compact
-from nodes.schemas import Review
+from nodes.schemas import FileVerdict, Review
 from routing.calls import CallInfo, Role
 
 # Review roles in order of preference: the reasoning model is the quality default.
@@ -42,6 +43,43 @@ Static checks: {checks}
 ```
 {content}
 ```"""
+
+
+UNREVIEWED = "unreviewed"
+UNREVIEWED_COMMENT = "the reviewer gave no verdict for this file (asked twice)"
+
+
+def merge_verdicts(
+    paths: Sequence[str], given: dict[str, FileVerdict]
+) -> dict[str, dict[str, str]]:
+    """Verdict entries for `paths`: the reviewer's, or `unreviewed` where it gave none."""
+    return {
+        path: {"verdict": given[path].verdict, "comments": given[path].comments}
+        if path in given
+        else {"verdict": UNREVIEWED, "comments": UNREVIEWED_COMMENT}
+        for path in paths
+    }
+
+
+def review_schema(paths: Sequence[str]) -> type[Review]:
+    """`Review` whose JSON schema asks for one verdict per path of `paths`, by name.
+
+    Guided decoding then cannot skip a file or invent a path (small models do both). The
+    bounds guide decoding only: validation stays as lenient as `Review`'s, and a path
+    without a verdict is the caller's to handle.
+    """
+    verdict: type[FileVerdict] = create_model(
+        "FileVerdict",
+        __base__=FileVerdict,
+        path=(str, Field(max_length=400, json_schema_extra={"enum": list(paths)})),
+    )
+    count: dict[str, JsonValue] = {"minItems": len(paths), "maxItems": len(paths)}
+    bounded: type[Review] = create_model(
+        "Review",
+        __base__=Review,
+        verdicts=(list[verdict], Field(json_schema_extra=count)),  # type: ignore[valid-type]
+    )
+    return bounded
 
 
 def review_role(models: ChatModels | Any, ctx: RunContext) -> Role:
@@ -150,7 +188,7 @@ async def run_review(
         ]
         return await complete_structured(
             models.for_role(role),
-            Review,
+            review_schema(batch),
             messages,
             info,
             usage,

@@ -81,6 +81,10 @@ class Profile(BaseModel):
     backend: Literal["gpu", "cpu"]
     hardware: Hardware
     env: dict[str, str] = Field(default_factory=dict)
+    run_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="TANDEM_* run settings that suit this profile's model (printed, not applied)",
+    )
     roles: dict[Role, RoleServer]
 
     def server(self, role: Role) -> RoleServer:

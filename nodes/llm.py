@@ -7,6 +7,8 @@ admission is plugged in (the factory builds `VLLMChatOpenAI` clients on top of a
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -251,8 +253,14 @@ def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:
     """OpenAI `response_format` for vLLM guided decoding of `schema`."""
     return {
         "type": "json_schema",
-        "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()},
+        "json_schema": {"name": schema.__name__, "schema": copy.deepcopy(_json_schema(schema))},
     }
+
+
+@functools.cache
+def _json_schema(schema: type[BaseModel]) -> dict[str, Any]:
+    # Generating a schema takes milliseconds; every structured call of a run needs one.
+    return schema.model_json_schema()
 
 
 async def complete_structured(

@@ -152,7 +152,10 @@ class Admission:
         if self._queued == 0 and self._in_flight < self.limit:
             return self._admit(session_id, now, now)
         waiter = Waiter(session_id, now, next(self._seq), loop.create_future())
-        self._queues.setdefault(session_id, deque()).append(waiter)
+        queue = self._queues.setdefault(session_id, deque())
+        queue.append(waiter)
+        if len(queue) == 1:
+            self.order.set_head(session_id, waiter)
         self._queued += 1
         self._notify()
         try:
@@ -189,11 +192,14 @@ class Admission:
         queue = self._queues.get(waiter.session_id)
         if queue is None:
             return
+        was_head = queue[0] is waiter
         try:
             queue.remove(waiter)
         except ValueError:
             return
         self._queued -= 1
+        if was_head:
+            self.order.set_head(waiter.session_id, queue[0] if queue else None)
         if not queue:
             del self._queues[waiter.session_id]
         self._notify()
@@ -252,10 +258,11 @@ class Admission:
             return
         now = asyncio.get_running_loop().time()
         while self._queued and self._in_flight < self.limit:
-            session_id = min(self._queues, key=lambda s: self.order.key(self._queues[s][0], now))
+            session_id = self.order.pick(now)
             queue = self._queues[session_id]
             waiter = queue.popleft()
             self._queued -= 1
+            self.order.set_head(session_id, queue[0] if queue else None)
             if not queue:
                 del self._queues[session_id]
             if waiter.future.done():  # cancelled but not yet forgotten

@@ -264,7 +264,10 @@ class AdaptiveLimit:
             self._update_kv_bound(snapshot)
         state = self.server_state(now)
         if state == "saturated":
-            self._back_off(now)
+            loads = [self._last_in_flight] if self._last_in_flight > 0 else []
+            if snapshot.ok:
+                loads.append(snapshot.running + snapshot.waiting)
+            self._back_off(now, min(loads, default=None))
             return
         busy = max(snapshot.running + snapshot.waiting, self._last_in_flight) >= self._estimate / 2
         if self.slow_start and state == "spare" and busy and self._latency_ok():
@@ -312,7 +315,7 @@ class AdaptiveLimit:
     def on_sample(self, sample: Sample) -> None:
         """Slow start: one more per busy completion; then Gradient2-style moves."""
         if sample.dropped:
-            self._back_off(sample.at)
+            self._back_off(sample.at, sample.in_flight)
             return
         if not sample.ok:
             return
@@ -325,7 +328,7 @@ class AdaptiveLimit:
             self._ttft.add(sample.ttft_s)
         state = self.server_state(sample.at)
         if state == "saturated":
-            self._back_off(sample.at)
+            self._back_off(sample.at, sample.in_flight)
             return
         # Grow only while the limit is in use: an idle replica says nothing about the knee.
         busy = sample.in_flight >= self._estimate / 2
@@ -349,6 +352,11 @@ class AdaptiveLimit:
         allowance = math.sqrt(self._estimate) if busy and state != "hold" else 0.0
         if gradient >= 1.0 and allowance == 0.0:
             return
+        # This call ran at a load above the limit (admitted before a decrease): the
+        # decrease its latency asks for is made already. Shrinking again for each such
+        # call would compound one overload into a collapse.
+        if gradient < 1.0 and sample.in_flight * gradient >= self._estimate:
+            return
         target = self._estimate * gradient + allowance
         new = (1 - self.smoothing) * self._estimate + self.smoothing * target
         if new > self._estimate:
@@ -369,13 +377,23 @@ class AdaptiveLimit:
             "ttft_floor_s": self._ttft.floor,
         }
 
-    def _back_off(self, now: float) -> None:
+    def _back_off(self, now: float, load: float | None) -> None:
+        """Shrink to `backoff` x the load that overloaded the server, once per cooldown.
+
+        Calls admitted before an earlier back-off keep the server overloaded until they
+        end: backing off from the limit again every cooldown would compound one episode
+        into a collapse to the minimum, while the load they ran at says how far to go.
+        Without a known load, back off from the limit.
+        """
         self.slow_start = False
         if now - self._last_backoff_at < self.backoff_cooldown_s:
             return
+        enforced = min(self._estimate, float(self.limit))  # never from above what is enforced
+        target = enforced * self.backoff if load is None else min(enforced, load * self.backoff)
+        if target >= enforced:
+            return  # the load already fell below what the last back-off aimed at
         self._last_backoff_at = now
-        # Never back off from above what is actually enforced.
-        self._set(min(self._estimate, float(self.limit)) * self.backoff)
+        self._set(target)
 
     def _set(self, value: float) -> None:
         self._estimate = max(float(self.min_limit), min(float(self.max_limit), value))

@@ -5,11 +5,20 @@ LAS (least attained service, per session, as in Autellix's program-level schedul
 favours sessions that have held fewer GPU slot-seconds so far, so a short session's calls
 overtake a long session's flood. Aging lowers a waiter's rank by `aging_rate` per second
 waited, and anything that has waited `max_wait_s` goes first in FIFO order: nobody starves.
+
+Picking the next session costs O(log n) in the number of waiting sessions, not a scan:
+a session's LAS rank is a line in time, attained(t) - aging_rate * (t - enqueued_at) =
+intercept + (active calls - aging_rate) * t, so heads are kept in one heap per slope (per
+count of calls the session has running), keyed by intercept; the ledger tells the order
+when a session's line changes. A pick compares the tops of the few slope heaps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,12 +45,18 @@ class ServiceLedger:
 
     def __init__(self) -> None:
         self._accounts: dict[str, _Account] = {}
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, on_change: Callable[[str], None]) -> None:
+        """Call `on_change(session_id)` whenever that session's account changes."""
+        self._watchers.append(on_change)
 
     def begin(self, session_id: str, now: float) -> None:
         """A call of `session_id` was admitted at `now`."""
         acc = self._accounts.setdefault(session_id, _Account())
         acc.active += 1
         acc.start_sum += now
+        self._changed(session_id)
 
     def end(self, session_id: str, started_at: float, now: float) -> None:
         """A call admitted at `started_at` gave its slot back at `now`."""
@@ -49,29 +64,61 @@ class ServiceLedger:
         acc.active -= 1
         acc.start_sum -= started_at
         acc.done_s += max(0.0, now - started_at)
+        self._changed(session_id)
 
     def attained(self, session_id: str, now: float) -> float:
         """Service so far, counting calls still running up to `now`."""
+        active, base = self.line(session_id)
+        return base + active * now
+
+    def line(self, session_id: str) -> tuple[int, float]:
+        """(calls running, base): attained service at time t is base + calls running * t."""
         acc = self._accounts.get(session_id)
         if acc is None:
-            return 0.0
-        return acc.done_s + acc.active * now - acc.start_sum
+            return 0, 0.0
+        return acc.active, acc.done_s - acc.start_sum
+
+    def _changed(self, session_id: str) -> None:
+        for on_change in self._watchers:
+            on_change(session_id)
 
 
 class WaitOrder(Protocol):
-    """Ranks session queue heads; the lowest key is admitted next."""
+    """Ranks the sessions' queue heads; `pick` names the session admitted next."""
 
-    def key(self, head: Waiter, now: float) -> tuple[float, float, int]:
-        """Rank of `head` (the oldest waiter of its session) at `now`."""
+    def set_head(self, session_id: str, head: Waiter | None) -> None:
+        """`head` is now the oldest waiter of `session_id` (None: it has no waiter left)."""
+        ...
+
+    def pick(self, now: float) -> str:
+        """The session whose head goes next (at least one session has a head)."""
         ...
 
 
 class FifoOrder:
     """First come, first served across all sessions."""
 
-    def key(self, head: Waiter, now: float) -> tuple[float, float, int]:
-        """Arrival order."""
-        return (0.0, 0.0, head.seq)
+    def __init__(self) -> None:
+        self._heads: dict[str, Waiter] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def set_head(self, session_id: str, head: Waiter | None) -> None:
+        """Track the session's head by arrival."""
+        if head is None:
+            self._heads.pop(session_id, None)
+            return
+        self._heads[session_id] = head
+        heapq.heappush(self._heap, (head.seq, session_id))
+
+    def pick(self, now: float) -> str:
+        """The session whose head arrived first."""
+        heap = self._heap
+        while True:
+            seq, session_id = heap[0]
+            head = self._heads.get(session_id)
+            if head is not None and head.seq == seq:
+                return session_id
+            heapq.heappop(heap)  # that head has left
 
 
 class LasOrder:
@@ -89,14 +136,87 @@ class LasOrder:
         self.ledger = ledger
         self.aging_rate = aging_rate
         self.max_wait_s = max_wait_s
+        self._heads: dict[str, Waiter] = {}
+        self._stamp_of: dict[str, int] = {}  # the live heap entry of each waiting session
+        self._by_slope: dict[float, list[tuple[float, int, str, int]]] = {}
+        self._by_age: list[tuple[float, int, str]] = []
+        self._entries = 0
+        self._stamps = itertools.count()
+        ledger.watch(self._line_changed)
 
     def key(self, head: Waiter, now: float) -> tuple[float, float, int]:
-        """(starving first, attained - aging_rate * waited, arrival)."""
+        """The rank `pick` minimises: (starving first, attained - aging_rate * waited, arrival)."""
         waited = now - head.enqueued_at
         if waited >= self.max_wait_s:
             return (0.0, head.enqueued_at, head.seq)
         attained = self.ledger.attained(head.session_id, now)
         return (1.0, attained - self.aging_rate * waited, head.seq)
+
+    def set_head(self, session_id: str, head: Waiter | None) -> None:
+        """Index the session's new head (or forget the session)."""
+        if head is None:
+            self._heads.pop(session_id, None)
+            self._stamp_of.pop(session_id, None)
+            return
+        self._heads[session_id] = head
+        heapq.heappush(self._by_age, (head.enqueued_at, head.seq, session_id))
+        self._push(session_id, head)
+
+    def pick(self, now: float) -> str:
+        """The starving head that waited longest, else the lowest LAS rank."""
+        age = self._by_age
+        while not self._is_head(age[0][2], age[0][1]):
+            heapq.heappop(age)
+        if now - age[0][0] >= self.max_wait_s:
+            return age[0][2]
+        best: tuple[float, int, str] | None = None
+        for slope in list(self._by_slope):
+            heap = self._by_slope[slope]
+            while heap and self._stamp_of.get(heap[0][2]) != heap[0][3]:
+                heapq.heappop(heap)
+                self._entries -= 1
+            if not heap:
+                del self._by_slope[slope]
+                continue
+            intercept, seq, session_id, _ = heap[0]
+            candidate = (intercept + slope * now, seq, session_id)
+            if best is None or candidate < best:
+                best = candidate
+        assert best is not None, "pick() with no session waiting"
+        return best[2]
+
+    def _is_head(self, session_id: str, seq: int) -> bool:
+        head = self._heads.get(session_id)
+        return head is not None and head.seq == seq
+
+    def _line_changed(self, session_id: str) -> None:
+        head = self._heads.get(session_id)
+        if head is not None:
+            self._push(session_id, head)
+
+    def _push(self, session_id: str, head: Waiter) -> None:
+        active, base = self.ledger.line(session_id)
+        stamp = next(self._stamps)
+        self._stamp_of[session_id] = stamp
+        entry = (base + self.aging_rate * head.enqueued_at, head.seq, session_id, stamp)
+        heapq.heappush(self._by_slope.setdefault(active - self.aging_rate, []), entry)
+        self._entries += 1
+        bound = 4 * len(self._heads) + 64
+        if self._entries > bound or len(self._by_age) > bound:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop superseded entries, so the heaps stay O(waiting sessions)."""
+        for slope, heap in list(self._by_slope.items()):
+            live = [e for e in heap if self._stamp_of.get(e[2]) == e[3]]
+            if live:
+                heapq.heapify(live)
+                self._by_slope[slope] = live
+            else:
+                del self._by_slope[slope]
+        self._entries = sum(len(h) for h in self._by_slope.values())
+        self._by_age = [e for e in self._by_age if self._is_head(e[2], e[1])]
+        heapq.heapify(self._by_age)
 
 
 def make_order(name: str, ledger: ServiceLedger) -> WaitOrder:

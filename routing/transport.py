@@ -3,8 +3,19 @@
 An `httpx.AsyncBaseTransport` for one role. The slot is held until the response body is
 fully read, closed, failed, timed out, cancelled, or left unread for `abandon_after_s`
 (a body nobody reads must not hold a GPU slot forever); it is given back exactly once.
-Time to the first body chunk (TTFT) and the mean time between SSE events (ITL) of each
-streamed answer feed the replica's limit algorithm.
+Time to the first body chunk (TTFT) and the inter-token latency (ITL) of each streamed
+answer feed the replica's limit algorithm.
+
+ITL is measured per generated token, never per SSE event: servers may carry many tokens in
+one event (vLLM's stream interval, the emulator's coalesced steps). The token count comes
+from the stream's final `usage` chunk (`stream_options.include_usage`); the first event's
+arrival stands for the first token (servers send it as soon as prefill ends), so
+ITL = (last event - first event) / (completion tokens - 1), whatever the tokens per event.
+A stream without usage gives no ITL: the router cannot tell tokens from events, and an
+event count would overstate ITL as many times as there are tokens per event.
+
+An error answer (4xx, 5xx) gives its slot back as an error (429/503: dropped) whether or not
+its body was read: a client that retries a 503 without reading it still reports overload.
 """
 
 from __future__ import annotations
@@ -12,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +35,10 @@ from routing.calls import Role, current_call
 from routing.endpoints import Replica
 
 _JSON_CAP_BYTES = 4 * 1024 * 1024
+# The usage chunk is the last data event before [DONE]; this much tail always holds it.
+_SSE_TAIL_BYTES = 16 * 1024
 _SHED = (429, 503)
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 @dataclass
@@ -96,52 +112,72 @@ class MeteredStream(httpx.AsyncByteStream):
         self._sse = content_type.startswith("text/event-stream")
         self._json = content_type.startswith("application/json") and self._kind == "ok"
         self._body = bytearray()
+        self._tail: deque[bytes] = deque()
+        self._tail_bytes = 0
         self._first_at: float | None = None
         self._last_at: float | None = None
-        self._events = 0
-        self._events_first = 0
-        self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
-        self._arm()
+        # One abandon timer per request, pushed back lazily, not one per chunk.
+        self._reading = False
+        self._idle_since = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
+            self._idle_since + abandon_after_s, self._check_abandoned
+        )
 
-    def _arm(self) -> None:
-        self._disarm()
-        if not self._slot.released:
-            self._timer = self._loop.call_later(self._abandon_after_s, self._abandon)
+    def _check_abandoned(self) -> None:
+        self._timer = None
+        if self._slot.released:
+            return
+        now = self._loop.time()
+        # A read in progress waits on the server (the deadline bounds that): not abandoned.
+        start = now if self._reading else self._idle_since
+        if start + self._abandon_after_s > now:
+            self._timer = self._loop.call_at(start + self._abandon_after_s, self._check_abandoned)
+            return
+        # Nobody has asked for the next chunk for a long while: the caller walked away.
+        self._finish("cancelled")
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _abandon(self) -> None:
-        # Nobody has asked for the next chunk for a long while: the caller walked away.
-        self._timer = None
-        self._finish("cancelled")
-
     def _on_chunk(self, chunk: bytes) -> None:
+        if not chunk:
+            return
         now = self._loop.time()
-        events = chunk.count(b"\n\n") if self._sse else 0
         if self._first_at is None:
             self._first_at = now
-            self._events_first = events
-        elif events:
+        else:
             self._last_at = now
-        self._events += events
-        if self._json and len(self._body) + len(chunk) <= _JSON_CAP_BYTES:
+        if self._sse:
+            self._tail.append(chunk)
+            self._tail_bytes += len(chunk)
+            while self._tail_bytes - len(self._tail[0]) >= _SSE_TAIL_BYTES:
+                self._tail_bytes -= len(self._tail.popleft())
+        elif self._json and len(self._body) + len(chunk) <= _JSON_CAP_BYTES:
             self._body += chunk
+
+    def _itl_s(self) -> float | None:
+        """Seconds per token after the first, from the usage chunk; None without usage."""
+        if self._first_at is None or self._last_at is None:
+            return None
+        tokens = stream_completion_tokens(b"".join(self._tail))
+        if tokens is None or tokens < 2:
+            return None
+        return (self._last_at - self._first_at) / (tokens - 1)
 
     def _finish(self, kind: OutcomeKind) -> None:
         self._disarm()
         if self._slot.released:
             return
+        if kind == "cancelled" and self._kind != "ok":
+            kind = self._kind  # an error answer stays an error, read or not
         now = self._loop.time()
         ttft = itl = tpot = None
         if kind == "ok" and self._sse and self._first_at is not None:
             ttft = self._first_at - self._started_at
-            gaps = self._events - self._events_first
-            if self._last_at is not None and gaps >= 2:
-                itl = (self._last_at - self._first_at) / gaps
+            itl = self._itl_s()
         elif kind == "ok" and self._json:
             tokens = _completion_tokens(bytes(self._body))
             if tokens:
@@ -157,7 +193,7 @@ class MeteredStream(httpx.AsyncByteStream):
         chunks = inner.__aiter__()
         try:
             while True:
-                self._disarm()
+                self._reading = True
                 try:
                     async with asyncio.timeout_at(self._deadline):
                         chunk = await chunks.__anext__()
@@ -173,17 +209,41 @@ class MeteredStream(httpx.AsyncByteStream):
                 except Exception:
                     self._finish("error")
                     raise
+                finally:
+                    self._reading = False
                 self._on_chunk(chunk)
-                self._arm()
+                self._idle_since = self._loop.time()
                 yield chunk
         finally:
             # Closed early (aclose on a suspended generator) or garbage-collected.
             self._finish("cancelled")
 
     async def aclose(self) -> None:
-        """Closing before the end counts as a client disconnect."""
+        """Closing before the end counts as a client disconnect (an error answer stays one)."""
         self._finish("cancelled")
         await self._response.aclose()
+
+
+def stream_completion_tokens(tail: bytes) -> int | None:
+    """`usage.completion_tokens` of the last SSE data event in `tail` that carries usage.
+
+    OpenAI-style servers send `"usage": null` on every chunk but the last when usage is
+    asked for; only a usage object counts. None when no event in `tail` has one.
+    """
+    for event in reversed(_EVENT_END.split(tail)):
+        if b'"usage"' not in event:
+            continue
+        data = b"\n".join(
+            line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
+        )
+        try:
+            usage = json.loads(data).get("usage")
+        except (ValueError, AttributeError):
+            continue
+        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            return tokens
+    return None
 
 
 def _completion_tokens(body: bytes) -> int:

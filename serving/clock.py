@@ -11,6 +11,12 @@ import looptime
 
 T = TypeVar("T")
 
+# Idle loop passes looptime makes before it moves the clock to the next timer. Idle passes
+# only give threads and sockets a chance to add work; executor work runs inline here
+# (`InlineExecutor`) and a virtual run has no sockets, so one pass is enough. Each pass is
+# a full loop iteration, and the clock moves at every engine step.
+NOOP_CYCLES = 1
+
 
 def now() -> float:
     """Seconds on the running loop's clock (virtual under `run(..., virtual=True)`)."""
@@ -44,7 +50,7 @@ def run(main: Coroutine[Any, Any, T], *, virtual: bool = False) -> T:
     """
     if not virtual:
         return asyncio.run(main)
-    loop = looptime.new_event_loop(start=0.0, noop_cycles=200)
+    loop = looptime.new_event_loop(start=0.0, noop_cycles=NOOP_CYCLES)
     loop.set_default_executor(InlineExecutor())
     try:
         asyncio.set_event_loop(loop)

@@ -16,8 +16,13 @@ steps and applies them in bulk. An arrival or abort wakes it; it then stops at t
 boundary, so the schedule is the same as stepping one step at a time. Per-step work is
 O(running), and nothing is kept per token.
 
+Streaming: a waiting client is woken with the first token, then every
+`stream_interval_tokens` tokens and at the end, as vLLM's `--stream-interval`; on a virtual
+clock the interval is coarse, so events per answer stay bounded however large the batch.
+
 Timing comes only from the running loop's clock and `asyncio` timers, so under a looptime
-loop the same requests give the same records.
+loop the same requests give the same records. On a real clock steps keep absolute deadlines
+(`next_step_start_s`), so the loop's wake-up lateness does not add to every step.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from typing import Literal
 from serving.emulator.profiles import Profile
 
 CHARS_PER_TOKEN = 4
+# Tokens per streamed event on a virtual clock: a decode step stopped by every admission
+# and finish in a large batch must not turn into one client-side event each.
+VIRTUAL_STREAM_INTERVAL_TOKENS = 256
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -224,6 +232,7 @@ class _Seq:
         "computed",
         "finished",
         "generated",
+        "notify_at",
         "num_registered",
         "num_tokens",
         "prefill_done",
@@ -245,6 +254,7 @@ class _Seq:
         self.finished = False
         self.aborted = False
         self.waiter: asyncio.Future[None] | None = None
+        self.notify_at = 1  # wake the waiter once this many tokens exist
 
 
 class RequestHandle:
@@ -270,19 +280,27 @@ class RequestHandle:
         return self._seq.finished
 
     async def wait_tokens(self, seen: int) -> int:
-        """Wait until more than `seen` tokens exist or the request ended; return the count."""
-        seq = self._seq
-        while seq.generated <= seen and not seq.finished:
-            if seq.waiter is None or seq.waiter.done():
-                seq.waiter = asyncio.get_running_loop().create_future()
-            await seq.waiter
-        return seq.generated
+        """Wait for the next streamed tokens after `seen`, or the end; return the count.
+
+        The first token is streamed as soon as it exists; later ones once
+        `stream_interval_tokens` more exist (see `Engine`), or when the request ends.
+        """
+        interval = 1 if seen == 0 else self._engine.stream_interval_tokens
+        await self._wait_until(seen + interval)
+        return self._seq.generated
 
     async def result(self) -> RequestRecord:
         """Wait for the request to end and return its record."""
-        while not self._seq.finished:
-            await self.wait_tokens(self._seq.generated)
+        await self._wait_until(self._seq.target + 1)
         return self._seq.record
+
+    async def _wait_until(self, tokens: int) -> None:
+        seq = self._seq
+        seq.notify_at = tokens
+        while seq.generated < tokens and not seq.finished:
+            if seq.waiter is None or seq.waiter.done():
+                seq.waiter = asyncio.get_running_loop().create_future()
+            await seq.waiter
 
     def abort(self) -> None:
         """Abort the request (client gone): its KV blocks are freed now."""
@@ -313,11 +331,29 @@ class Engine:
         max_coalesced_steps: Most steps to sleep through at once when nothing can change the
             schedule (None: no limit). Use 1 on a real clock so streamed tokens arrive one
             step apart; the schedule and records are the same either way.
+        stream_interval_tokens: Tokens per streamed event after the first token, as vLLM's
+            `--stream-interval` (the first token and the end are streamed at once). Default:
+            1 when steps are bounded (a real clock), else `VIRTUAL_STREAM_INTERVAL_TOKENS`,
+            so that events per answer do not grow with the batch on a virtual clock. Only
+            when tokens reach the client changes; the schedule and records do not.
     """
 
-    def __init__(self, profile: Profile, *, max_coalesced_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        max_coalesced_steps: int | None = None,
+        stream_interval_tokens: int | None = None,
+    ) -> None:
+        if stream_interval_tokens is None:
+            stream_interval_tokens = (
+                VIRTUAL_STREAM_INTERVAL_TOKENS if max_coalesced_steps is None else 1
+            )
+        if stream_interval_tokens < 1:
+            raise ValueError("stream_interval_tokens must be at least 1")
         self.profile = profile
         self.max_coalesced_steps = max_coalesced_steps
+        self.stream_interval_tokens = stream_interval_tokens
         self.pool = BlockPool(profile.num_gpu_blocks)
         self.stats = EngineStats()
         self.records: list[RequestRecord] = []
@@ -329,6 +365,7 @@ class Engine:
         self._wake: asyncio.Future[str] | None = None
         self._counter = 0
         self._was_busy = False
+        self._step_end: float | None = None  # when the last step was due to end
 
     # -- public API ---------------------------------------------------------------------
 
@@ -433,6 +470,7 @@ class Engine:
                     continue  # everything running was preempted: admit from the queue now
                 if step is None or not step.seqs:
                     self._was_busy = False
+                    self._step_end = None
                     self._wake = loop.create_future()
                     await self._wake
                     continue
@@ -447,8 +485,8 @@ class Engine:
 
     async def _execute(self, step: _Step, loop: asyncio.AbstractEventLoop) -> None:
         profile = self.profile
-        t0 = loop.time()
         first = profile.step_s(step.prefill_tokens, step.decode_seqs, step.context_tokens)
+        t0 = next_step_start_s(loop.time(), self._step_end, first)
         k = self._coalescible_steps(step) if step.stable else 1
         if k == 1:
             bounds = [t0 + first]
@@ -468,6 +506,7 @@ class Engine:
             if bounds[done - 1] > now:
                 await asyncio.sleep(bounds[done - 1] - now)
         self._wake = None
+        self._step_end = bounds[done - 1]
         self._mark_busy(t0, bounds[done - 1])
         if k == 1:
             self._apply_single(step, t0, bounds[0])
@@ -609,8 +648,9 @@ class Engine:
                 continue
             record = seq.record
             if record.first_scheduled_s is None:
-                record.first_scheduled_s = t0
-                self.stats.queue.observe(t0 - record.arrival_s)
+                # A step kept on its deadline may start just before a late arrival.
+                record.first_scheduled_s = max(t0, record.arrival_s)
+                self.stats.queue.observe(record.first_scheduled_s - record.arrival_s)
             seq.computed += num_new
             full = min(seq.computed // bs, len(seq.block_hashes))
             for idx in range(seq.num_registered, full):
@@ -656,7 +696,7 @@ class Engine:
             self.pool.free(seq.blocks)
             seq.blocks = []
             self._finish(seq, at, "stop")
-        elif seq.waiter is not None and not seq.waiter.done():
+        elif seq.waiter is not None and not seq.waiter.done() and seq.generated >= seq.notify_at:
             seq.waiter.set_result(None)
 
     def _finish(self, seq: _Seq, at: float, reason: FinishReason) -> None:
@@ -669,6 +709,20 @@ class Engine:
             self.stats.e2e.observe(at - record.arrival_s)
         if seq.waiter is not None and not seq.waiter.done():
             seq.waiter.set_result(None)
+
+
+def next_step_start_s(now_s: float, previous_end_s: float | None, step_s: float) -> float:
+    """When a step starts: the previous step's deadline while the engine keeps up, else now.
+
+    Steps are timed against absolute deadlines (next end = previous end + step time), so
+    the event loop's lateness in waking up does not add to every step. A step that follows
+    an idle engine starts now; so does one the loop is late for by a whole step or more
+    (resynchronise): that time is lost rather than caught up with a burst of short steps.
+    On a virtual clock timers fire on time and the start is always now.
+    """
+    if previous_end_s is None or now_s - previous_end_s >= step_s:
+        return now_s
+    return min(now_s, previous_end_s)
 
 
 def _resolve(fut: asyncio.Future[str], value: str) -> None:

@@ -6,8 +6,16 @@ import asyncio
 import dataclasses
 import time
 
+import pytest
+
 from serving.clock import run
-from serving.emulator.engine import CHARS_PER_TOKEN, Engine, RequestRecord, count_tokens
+from serving.emulator.engine import (
+    CHARS_PER_TOKEN,
+    Engine,
+    RequestRecord,
+    count_tokens,
+    next_step_start_s,
+)
 from serving.emulator.profiles import PROFILES, Profile
 
 SMALL_KV = dataclasses.replace(
@@ -220,3 +228,44 @@ def test_a_large_benchmark_simulates_in_seconds() -> None:
     assert len(engine.records) == 400
     assert engine.stats.generation_tokens > 600_000
     assert time.perf_counter() - start < 10.0
+
+
+def test_streamed_tokens_come_first_alone_then_by_the_stream_interval() -> None:
+    async def scenario(**kwargs: int) -> tuple[list[int], RequestRecord]:
+        engine = Engine(PROFILES["cpu-tiny"], **kwargs)
+        handle = engine.submit(_prompt("stream", 20), 600)
+        seen, counts = 0, []
+        while not handle.finished:
+            seen = await handle.wait_tokens(seen)
+            counts.append(seen)
+        await engine.aclose()
+        return counts, handle.record
+
+    every, every_record = run(scenario(max_coalesced_steps=1), virtual=True)
+    assert every == list(range(1, 601))  # a real clock's default: one token per event
+    by_256, record_256 = run(
+        scenario(max_coalesced_steps=1, stream_interval_tokens=256), virtual=True
+    )
+    assert by_256 == [1, 257, 513, 600]
+    bulk, bulk_record = run(scenario(), virtual=True)  # one coalesced sleep: one event
+    assert bulk == [1, 600]
+    assert every_record == record_256  # delivery changes, never the schedule
+    assert bulk_record.finish_s == pytest.approx(every_record.finish_s)
+
+
+def test_steps_keep_absolute_deadlines_and_resynchronise_when_far_behind() -> None:
+    step = 0.0046
+    assert next_step_start_s(10.0, None, step) == 10.0  # after idle: now
+    # Woken 0.7 ms late: the step still starts at the last deadline, so it ends on time.
+    assert next_step_start_s(10.0007, 10.0, step) == 10.0
+    # Behind by a whole step or more: start now, no burst of short steps to catch up.
+    assert next_step_start_s(10.005, 10.0, step) == 10.005
+    assert next_step_start_s(12.0, 10.0, step) == 12.0
+    # 1,000 steps, each woken 0.7 ms late: the mean gap stays the profile's step.
+    end: float | None = None
+    now = 0.0
+    for _ in range(1000):
+        start = next_step_start_s(now, end, step)
+        end = start + step
+        now = end + 0.0007
+    assert end is not None and abs(end / 1000 - step) < 1e-9

@@ -127,6 +127,39 @@ def test_one_lucky_sample_does_not_set_the_floor() -> None:
     assert limit.limit > 16
 
 
+def test_calls_admitted_before_a_back_off_do_not_compound_it() -> None:
+    # The server stays saturated while 100 calls admitted under the old limit drain.
+    limit = AdaptiveLimit(initial=100, backoff=0.5, backoff_cooldown_s=3.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    for t in range(1, 12):
+        full = ServerSnapshot(taken_at=t, running=100 - 2 * t, waiting=4, kv_usage=0.99)
+        limit.on_snapshot(full, float(t))
+    # Half the load at the last back-off (t = 10: 80 running + 4 waiting), not 100 / 2**4.
+    assert limit.limit == 42
+
+
+def test_latency_of_calls_run_above_the_limit_does_not_shrink_it_again() -> None:
+    limit = AdaptiveLimit(initial=64)
+    for i in range(40):
+        limit.on_sample(Sample(at=i * 0.1, in_flight=limit.limit, itl_s=0.010))
+    for i in range(20):
+        limit.on_sample(Sample(at=4 + i * 0.1, in_flight=limit.limit, itl_s=0.030))
+    shrunk = limit.limit
+    # The calls admitted before the decrease finish now, measured at 200 in flight.
+    for i in range(200):
+        limit.on_sample(Sample(at=6 + i * 0.1, in_flight=200, itl_s=0.030))
+    assert limit.limit == shrunk
+
+
+def test_rising_itl_shrinks_toward_the_load_it_was_measured_at() -> None:
+    limit = AdaptiveLimit(initial=64)
+    for i in range(40):
+        limit.on_sample(Sample(at=i * 0.1, in_flight=64, itl_s=0.010))
+    for i in range(400):  # 4x slower per token at the full limit: the limit gives way
+        limit.on_sample(Sample(at=4 + i * 0.1, in_flight=limit.limit, itl_s=0.040))
+    assert limit.limit <= 16
+
+
 def test_dropped_calls_back_off_once_per_cooldown() -> None:
     limit = AdaptiveLimit(initial=100, backoff=0.5, backoff_cooldown_s=3.0)
     for t in (1.0, 1.5, 2.0):
@@ -147,9 +180,11 @@ def test_stale_or_failed_scrape_counts_as_saturated() -> None:
     assert limit.server_state(8.0) == "saturated"  # 4 s old: stale, never idle
     limit.on_sample(Sample(at=8.0, in_flight=32, itl_s=0.01))
     assert limit.limit == 16
+    limit.on_sample(Sample(at=8.5, in_flight=16, itl_s=0.01))  # the load followed
+    assert limit.limit == 8
     limit.on_snapshot(ServerSnapshot.failed(9.0, "connection refused"), 9.0)
     assert limit.server_state(9.0) == "saturated"
-    assert limit.limit == 8
+    assert limit.limit == 8  # no news of the load since it was halved: no compounding
 
 
 def test_server_signals() -> None:
@@ -176,12 +211,12 @@ def test_limit_stays_within_bounds() -> None:
         limit.on_sample(Sample(at=i * 0.01, in_flight=limit.limit, itl_s=0.01))
     assert limit.limit == 64
     for i in range(200):
-        limit.on_sample(Sample(at=100 + i * 5.0, in_flight=64, ok=False, dropped=True))
+        limit.on_sample(Sample(at=100 + i * 5.0, in_flight=limit.limit, ok=False, dropped=True))
     assert limit.limit == 2
 
 
-def _quiet(running: float, t: float, **kw: float) -> ServerSnapshot:
-    return ServerSnapshot(taken_at=t, running=running, **kw)
+def _quiet(running: float, t: float, *, waiting: float = 0.0, kv_usage: float) -> ServerSnapshot:
+    return ServerSnapshot(taken_at=t, running=running, waiting=waiting, kv_usage=kv_usage)
 
 
 def test_slow_start_doubles_per_scrape_on_a_burst() -> None:
@@ -211,9 +246,10 @@ def test_slow_start_ends_at_the_first_congestion_signal() -> None:
     limit.on_snapshot(_quiet(32, 1.0, waiting=8, kv_usage=0.2), 1.0)
     assert limit.slow_start and limit.limit == 64  # one scrape of waiting: a burst, hold
     limit.on_snapshot(_quiet(32, 2.0, waiting=8, kv_usage=0.2), 2.0)
-    assert not limit.slow_start and limit.limit == 48  # a queue that does not drain
-    limit.on_snapshot(_quiet(48, 3.0, kv_usage=0.2), 3.0)
-    assert limit.limit == 48  # no more doubling after slow start
+    # A queue that does not drain: back to 0.75 x the 40 calls the server held.
+    assert not limit.slow_start and limit.limit == 30
+    limit.on_snapshot(_quiet(30, 3.0, kv_usage=0.2), 3.0)
+    assert limit.limit == 30  # no more doubling after slow start
 
 
 def test_a_draining_prefill_burst_is_not_saturation() -> None:

@@ -1,0 +1,121 @@
+"""The wait orders' indexed picks agree with their rank definitions, under any history."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routing.orders import FifoOrder, LasOrder, ServiceLedger, Waiter
+
+SESSIONS = [f"s{i}" for i in range(6)]
+
+# (op, session index, quarter-seconds): times are multiples of 0.25 s, so every rank is
+# exact in binary floating point and ties are real ties.
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["wait", "pick", "begin", "end", "cancel", "tick"]),
+        st.integers(0, len(SESSIONS) - 1),
+        st.integers(0, 40),
+    ),
+    min_size=40,
+    max_size=160,
+)
+
+
+class _Queues:
+    """Per-session FIFO queues in front of an order, as `Admission` keeps them."""
+
+    def __init__(self, order: FifoOrder | LasOrder) -> None:
+        self.order = order
+        self.queues: dict[str, deque[Waiter]] = {}
+        self.seq = itertools.count()
+        self.loop = asyncio.new_event_loop()
+
+    def wait(self, session_id: str, now: float) -> None:
+        waiter = Waiter(session_id, now, next(self.seq), self.loop.create_future())
+        queue = self.queues.setdefault(session_id, deque())
+        queue.append(waiter)
+        if len(queue) == 1:
+            self.order.set_head(session_id, waiter)
+
+    def pop_head(self, session_id: str) -> Waiter:
+        queue = self.queues[session_id]
+        waiter = queue.popleft()
+        self.order.set_head(session_id, queue[0] if queue else None)
+        if not queue:
+            del self.queues[session_id]
+        return waiter
+
+    def heads(self) -> list[Waiter]:
+        return [q[0] for q in self.queues.values()]
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops, st.sampled_from([1.0, 0.5, 2.0]), st.sampled_from([5.0, 60.0]))
+def test_las_pick_is_the_lowest_rank(
+    history: list[tuple[str, int, int]], aging_rate: float, max_wait_s: float
+) -> None:
+    ledger = ServiceLedger()
+    order = LasOrder(ledger, aging_rate=aging_rate, max_wait_s=max_wait_s)
+    queues = _Queues(order)
+    running: dict[str, list[float]] = {s: [] for s in SESSIONS}
+    now = 0.0
+    for op, index, quarters in history:
+        session_id = SESSIONS[index]
+        if op == "tick":
+            now += quarters / 4
+        elif op == "wait":
+            queues.wait(session_id, now)
+        elif op == "begin":
+            ledger.begin(session_id, now)
+            running[session_id].append(now)
+        elif op == "end" and running[session_id]:
+            ledger.end(session_id, running[session_id].pop(0), now)
+        elif op == "cancel" and session_id in queues.queues:
+            queues.pop_head(session_id)
+        elif op == "pick" and queues.queues:
+            best = min(order.key(h, now) for h in queues.heads())
+            picked = order.pick(now)
+            assert order.key(queues.queues[picked][0], now) == best
+            waiter = queues.pop_head(picked)
+            ledger.begin(picked, now)  # admitted: its line changes while others wait
+            running[picked].append(now)
+            assert waiter.session_id == picked
+    queues.loop.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops)
+def test_fifo_pick_is_the_oldest_head(history: list[tuple[str, int, int]]) -> None:
+    order = FifoOrder()
+    queues = _Queues(order)
+    for op, index, _ in history:
+        session_id = SESSIONS[index]
+        if op == "wait":
+            queues.wait(session_id, 0.0)
+        elif op == "cancel" and session_id in queues.queues:
+            queues.pop_head(session_id)
+        elif op == "pick" and queues.queues:
+            oldest = min(h.seq for h in queues.heads())
+            assert queues.pop_head(order.pick(0.0)).seq == oldest
+    queues.loop.close()
+
+
+def test_las_index_stays_small_under_many_line_changes() -> None:
+    ledger = ServiceLedger()
+    order = LasOrder(ledger)
+    queues = _Queues(order)
+    for i, session_id in enumerate(SESSIONS):
+        queues.wait(session_id, float(i))
+    for t in range(10_000):  # calls of the waiting sessions start and end elsewhere
+        session_id = SESSIONS[t % len(SESSIONS)]
+        ledger.begin(session_id, float(t))
+        ledger.end(session_id, float(t), t + 0.5)
+    entries = sum(len(heap) for heap in order._by_slope.values())
+    assert entries <= 4 * len(SESSIONS) + 64
+    assert order.pick(10_000.0) in SESSIONS
+    queues.loop.close()

@@ -206,6 +206,10 @@ class RoutedModels:
                 api_key=SecretStr(self.api_key),
                 http_async_client=self.router.client(role),
                 timeout=self.timeout_s,
+                # LangChain's own 120 s limit on silence between chunks would cut a request
+                # that waits in an overloaded vLLM's queue (no chunk before the first token);
+                # the router owns the request deadline.
+                stream_chunk_timeout=self.timeout_s,
                 max_retries=self.http_retries,
                 streaming=True,  # the router measures time to first token and inter-token latency
                 stream_usage=True,

@@ -85,7 +85,7 @@ bench: $(STAMP)
 	$(BIN)/tandem bench --quiet --workload seed-single --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --json bench/results/seed-single.json --table bench/results/seed-single.txt --plot bench/results/seed-single.png
 	$(BIN)/tandem bench --quiet --workload seed-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/seed-multi.json --table bench/results/seed-multi.txt --plot bench/results/seed-multi.png
 	$(BIN)/tandem bench --quiet --workload heavy --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/heavy.json --table bench/results/heavy.txt --plot bench/results/heavy.png
-	$(BIN)/tandem bench --quiet --workload seed-calibrated --policies seed-current,seed-phase1,seed-phase3 --seeds 3 --json bench/results/seed-calibrated.json --table bench/results/seed-calibrated.txt --plot bench/results/seed-calibrated.png
+	$(BIN)/tandem bench --quiet --workload seed-calibrated --policies seed-current,seed-phase1,seed-phase3 --json bench/results/seed-calibrated.json --table bench/results/seed-calibrated.txt --plot bench/results/seed-calibrated.png
 	$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
 	for w in seed-single seed-multi heavy; do \
 	  $(BIN)/tandem bench --quiet --workload $$w --policies adaptive,adaptive-reasoning,sweep,sweep+auto --json bench/results/$$w-sweep.json --table bench/results/$$w-sweep.txt || exit 1; \

@@ -9,9 +9,10 @@ Measurement (functions that return points, reusable from tests):
 - decode time per token against batch size: a wave of `concurrency` streamed requests sent
   together, each generating exactly `output_tokens` tokens (`ignore_eos`), at two prompt
   (context) lengths. Tokens are counted from `usage` (`stream_options.include_usage`), never
-  from SSE events (one event may carry several tokens); a request's decode time per token is
-  (last event - first event) / (completion tokens - 1), which is exact however the stream
-  coalesces tokens;
+  from SSE events (one event may carry several tokens); a wave's time per step is (its last
+  token - its first token) / (output tokens - 1), measured client-side like a workflow's
+  streamed calls (the first and last tokens always get an event of their own, so it is exact
+  however the stream coalesces tokens);
 - KV capacity from `/metrics` `vllm:cache_config_info`, `max_model_len` from `/v1/models`.
 
 Every point is measured once per round, all points in every round, so a slow spell of a
@@ -355,28 +356,35 @@ async def read_counters(client: httpx.AsyncClient, base_url: str) -> EngineCount
     return EngineCounters(snapshot.itl_sum_s, snapshot.itl_count, iterations)
 
 
-async def _complete(
-    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int
-) -> tuple[int, int]:
-    """One non-streamed completion of exactly `max_tokens` tokens: (prompt, completion) tokens."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-    }
-    response = await client.post(f"{base_url}/chat/completions", json=body)
-    response.raise_for_status()
-    usage = response.json()["usage"]
-    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-
-
 @dataclass(frozen=True)
 class WaveSample(Sample):
     """A wave's sample, with the engine steps it took (None if the server does not say)."""
 
     iterations: float | None = None
+
+
+@dataclass(frozen=True)
+class _Streamed:
+    """One streamed request of a wave: token counts and loop-clock times of its events."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    first_s: float
+    last_s: float
+
+
+async def _streamed(
+    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int
+) -> _Streamed:
+    timing_start = now()
+    timing = await stream_completion(client, base_url, model, prompt, max_tokens)
+    first = timing_start + timing.ttft_s
+    return _Streamed(timing.prompt_tokens, timing.completion_tokens, first, first + timing.decode_s)
+
+
+def wave_step_s(first_token_s: float, last_token_s: float, output_tokens: int) -> float:
+    """A wave's time per generation step: (last token - the wave's first token) / (n - 1)."""
+    return (last_token_s - first_token_s) / max(1, output_tokens - 1)
 
 
 async def measure_wave(
@@ -386,11 +394,12 @@ async def measure_wave(
     builder: PromptBuilder,
     spec: PointSpec,
 ) -> WaveSample:
-    """Mean inter-token latency of `spec.concurrency` requests sent together.
+    """Closed-loop time per step of `spec.concurrency` streamed requests sent together.
 
-    The requests are not streamed: per-token SSE work in the server's API process is what
-    delays the admission of a wave's later requests on a busy machine. The step time comes
-    from the server's own inter-token latency histogram over the wave.
+    Measured client-side over the whole wave, the way a workflow's streamed calls see the
+    server (API-server and client work included): (the wave's last token - its first token)
+    / (output tokens - 1), with token counts from `usage`. The engine's step count over the
+    wave (`/metrics`, if reported) tells whether the wave reached the engine together.
 
     Raises:
         ValueError: a request generated other than `spec.output_tokens` tokens (the server
@@ -398,28 +407,27 @@ async def measure_wave(
     """
     before = await read_counters(client, base_url)
     start = now()
-    usages = await asyncio.gather(
+    streams = await asyncio.gather(
         *(
-            _complete(client, base_url, model, builder.text(spec.prompt_tokens), spec.output_tokens)
+            _streamed(client, base_url, model, builder.text(spec.prompt_tokens), spec.output_tokens)
             for _ in range(spec.concurrency)
         )
     )
     wall_s = now() - start
     after = await read_counters(client, base_url)
-    short = [c for _, c in usages if c != spec.output_tokens]
+    short = [s.completion_tokens for s in streams if s.completion_tokens != spec.output_tokens]
     if short:
         raise ValueError(
             f"{spec.label}: asked for {spec.output_tokens} tokens, got {sorted(set(short))}"
         )
-    count = after.itl_count - before.itl_count
-    if count <= 0:
-        raise ValueError(f"{spec.label}: the server's inter-token latency count did not move")
     iterations = None
     if after.iterations is not None and before.iterations is not None:
         iterations = after.iterations - before.iterations
+    first = min(s.first_s for s in streams)
+    last = max(s.last_s for s in streams)
     return WaveSample(
-        value_s=(after.itl_sum_s - before.itl_sum_s) / count,
-        prompt_tokens=round(statistics.median(p for p, _ in usages)),
+        value_s=wave_step_s(first, last, spec.output_tokens),
+        prompt_tokens=round(statistics.median(s.prompt_tokens for s in streams)),
         completion_tokens=spec.output_tokens,
         wall_s=wall_s,
         iterations=iterations,
@@ -620,8 +628,8 @@ def _probe_profile(limits: EngineLimits, terms: Sequence[float]) -> Profile:
 async def _engine_value(profile: Profile, point: Point) -> float:
     """The point's statistic when the emulator's engine serves the same requests.
 
-    TTFT for a lone request; for a wave, the mean inter-token latency, as the server's
-    histogram gives it.
+    TTFT for a lone request; for a wave, its time per step (`wave_step_s`) as the client
+    measures it.
     """
     engine = Engine(profile)
     spec = point.spec
@@ -638,8 +646,10 @@ async def _engine_value(profile: Profile, point: Point) -> float:
         first = records[0].first_token_s
         assert first is not None
         return first - records[0].arrival_s
-    itl = engine.stats.itl
-    return itl.sum / max(1, itl.count)
+    firsts = [r.first_token_s for r in records if r.first_token_s is not None]
+    lasts = [r.finish_s for r in records if r.finish_s is not None]
+    assert len(firsts) == len(lasts) == len(records)
+    return wave_step_s(min(firsts), max(lasts), point.output_tokens)
 
 
 # Probe terms of typical magnitude; the probes are this vector with one term doubled each, so

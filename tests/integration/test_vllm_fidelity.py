@@ -1,138 +1,290 @@
-"""Emulator fidelity: the `cpu-tiny` profile against the real vLLM CPU engine it models.
+"""Emulator fidelity: calibrate on the real vLLM CPU engine at hand, then predict what it does.
 
-The real throughput curve is measured here, on the fixture's coder server, with the same
-closed loop as `serving.measure` (256 output tokens per request, 2 x concurrency requests,
-`ignore_eos`); the emulator is driven at the same points on a virtual clock. Other jobs on
-a 2-core machine only ever slow the real engine down, so each point keeps the best of
-several runs, measuring again (up to `MAX_RUNS`) while it is outside the tolerance.
+No constants from another machine: the tiny model's profile is fitted here, with
+`serving.calibrate`, to the coder server of the session fixture, from some points (TTFT at
+three prompt lengths; the time per step of waves of 1 and 8 requests at a short context and
+of 1 and 64 at a long one). The emulator with that profile must then predict points it was
+not fitted to (waves of 4, 16 and 32 requests) and the makespan of a short workflow run on
+both real servers (its recorded calls replayed on the emulator: bench/trace.py), within
+`TOLERANCE`.
 
-The comparison is absolute, so it only means something while the engine has its cores: the
-reasoning server is stopped for the sweep (and started again after). Concurrency 1 must hold
-(it did, within 6%, in every run here). At 4 and above, throughput on these 2-core virtual
-machines swings 2-6x between back-to-back runs of the same load (e.g. c=16: 1,830 to 8,667
-tok/s; c=64: 2,101 to 16,659 over a day), which no profile can match within 15%: a miss
-there is reported as an expected failure carrying the whole measured curve, never a pass.
+Waves are measured the way the workflow loads the servers (docs/real-vllm.md, "Calibrate"):
+streamed requests (the profile streams every 16 tokens, `--stream-interval`), timed
+client-side over the whole wave, (last token - first token) / (tokens - 1). Calibration and
+held-out points are measured in the same interleaved rounds and each keeps its median; a
+wave that reached the engine staggered (more engine steps than a wave sent together) is
+measured again. A profile whose decode cost is 2x off must miss the held-out points: the
+test can tell a wrong model shape from a different CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import time
+import statistics
+from dataclasses import dataclass, replace
 
 import httpx
 import pytest
 
-from serving.clock import run
-from serving.emulator.engine import CHARS_PER_TOKEN, Engine
-from serving.emulator.profiles import PROFILES, Profile
-from serving.measure import PROMPT, measure_sample
+from bench.policies import get_policy
+from bench.runner import run_policy_env
+from bench.trace import CallRecord, RecordingTransport, replay_makespan
+from bench.workloads import TokenSpec, Workload
+from routing.calls import Role
+from routing.endpoints import Replica
+from serving.calibrate import (
+    EngineLimits,
+    Point,
+    PointSpec,
+    PromptBuilder,
+    build_profile,
+    emulate_points,
+    fit_step_model,
+    limits_for,
+    measure_points,
+    probe_prompt_builder,
+    read_server_info,
+)
+from serving.clock import run as run_clock
+from serving.emulator.profiles import Profile
+from serving.launch import load_profile
 from tests.integration.conftest import VllmServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
-LEVELS = (1, 4, 16, 32, 64)
-OUTPUT_TOKENS = 256
-TOLERANCE = 0.15
-MIN_RUNS = 2
-MAX_RUNS = 5
-# Points that must hold: one sequence at a time, little for a noisy neighbour to disturb.
-ALWAYS_ASSERTED = (1,)
+# Not established on 2-core VMs (docs/real-vllm.md, "Fidelity"): streamed waves of 4-32 reach
+# the engine staggered and held-out points swing up to 3x between rounds; the workflow's real
+# time is 1.4-3x its calls replayed on the calibrated emulator, because guided-JSON calls run
+# at 5-14 ms per token against 2-3 ms for plain ones and API servers and client share the two
+# cores with the engines, none of which the step model has. Expected failures that carry the
+# measured curves, never a pass: an unexpected pass shows as XPASS.
+NOT_ESTABLISHED = pytest.mark.xfail(
+    reason="emulator fidelity against the CPU engine not established on 2-core VMs",
+    strict=False,
+)
+
+TOLERANCE = 0.25
+OUTPUT_TOKENS = 64
+ROUNDS = 3
+SHORT, LONG = 32, 1024
+CALIBRATION = [
+    *(PointSpec("ttft", p) for p in (32, 512, 2048)),
+    # Short context: batch 1 and 8 (one engine batch: a streamed wave of 64 on a short prompt
+    # is two batches whose second one's admission the API process staggers most). Long
+    # context: 1 and 64 (the prefill chunks absorb the staggered arrival).
+    *(PointSpec("itl", SHORT, c, OUTPUT_TOKENS) for c in (1, 8)),
+    *(PointSpec("itl", LONG, c, OUTPUT_TOKENS) for c in (1, 64)),
+]
+HELD_OUT = [PointSpec("itl", SHORT, c, OUTPUT_TOKENS) for c in (4, 16, 32)]
+# vLLM's CPU API-server default (the launch profile does not set it).
+MAX_NUM_BATCHED_TOKENS = 2048
+WORKLOAD = Workload(
+    "fidelity",
+    sessions=2,
+    tasks=3,
+    tokens=TokenSpec(max_tokens={"plan": 256, "code": 128, "review": 256}),
+)
+# No admission limit binds: recorded request times are the client's, not the router's.
+POLICY = "fixed-64"
+ROLES: tuple[Role, ...] = ("reasoning", "coder")
+_POOL = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0)
 
 
-def _requests(concurrency: int) -> int:
-    return max(4, 2 * concurrency)  # serving.measure's default
+def _curve(points: list[Point], predicted: list[Point]) -> str:
+    lines = []
+    for real, emu in zip(points, predicted, strict=True):
+        rounds = ", ".join(f"{v * 1e3:.2f}" for v in real.rounds_s)
+        lines.append(
+            f"  {real.spec.label:18s} real {real.value_s * 1e3:7.2f} ms (rounds {rounds}; "
+            f"{real.tokens_per_s:6.0f} tok/s; {real.retries} waves re-measured)  emulator "
+            f"{emu.value_s * 1e3:7.2f} ms ({emu.value_s / real.value_s - 1:+.0%})"
+        )
+    return "\n".join(lines)
 
 
-async def _emulated_tps(profile: Profile, concurrency: int, prompt_tokens: int) -> float:
-    """Output tok/s of the emulator with `concurrency` clients sharing `_requests` requests."""
-    engine = Engine(profile)
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(concurrency)
-    total = _requests(concurrency)
-
-    async def one(i: int) -> None:
-        async with gate:
-            chars = prompt_tokens * CHARS_PER_TOKEN
-            text = (f"r{i}: " + "x" * chars)[:chars]
-            await engine.submit(text, OUTPUT_TOKENS).result()
-
-    start = loop.time()
-    await asyncio.gather(*(one(i) for i in range(total)))
-    elapsed = loop.time() - start
-    await engine.aclose()
-    return total * OUTPUT_TOKENS / elapsed
+def _off(points: list[Point], predicted: list[Point]) -> list[str]:
+    return [
+        r.spec.label
+        for r, e in zip(points, predicted, strict=True)
+        if abs(e.value_s / r.value_s - 1) > TOLERANCE
+    ]
 
 
-async def _prompt_tokens(base_url: str, model: str) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1}
-    async with httpx.AsyncClient(timeout=60) as client:
-        response = await client.post(f"{base_url}/chat/completions", json=body)
-    response.raise_for_status()
-    return int(response.json()["usage"]["prompt_tokens"])
+async def _measure_round(
+    url: str, model: str, limits: EngineLimits, builder: PromptBuilder | None
+) -> tuple[list[Point], PromptBuilder]:
+    """One round of every calibration and held-out point (after measure_points' warm-up)."""
+    pool = httpx.Limits(max_connections=80, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=300.0, limits=pool) as client:
+        builder = builder or await probe_prompt_builder(client, url, model)
+        points = await measure_points(
+            client, url, model, [*CALIBRATION, *HELD_OUT], rounds=1, limits=limits,
+            builder=builder,
+        )  # fmt: skip
+        return points, builder
 
 
-def _idle_fraction(seconds: float = 2.0) -> float:
-    """Fraction of all cores' time spent idle over `seconds` (Linux /proc/stat)."""
+def _merge(rounds: list[list[Point]]) -> list[Point]:
+    """Per point, the median over rounds (as `measure_points` keeps it)."""
+    merged = []
+    for same in zip(*rounds, strict=True):
+        merged.append(
+            replace(
+                same[0],
+                prompt_tokens=round(statistics.median(p.prompt_tokens for p in same)),
+                value_s=statistics.median(p.value_s for p in same),
+                rounds_s=tuple(v for p in same for v in p.rounds_s),
+                tokens_per_s=statistics.median(p.tokens_per_s for p in same),
+                retries=sum(p.retries for p in same),
+            )
+        )
+    return merged
 
-    def read() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, total
 
-    idle0, total0 = read()
-    time.sleep(seconds)
-    idle1, total1 = read()
-    return (idle1 - idle0) / max(1, total1 - total0)
+Workflow = tuple[float, list[CallRecord]]
 
 
-def test_cpu_tiny_profile_matches_the_real_engine(vllm_servers: VllmServers) -> None:
-    url, model = vllm_servers.base_url["coder"], vllm_servers.model["coder"]
-    profile = PROFILES["cpu-tiny"]
-    prompt_tokens = asyncio.run(_prompt_tokens(url, model))
-    emulated = {c: run(_emulated_tps(profile, c, prompt_tokens), virtual=True) for c in LEVELS}
+def _calibrate(
+    servers: VllmServers,
+) -> tuple[Profile, list[Point], list[Point], list[Workflow], str]:
+    """Calibration rounds, each followed by a recorded workflow run on both servers.
 
-    async def measure(c: int) -> float:
-        sample = await measure_sample(url, model, c, OUTPUT_TOKENS, _requests(c))
-        assert sample.output_tokens == _requests(c) * OUTPUT_TOKENS
-        return sample.tokens_per_s
+    The workflow runs are interleaved with the rounds for the same reason the points are:
+    a slow spell of the machine hits both sides of the comparison.
+    """
+    url, model = servers.base_url["coder"], servers.model["coder"]
 
-    runs: dict[int, list[float]] = {c: [] for c in LEVELS}
+    async def info() -> EngineLimits:
+        async with httpx.AsyncClient(timeout=60.0) as client:
+            server = await read_server_info(client, url, model)
+        return limits_for(
+            server,
+            max_num_seqs=load_profile("cpu-tiny").server("coder").max_num_seqs,
+            max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        )
 
-    async def sweep() -> None:
-        await measure_sample(url, model, 1, max_tokens=8, n_requests=1)  # warm-up
-        for c in LEVELS:
-            while len(runs[c]) < MAX_RUNS:
-                runs[c].append(await measure(c))
-                best = max(runs[c])
-                if len(runs[c]) >= MIN_RUNS and abs(emulated[c] / best - 1) <= TOLERANCE:
-                    break
+    limits = asyncio.run(info())
+    load_before = os.getloadavg()[0]
+    # A first run compiles the plan and review grammars (xgrammar caches them per schema):
+    # a one-off cost of the server's structured-output backend that the emulator leaves out.
+    asyncio.run(_real_run(servers))
+    rounds: list[list[Point]] = []
+    workflows: list[Workflow] = []
+    builder: PromptBuilder | None = None
+    for _ in range(ROUNDS):
+        points, builder = asyncio.run(_measure_round(url, model, limits, builder))
+        rounds.append(points)
+        workflows.append(asyncio.run(_real_run(servers)))
+    points = _merge(rounds)
+    machine = f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()}"
+    calibration, held_out = points[: len(CALIBRATION)], points[len(CALIBRATION) :]
+    fit = fit_step_model(calibration, limits)
+    profile = build_profile(fit, limits, name="cpu-tiny-here", served_model_name=model, url=url)
+    return profile, calibration, held_out, workflows, f"{machine} cores\n{profile.source}"
 
-    vllm_servers.kill("reasoning")  # the engine under test gets both cores' worth of quiet
-    try:
-        idle_before = _idle_fraction()
-        load_before = os.getloadavg()
-        asyncio.run(sweep())
-        load_after = os.getloadavg()
-        idle_after = _idle_fraction()
-    finally:
-        asyncio.run(vllm_servers.restart("reasoning"))
-    real = {c: max(v) for c, v in runs.items()}
-    report = "\n".join(
-        f"c={c:3d}: real {real[c]:7.0f} tok/s (runs {', '.join(f'{x:.0f}' for x in runs[c])}),"
-        f" emulator {emulated[c]:7.0f} ({emulated[c] / real[c] - 1:+.0%})"
-        for c in LEVELS
+
+async def _real_run(servers: VllmServers) -> tuple[float, list[CallRecord]]:
+    """The workflow on both real servers; its makespan and the calls it made."""
+    recorders = {
+        role: RecordingTransport(role, httpx.AsyncHTTPTransport(limits=_POOL)) for role in ROLES
+    }
+    endpoints: dict[Role, list[Replica]] = {
+        role: [
+            Replica(
+                url=servers.base_url[role],
+                model=servers.model[role],
+                gpu=f"cpu{i}",
+                transport=recorders[role],
+            )
+        ]
+        for i, role in enumerate(ROLES)
+    }
+    run = await run_policy_env(WORKLOAD, get_policy(POLICY), endpoints)
+    return run.makespan_s, [c for r in recorders.values() for c in r.records]
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The profile fitted here, its points, and the machine's state while measuring."""
+
+    profile: Profile
+    calibration: list[Point]
+    held_out: list[Point]
+    workflows: list[Workflow]
+    report: str
+
+
+@pytest.fixture(scope="module")
+def calibrated(vllm_servers: VllmServers) -> Calibrated:
+    """Calibrate the tiny model's profile on the coder server (about a minute on 2 cores)."""
+    profile, calibration, held_out, workflows, report = _calibrate(vllm_servers)
+    fitted = emulate_points(profile, [p.spec for p in calibration])
+    # The emulator's TTFT has no HTTP server in it: the fitted overhead is in the report.
+    print(f"\n{report}\ncalibration points (emulator TTFT without overhead):")
+    print(_curve(calibration, fitted))
+    return Calibrated(profile, calibration, held_out, workflows, report)
+
+
+@NOT_ESTABLISHED
+def test_calibrated_profile_predicts_the_held_out_points(calibrated: Calibrated) -> None:
+    profile, held_out = calibrated.profile, calibrated.held_out
+    predicted = emulate_points(profile, [p.spec for p in held_out])
+    wrong = emulate_points(replace(profile, decode_seq_s=2 * profile.decode_seq_s), HELD_OUT)
+    details = (
+        f"{calibrated.report}\nheld-out points:\n{_curve(held_out, predicted)}\n"
+        f"held-out with decode cost x2:\n{_curve(held_out, wrong)}"
     )
-    machine = (
-        f"idle {idle_before:.0%} before / {idle_after:.0%} after with our servers idle; load "
-        f"average {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores"
+    print(f"\n{details}")
+    off = _off(held_out, predicted)
+    assert not off, f"calibrated emulator off by more than {TOLERANCE:.0%} at {off}\n{details}"
+    assert _off(held_out, wrong), (
+        f"a 2x decode cost goes unnoticed at the held-out points\n{details}"
     )
-    print(f"\ncpu-tiny fidelity ({machine})\n{report}")
-    off = [c for c in LEVELS if abs(emulated[c] / real[c] - 1) > TOLERANCE]
-    if off and not set(off) & set(ALWAYS_ASSERTED):
-        # The engine's own curve could not be pinned down at these points here: an
-        # expected failure with the data, never a pass.
-        pytest.xfail(f"off at {off} on a noisy 2-core machine ({machine}):\n{report}")
-    assert not off, (
-        f"cpu-tiny emulator off by more than {TOLERANCE:.0%} at {off} ({machine})\n{report}"
+
+
+@NOT_ESTABLISHED
+def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated) -> None:
+    """The calls a real workflow run made, replayed on the calibrated emulator, take as long.
+
+    A random-weight model plans and answers at lengths of its own, so the same workload run
+    on the emulator would do different work; replaying the recorded calls (bench/trace.py:
+    same token counts, same dependencies, the same client-side gaps) asks only what the
+    emulator is for: how long the servers take. One run per calibration round (interleaved
+    with the points); the median run's replay must be within `TOLERANCE`.
+    """
+    # Both servers run the same engine and model with the same flags: one fit serves both.
+    profiles: dict[Role, Profile] = {
+        "coder": calibrated.profile,
+        "reasoning": replace(calibrated.profile, role="reasoning", name="cpu-tiny-here-r"),
+    }
+    runs = []
+    for real_s, calls in calibrated.workflows:
+        assert calls, "the real run recorded no calls (no usage in the answers?)"
+        replayed_s = run_clock(replay_makespan(calls, profiles), virtual=True)
+        runs.append((replayed_s / real_s - 1, real_s, replayed_s, calls))
+    lines = []
+    for i, (off, real_s, replayed_s, calls) in enumerate(runs):
+        t0 = min(c.start_s for c in calls)
+        per_call = "\n".join(
+            f"    {c.session_id} {c.stage:7s} {c.role:9s} prompt {c.prompt_tokens:5d} out "
+            f"{c.completion_tokens:4d}  start {c.start_s - t0:6.3f} s  took "
+            f"{c.end_s - c.start_s:6.3f} s "
+            f"({(c.end_s - c.start_s) / max(1, c.completion_tokens) * 1e3:5.2f} ms/token)"
+            for c in sorted(calls, key=lambda c: c.start_s)
+        )
+        lines.append(
+            f"  run {i + 1}: real {real_s:.2f} s ({len(calls)} calls, "
+            f"{sum(c.completion_tokens for c in calls)} output tokens); replayed on the "
+            f"emulator {replayed_s:.2f} s ({off:+.0%})\n{per_call}"
+        )
+    median_off = statistics.median(off for off, *_ in runs)
+    workflow = (
+        f"workflow {WORKLOAD.sessions} sessions x {WORKLOAD.tasks} files, {POLICY}, "
+        f"{len(runs)} runs interleaved with the calibration rounds; median replay error "
+        f"{median_off:+.0%}\n" + "\n".join(lines)
+    )
+    print(f"\n{workflow}")
+    assert abs(median_off) <= TOLERANCE, (
+        f"workflow makespan off by more than {TOLERANCE:.0%}\n{workflow}\n{calibrated.report}"
     )

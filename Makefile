@@ -86,12 +86,9 @@ bench: $(STAMP)
 	$(BIN)/tandem bench --quiet --workload seed-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/seed-multi.json --table bench/results/seed-multi.txt --plot bench/results/seed-multi.png
 	$(BIN)/tandem bench --quiet --workload heavy --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/heavy.json --table bench/results/heavy.txt --plot bench/results/heavy.png
 	$(BIN)/tandem bench --quiet --workload seed-calibrated --policies seed-current,seed-phase1,seed-phase3 --json bench/results/seed-calibrated.json --table bench/results/seed-calibrated.txt --plot bench/results/seed-calibrated.png
-	$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
-	for w in seed-single seed-multi heavy; do \
-	  $(BIN)/tandem bench --quiet --workload $$w --policies adaptive,adaptive-reasoning,sweep,sweep+auto --json bench/results/$$w-sweep.json --table bench/results/$$w-sweep.txt || exit 1; \
-	done
-	$(BIN)/tandem bench --quiet --workload adhoc --sessions 8 --tasks 10 --arrival-spread-s 30 --policies seed-current,seed-phase3,adaptive,adaptive-reasoning,sweep,sweep+auto --json bench/results/adhoc-8x10.json --table bench/results/adhoc-8x10.txt
-	$(BIN)/tandem bench --quiet --workload adhoc --sessions 2 --tasks 40 --policies seed-current,seed-phase3,adaptive,adaptive-reasoning,sweep,sweep+auto --json bench/results/adhoc-2x40.json --table bench/results/adhoc-2x40.txt
+	$(BIN)/tandem bench --quiet --workload seed-calibrated-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive-reasoning --json bench/results/seed-calibrated-multi.json --table bench/results/seed-calibrated-multi.txt --plot bench/results/seed-calibrated-multi.png
+	# A session lost to the 600 s request timeout is a result here (seed-phase3 on one seed): keep going.
+	-$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive-reasoning --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

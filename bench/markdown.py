@@ -57,7 +57,7 @@ def table(report: dict[str, Any]) -> str:
                 f"| {_spread(r, 'session_latency_mean_s', seeds)} / "
                 f"{_spread(r, 'session_latency_p95_s', seeds)} "
                 f"| {_pair(r['gpu_busy'], '.0%')} | {_pair(r['gpu_saturation'], '.0%')} "
-                f"| {r['preemptions']} |"
+                f"| {r['preemptions']:.4g} |"
             )
     return "\n".join(lines)
 

@@ -101,6 +101,10 @@ WORKLOADS: dict[str, Workload] = {
     "seed-calibrated": Workload(
         "seed-calibrated", sessions=1, tasks=20, tokens=SEED_CALIBRATED_TOKENS
     ),
+    # The seed's three-session rows (195 -> 123 -> 70 s): three of seed-calibrated at t = 0.
+    "seed-calibrated-multi": Workload(
+        "seed-calibrated-multi", sessions=3, tasks=20, tokens=SEED_CALIBRATED_TOKENS
+    ),
     "agentic-long": Workload(
         "agentic-long",
         sessions=16,

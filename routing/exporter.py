@@ -3,14 +3,28 @@
 Per endpoint: limit, in-flight, queue length, queue wait, admitted/failed calls, and the
 TTFT and ITL the router saw. Per workflow: stage latency, per-session progress, parallel
 task count. GPU utilisation and memory come from NVML at scrape time, only when present.
+
+Names pass `promtool check metrics` (tests/integration/test_promtool.py): only counters end
+in `_total`, units are base units. Per-session series are removed when the session ends
+(`session_ended`), so a long-lived process does not accumulate one label value per session
+ever run, and no `_created` series are exported (they double the counter and histogram
+series and no panel reads them).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -88,9 +102,19 @@ class TandemMetrics:
     Args:
         registry: Registry to use (a fresh one by default).
         gpu: Export NVML GPU gauges when a GPU is present.
+        nvml: The NVML reader behind the GPU gauges (a fresh `Nvml` by default).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, gpu: bool = True) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        gpu: bool = True,
+        nvml: Nvml | None = None,
+    ) -> None:
+        # prometheus_client decides this per process, at scrape time; Tandem's process
+        # exports only these series, so switching it off here covers every scrape.
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ep = ["role", "replica", "gpu"]
@@ -132,8 +156,8 @@ class TandemMetrics:
         self.files_done = Gauge(
             "tandem_session_files_done", "Files written so far", ["session"], registry=r
         )
-        self.files_total = Gauge(
-            "tandem_session_files_total", "Files planned", ["session"], registry=r
+        self.files_planned = Gauge(
+            "tandem_session_files_planned", "Files planned", ["session"], registry=r
         )
         self.progress = Gauge(
             "tandem_session_progress_ratio", "Files done / total", ["session"], registry=r
@@ -144,7 +168,7 @@ class TandemMetrics:
         self._servers: list[tuple[Any, Any]] = []
         self.nvml: Nvml | None = None
         if gpu:
-            self.nvml = Nvml()
+            self.nvml = nvml or Nvml()
             r.register(_GpuCollector(self.nvml))
 
     def endpoint(self, role: str, replica: str, gpu: str) -> EndpointMetrics:
@@ -158,8 +182,14 @@ class TandemMetrics:
     def session_progress(self, session_id: str, done: int, total: int) -> None:
         """Files done out of total for a session."""
         self.files_done.labels(session=session_id).set(done)
-        self.files_total.labels(session=session_id).set(total)
+        self.files_planned.labels(session=session_id).set(total)
         self.progress.labels(session=session_id).set(done / total if total > 0 else 0.0)
+
+    def session_ended(self, session_id: str) -> None:
+        """Remove the series of a finished session (idempotent; unknown ids are ignored)."""
+        for gauge in (self.files_done, self.files_planned, self.progress):
+            with contextlib.suppress(KeyError):
+                gauge.remove(session_id)
 
     def parallel_tasks(self, n: int) -> None:
         """Coder tasks running in parallel now."""

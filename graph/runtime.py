@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graph.settings import Settings
-from nodes.llm import RoutedModels
+from nodes.llm import RoutedModels, Sampling
 from routing.calls import Role
 from routing.endpoints import Replica, load_endpoints_file
 from routing.exporter import TandemMetrics
@@ -126,5 +126,9 @@ def build_runtime(
         router=router,
         api_key=settings.api_key.get_secret_value(),
         timeout_s=settings.request_timeout_s,
+        sampling={
+            "reasoning": Sampling(settings.reasoning_temperature, settings.reasoning_top_p),
+            "coder": Sampling(settings.coder_temperature, settings.coder_top_p),
+        },
     )
     return Runtime(settings=settings, router=router, models=models, metrics=metrics, emulators=apps)

@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     coder_url: str | None = Field(None, description="OpenAI base URL of the coder vLLM")
     coder_model: str = "tandem-coder"
     api_key: SecretStr = SecretStr("EMPTY")
+    # Sampling per role, defaults recommended for the seed's models (h100-pair profile):
+    # DeepSeek-R1 distills 0.6 / 0.95 (model card: 0.5-0.7, lower loops while thinking),
+    # Qwen2.5-Coder-Instruct 0.7 / 0.8 (its generation_config.json).
+    reasoning_temperature: float = Field(0.6, ge=0, le=2)
+    reasoning_top_p: float = Field(0.95, gt=0, le=1)
+    coder_temperature: float = Field(0.7, ge=0, le=2)
+    coder_top_p: float = Field(0.8, gt=0, le=1)
     endpoints_file: Path | None = Field(None, description="YAML listing several replicas per role")
     max_parallel_agents: int = Field(25, ge=1, le=4096)
     review_on: Literal["reasoning", "coder", "auto"] = "reasoning"

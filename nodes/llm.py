@@ -141,6 +141,14 @@ class StaticModels:
         return self.reasoning if role == "reasoning" else self.coder
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters of one role's calls; None leaves the server's default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+
+
 class RouterLike(Protocol):
     """The part of `routing.router.Router` the factory uses."""
 
@@ -151,12 +159,17 @@ class RouterLike(Protocol):
 
 @dataclass
 class RoutedModels:
-    """The LLM client factory: one `VLLMChatOpenAI` per role, sending through the router."""
+    """The LLM client factory: one `VLLMChatOpenAI` per role, sending through the router.
+
+    `sampling` gives each role's temperature and top-p (a role without one sends neither,
+    and the server applies the model's generation config).
+    """
 
     router: RouterLike
     api_key: str = "EMPTY"
     timeout_s: float = 600.0
     http_retries: int = 2
+    sampling: Mapping[str, Sampling] = field(default_factory=dict)
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
     _windows: dict[str, int | None] = field(default_factory=dict)
 
@@ -200,6 +213,7 @@ class RoutedModels:
     def for_role(self, role: Role) -> BaseChatModel:
         """The chat model serving `role` (built once)."""
         if role not in self._cache:
+            sampling = self.sampling.get(role, Sampling())
             self._cache[role] = VLLMChatOpenAI(
                 model=self.router.model(role),
                 base_url=self.router.base_url(role),
@@ -213,7 +227,8 @@ class RoutedModels:
                 max_retries=self.http_retries,
                 streaming=True,  # the router measures time to first token and inter-token latency
                 stream_usage=True,
-                temperature=0.2,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
                 tags=[f"role:{role}"],
                 metadata={"endpoint_role": role},
             )

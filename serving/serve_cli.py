@@ -19,12 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.fit import check_profile
-from serving.launch import ROLES, Role, ServerGroup, ServerStartError, load_profile, shell_line
+from serving.launch import (
+    ROLES,
+    ServerGroup,
+    ServerStartError,
+    launch_script,
+    load_profile,
+)
+from serving.launch import export_lines as profile_exports
 from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, is_current, require_venv
 
 CPU_PROFILE = "cpu-tiny"
 TINY_MODEL_DIR = REPO_ROOT / "out" / "tiny-model"
-ENV_NAMES: dict[Role, str] = {"reasoning": "TANDEM_REASONING", "coder": "TANDEM_CODER"}
 
 
 def ensure_tiny_model(python: Path, out: Path = TINY_MODEL_DIR) -> None:
@@ -62,16 +68,8 @@ CPU_MODELS: dict[str, CpuModel] = {
 
 def export_lines(group: ServerGroup) -> list[str]:
     """`export` lines that point the graph at the running servers."""
-    lines = []
-    for role in ROLES:
-        prefix = ENV_NAMES[role]
-        url = group.profile.base_url(role)
-        name = group.profile.server(role).served_name
-        lines.append(f"export {prefix}_URL={url} {prefix}_MODEL={name}")
-    if group.profile.run_env:
-        settings = " ".join(f"{k}={v}" for k, v in group.profile.run_env.items())
-        lines.append(f"export {settings}")
-    return lines
+    profile = group.profile
+    return profile_exports(profile, {role: profile.server(role).served_name for role in ROLES})
 
 
 def serve_cpu(
@@ -136,14 +134,27 @@ def serve_cpu(
 
 
 def print_profile(profile_name: str) -> int:
-    """Fit-check a profile and print its launch commands; non-zero if it does not fit."""
+    """Fit-check a profile and print its launch commands; non-zero if it does not fit.
+
+    The servers serve the model names Tandem's settings expect (`TANDEM_*_MODEL` or their
+    defaults), with `--api-key "$TANDEM_API_KEY"` when that variable is set.
+    """
+    # The CLI entry sits above the layers: the names come from Tandem's one settings object.
+    from graph.settings import load_settings
+
+    settings = load_settings()
     profile = load_profile(profile_name)
     report = check_profile(profile)
     print("\n".join(f"# {line}" for line in report.render().splitlines()))
     if not report.ok:
         return 1
-    for role in profile.roles:
-        print(shell_line(profile, role))
+    api_key_set = settings.api_key.get_secret_value() != "EMPTY"
+    lines = launch_script(
+        profile,
+        served_names={"reasoning": settings.reasoning_model, "coder": settings.coder_model},
+        api_key_env="TANDEM_API_KEY" if api_key_set else None,
+    )
+    print("\n".join(lines))
     return 0
 
 

@@ -29,7 +29,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from serving.emulator import content
-from serving.emulator.engine import Engine, Histogram, RequestHandle, count_tokens
+from serving.emulator.engine import (
+    Engine,
+    Histogram,
+    RequestHandle,
+    SchedulingPolicy,
+    count_tokens,
+)
 from serving.emulator.profiles import Profile, get_profile
 
 SESSION_HEADER = "x-tandem-session"
@@ -175,6 +181,15 @@ class _Server:
         if asked is not None and (not isinstance(asked, int) or asked < 1):
             return _error(400, "max_tokens must be a positive integer.", "BadRequestError")
         max_tokens = min(asked or self.profile.default_max_tokens, limit - prompt_tokens)
+        priority = body.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            return _error(400, "priority must be an integer.", "BadRequestError")
+        if priority and self.engine.scheduling_policy != "priority":
+            return _error(
+                400,
+                f"Got priority {priority} but Priority scheduling is not enabled.",
+                "BadRequestError",
+            )
         target = content.output_token_count(
             self.seed, messages, max_tokens, self.profile.min_output_frac
         )
@@ -197,6 +212,7 @@ class _Server:
             session_id=request.headers.get(SESSION_HEADER, "-"),
             stage=request.headers.get(STAGE_HEADER, "-"),
             request_id=request_id,
+            priority=priority,
         )
         created = int(asyncio.get_running_loop().time())
         if body.get("stream"):
@@ -328,6 +344,7 @@ def create_app(
     seed: int = 0,
     served_model_name: str | None = None,
     max_coalesced_steps: int | None = None,
+    scheduling_policy: SchedulingPolicy = "fcfs",
 ) -> Starlette:
     """An ASGI app that serves like vLLM with the timing of `profile`.
 
@@ -336,12 +353,16 @@ def create_app(
         seed: Seeds output lengths, review verdicts and generated text.
         served_model_name: The model name clients must send (default: the profile's).
         max_coalesced_steps: See `Engine`; 1 streams tokens one step apart on a real clock.
+        scheduling_policy: vLLM's `--scheduling-policy` (`fcfs` or `priority`): requests
+            carry a `priority` field that only `priority` accepts when non-zero.
 
     The engine is `app.state.engine`; close it with `await app.state.engine.aclose()` (the
     app's lifespan does so when a server runs it).
     """
     resolved = get_profile(profile) if isinstance(profile, str) else profile
-    engine = Engine(resolved, max_coalesced_steps=max_coalesced_steps)
+    engine = Engine(
+        resolved, max_coalesced_steps=max_coalesced_steps, scheduling_policy=scheduling_policy
+    )
     server = _Server(engine, served_model_name or resolved.served_model_name, seed)
 
     @contextlib.asynccontextmanager

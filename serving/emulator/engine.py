@@ -6,8 +6,16 @@ and unfinished prefill chunks), then admits waiting requests (chunked prefill, a
 and samples one token for every sequence whose tokens are all computed.
 
 KV cache: a finite pool of `block_size`-token blocks. When a running request needs a block
-and none is free, the most recently admitted running request is preempted by recompute (its
-blocks freed, back to the front of the queue), as vLLM V1 does. Prefix cache: full prompt
+and none is free, a running request is preempted by recompute (its blocks freed, back to the
+waiting queue), as vLLM V1 does: under the `fcfs` policy the most recently admitted one, under
+`priority` the one with the largest `(priority, arrival)`.
+
+Scheduling policy (vLLM's `--scheduling-policy`): `fcfs` serves the waiting queue in arrival
+order (a preempted request goes back to its front); `priority` keeps it ordered by
+`(priority, arrival)`, lower first, and a request with a non-zero priority is refused under
+`fcfs`, as vLLM refuses it. As in vLLM V1, priority never preempts a running request for a
+waiting one: it decides who waits, who is admitted first, and who is preempted when the KV
+cache runs out. Prefix cache: full prompt
 blocks are named by a hash chain; blocks of finished requests stay cached until evicted LRU.
 
 Speed: while the batch is all decodes and nothing can change the schedule (no finish, no
@@ -31,8 +39,9 @@ import asyncio
 import bisect
 import contextlib
 import hashlib
+import heapq
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,6 +53,8 @@ CHARS_PER_TOKEN = 4
 VIRTUAL_STREAM_INTERVAL_TOKENS = 256
 
 FinishReason = Literal["stop", "length", "abort"]
+SchedulingPolicy = Literal["fcfs", "priority"]
+SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = ("fcfs", "priority")
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
@@ -129,6 +140,7 @@ class RequestRecord:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    priority: int = 0
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -235,14 +247,16 @@ class _Seq:
         "notify_at",
         "num_registered",
         "num_tokens",
+        "order",
         "prefill_done",
         "record",
         "target",
         "waiter",
     )
 
-    def __init__(self, record: RequestRecord, block_hashes: list[int]) -> None:
+    def __init__(self, record: RequestRecord, block_hashes: list[int], order: int) -> None:
         self.record = record
+        self.order = order  # arrival order: ties of (priority, arrival time) go to the first
         self.block_hashes = block_hashes
         self.blocks: list[int] = []
         self.computed = 0
@@ -255,6 +269,64 @@ class _Seq:
         self.aborted = False
         self.waiter: asyncio.Future[None] | None = None
         self.notify_at = 1  # wake the waiter once this many tokens exist
+
+    def rank(self) -> tuple[int, float, int]:
+        """vLLM's priority order: lower priority value first, then earlier arrival."""
+        return (self.record.priority, self.record.arrival_s, self.order)
+
+    def __lt__(self, other: _Seq) -> bool:
+        return self.rank() < other.rank()
+
+
+class WaitingQueue:
+    """The waiting queue: arrival order (`fcfs`) or a heap by `(priority, arrival)`."""
+
+    def __init__(self, policy: SchedulingPolicy) -> None:
+        self.policy = policy
+        self._fifo: deque[_Seq] = deque()
+        self._heap: list[_Seq] = []
+
+    def __len__(self) -> int:
+        return len(self._fifo) + len(self._heap)
+
+    def __iter__(self) -> Iterator[_Seq]:
+        yield from self._fifo
+        yield from self._heap
+
+    def add(self, seq: _Seq) -> None:
+        """Queue a new request."""
+        if self.policy == "priority":
+            heapq.heappush(self._heap, seq)
+        else:
+            self._fifo.append(seq)
+
+    def add_preempted(self, seq: _Seq) -> None:
+        """Queue a preempted request: the front under fcfs, its rank under priority."""
+        if self.policy == "priority":
+            heapq.heappush(self._heap, seq)
+        else:
+            self._fifo.appendleft(seq)
+
+    def peek(self) -> _Seq:
+        """The request to admit next."""
+        return self._heap[0] if self.policy == "priority" else self._fifo[0]
+
+    def pop(self) -> _Seq:
+        """Take the request `peek` returned."""
+        return heapq.heappop(self._heap) if self.policy == "priority" else self._fifo.popleft()
+
+    def remove(self, seq: _Seq) -> None:
+        """Drop a request (aborted while waiting); no-op when absent."""
+        if seq in self._fifo:
+            self._fifo.remove(seq)
+        elif seq in self._heap:
+            self._heap.remove(seq)
+            heapq.heapify(self._heap)
+
+    def clear(self) -> None:
+        """Drop every request."""
+        self._fifo.clear()
+        self._heap.clear()
 
 
 class RequestHandle:
@@ -336,6 +408,8 @@ class Engine:
             1 when steps are bounded (a real clock), else `VIRTUAL_STREAM_INTERVAL_TOKENS`,
             so that events per answer do not grow with the batch on a virtual clock. Only
             when tokens reach the client changes; the schedule and records do not.
+        scheduling_policy: vLLM's `--scheduling-policy`: `fcfs` (vLLM's default) or
+            `priority`.
     """
 
     def __init__(
@@ -344,7 +418,10 @@ class Engine:
         *,
         max_coalesced_steps: int | None = None,
         stream_interval_tokens: int | None = None,
+        scheduling_policy: SchedulingPolicy = "fcfs",
     ) -> None:
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
         if stream_interval_tokens is None:
             stream_interval_tokens = (
                 VIRTUAL_STREAM_INTERVAL_TOKENS if max_coalesced_steps is None else 1
@@ -354,13 +431,14 @@ class Engine:
         self.profile = profile
         self.max_coalesced_steps = max_coalesced_steps
         self.stream_interval_tokens = stream_interval_tokens
+        self.scheduling_policy: SchedulingPolicy = scheduling_policy
         self.pool = BlockPool(profile.num_gpu_blocks)
         self.stats = EngineStats()
         self.records: list[RequestRecord] = []
         self.busy_intervals: list[tuple[float, float]] = []
         self.steps = 0
         self._running: list[_Seq] = []
-        self._waiting: deque[_Seq] = deque()
+        self._waiting = WaitingQueue(scheduling_policy)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[str] | None = None
         self._counter = 0
@@ -392,6 +470,7 @@ class Engine:
         session_id: str = "-",
         stage: str = "-",
         request_id: str | None = None,
+        priority: int = 0,
     ) -> RequestHandle:
         """Queue a request; it is admitted at the next step boundary.
 
@@ -402,7 +481,18 @@ class Engine:
             session_id: Attribution for the benchmark's records.
             stage: Attribution for the benchmark's records.
             request_id: Defaults to a counter.
+            priority: vLLM's per-request priority (lower is served earlier); must be 0
+                under the `fcfs` policy.
+
+        Raises:
+            ValueError: the prompt does not fit in the KV cache, or a non-zero priority
+                under the `fcfs` policy.
         """
+        if priority and self.scheduling_policy != "priority":
+            raise ValueError(
+                f"Got priority {priority} but Priority scheduling is not enabled "
+                "(start the server with --scheduling-policy priority)."
+            )
         loop = asyncio.get_running_loop()
         prompt_tokens = count_tokens(prompt_text)
         if prompt_tokens + 1 > self.profile.kv_cache_tokens:
@@ -415,10 +505,11 @@ class Engine:
             arrival_s=loop.time(),
             prompt_tokens=prompt_tokens,
             output_tokens=max(1, output_tokens),
+            priority=priority,
         )
         self.records.append(record)
-        seq = _Seq(record, prompt_block_hashes(prompt_text, self.profile.block_size))
-        self._waiting.append(seq)
+        seq = _Seq(record, prompt_block_hashes(prompt_text, self.profile.block_size), self._counter)
+        self._waiting.add(seq)
         if self._task is None:
             self._task = loop.create_task(self._run(), name=f"emulator-{self.profile.name}")
         self._poke()
@@ -433,8 +524,7 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
         else:
-            with contextlib.suppress(ValueError):
-                self._waiting.remove(seq)
+            self._waiting.remove(seq)
         self.pool.free(seq.blocks)
         seq.blocks = []
         self._finish(seq, asyncio.get_running_loop().time(), "abort")
@@ -521,7 +611,7 @@ class Engine:
         self._was_busy = True
 
     def _schedule(self) -> _Step:
-        """Pick this step's batch, as vLLM V1: running first, then waiting, FCFS."""
+        """Pick this step's batch, as vLLM V1: running first, then the waiting queue."""
         profile = self.profile
         budget = profile.max_num_batched_tokens
         scheduled: list[tuple[_Seq, int]] = []
@@ -531,7 +621,17 @@ class Engine:
             seq = self._running[i]
             num_new = min(seq.num_tokens - seq.computed, budget)
             while not self._allocate(seq, seq.computed + num_new):
-                victim = self._running.pop()
+                if self.scheduling_policy == "priority":
+                    victim = max(self._running, key=_Seq.rank)
+                    self._running.remove(victim)
+                    for j, (done_seq, done_new) in enumerate(scheduled):
+                        if done_seq is victim:  # scheduled earlier this step: undo it
+                            del scheduled[j]
+                            budget += done_new
+                            i -= 1
+                            break
+                else:
+                    victim = self._running.pop()
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -546,10 +646,10 @@ class Engine:
         admitted = False
         if not preempted:
             while self._waiting and len(self._running) < profile.max_num_seqs and budget > 0:
-                seq = self._waiting[0]
+                seq = self._waiting.peek()
                 if not self._admit(seq, budget):
                     break
-                self._waiting.popleft()
+                self._waiting.pop()
                 self._running.append(seq)
                 num_new = min(seq.num_tokens - seq.computed, budget)
                 scheduled.append((seq, num_new))
@@ -607,7 +707,7 @@ class Engine:
         seq.prefill_done = False
         seq.record.preemptions += 1
         self.stats.preemptions += 1
-        self._waiting.appendleft(seq)
+        self._waiting.add_preempted(seq)
 
     def _coalescible_steps(self, step: _Step) -> int:
         """How many identical decode steps can run before anything changes the schedule."""

@@ -1,0 +1,50 @@
+"""The import layers hold: `lint-imports` keeps every contract in pyproject.toml.
+
+The contracts say that nothing imports upward (bench > graph > nodes > routing > serving).
+The second test breaks one on purpose, in a copy of the packages, to show the check bites.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("bench", "graph", "nodes", "routing", "serving")
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    """Run `lint-imports` on the packages under `tree` with the repository's contracts."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_every_layer_contract_is_kept() -> None:
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_its_contract(tmp_path: Path) -> None:
+    for package in PACKAGES:
+        shutil.copytree(
+            ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    upward = tmp_path / "routing" / "fanout.py"
+    upward.write_text(upward.read_text() + "\nimport nodes.paths  # noqa: E402\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "routing imports neither nodes, graph nor bench BROKEN" in result.stdout
+    assert "routing.fanout -> nodes.paths" in result.stdout

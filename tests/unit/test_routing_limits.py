@@ -55,7 +55,7 @@ def test_fixed_and_policy_strings() -> None:
     assert make_limit("fixed-25").limit == 25
     assert make_limit("unlimited").limit == UNLIMITED
     assert isinstance(make_limit("adaptive"), AdaptiveLimit)
-    for bad in ("fixed-0", "fixed-x", "aimd"):
+    for bad in ("fixed-0", "fixed-x", "aimd", "fixed-01", "fixed- 3", "fixed-3_0", "fixed-4+coder"):
         with pytest.raises(ValueError):
             make_limit(bad)
 

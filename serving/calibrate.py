@@ -48,6 +48,7 @@ from serving.clock import now
 from serving.clock import run as run_clock
 from serving.emulator.engine import CHARS_PER_TOKEN, Engine
 from serving.emulator.profiles import Profile, dump_profile_file
+from serving.roles import Role
 
 Kind = Literal["ttft", "itl"]
 Progress = Callable[[str], None]
@@ -797,7 +798,7 @@ def build_profile(
     *,
     name: str,
     served_model_name: str,
-    role: Literal["reasoning", "coder"] = "coder",
+    role: Role = "coder",
     reasoning_frac: float = DEFAULT_REASONING_FRAC,
     url: str = "",
     min_output_frac: float = 0.5,

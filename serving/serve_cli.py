@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.fit import check_profile
-from serving.launch import ROLES, Role, ServerGroup, ServerStartError, load_profile, shell_line
+from serving.launch import ServerGroup, ServerStartError, load_profile, shell_line
+from serving.roles import ROLES, Role
 from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, is_current, require_venv
 
 CPU_PROFILE = "cpu-tiny"

@@ -25,9 +25,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+
+from serving.roles import Role
 
 GB = 1e9
 GiB = 2**30
@@ -51,7 +53,7 @@ class Profile:
 
     name: str
     served_model_name: str
-    role: Literal["reasoning", "coder"]
+    role: Role
     base_s: float
     prefill_token_s: float
     decode_seq_s: float

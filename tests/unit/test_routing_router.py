@@ -15,12 +15,13 @@ from prometheus_client import generate_latest
 from pytest_socket import disable_socket, enable_socket
 
 from routing.admission import Outcome
-from routing.calls import SESSION_HEADER, STAGE_HEADER, CallInfo, Role, call_scope
+from routing.calls import CallInfo, Role, call_scope
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
 from routing.limits import AdaptiveLimit, FixedLimit, Sample
 from routing.router import Router
 from routing.vllm_metrics import ServerSnapshot, kv_capacity_tokens
+from serving.protocol import SESSION_HEADER, STAGE_HEADER
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}

@@ -39,7 +39,7 @@ def _drive(
 
 
 def _cpu_throughput(b: float) -> float:
-    # Measured on 2 cores (FACTS.md): concurrency -> tokens/s, --max-num-seqs 32.
+    # vLLM's CPU build measured on 2 cores: concurrency -> tokens/s, --max-num-seqs 32.
     points = [(1, 170.0), (4, 474.0), (16, 1152.0), (32, 1170.0)]
     b = min(b, 32.0)
     for (b0, x0), (b1, x1) in itertools.pairwise(points):

@@ -54,7 +54,6 @@ Kind = Literal["ttft", "itl"]
 Progress = Callable[[str], None]
 
 TERMS: tuple[str, ...] = ("base_s", "prefill_token_s", "decode_seq_s", "context_token_s")
-OVERHEAD = "ttft_overhead_s"
 DEFAULT_LEVELS = (1, 4, 16, 64)
 DEFAULT_OUTPUT_TOKENS = 128
 # vLLM's API-server default on GPUs below H100 class (H100/H200: 1024; CPU build: 128).

@@ -3,13 +3,15 @@ real graph and routing code; only their settings differ."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from routing.fanout import FanoutPolicy
+from routing.limits import make_limit
 
 # The user's upper bound on a run's fan-out where the router decides (TANDEM_MAX_PARALLEL_AGENTS).
 ROUTED_FANOUT_CAP = 256
+# `fixed-N+coder`: where review runs under a fixed limit (reasoning without a suffix).
+_REVIEW_SUFFIXES = ("reasoning", "coder", "auto")
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,12 @@ def get_policy(name: str) -> Policy:
     if name in _ADAPTIVE:
         review_on, order, description = _ADAPTIVE[name]
         return _routed(name, review_on, "adaptive", order, description)
-    match = re.fullmatch(r"fixed-([1-9][0-9]*)(?:\+(reasoning|coder|auto))?", name)
-    if match:
-        n, review_on = match.group(1), match.group(2) or "reasoning"
+    limit, plus, review_on = name.partition("+")
+    if limit.startswith("fixed-") and (review_on in _REVIEW_SUFFIXES or not plus):
+        n = make_limit(limit).limit  # a bad N fails here, naming the limit forms
+        review_on = review_on or "reasoning"
         return _routed(
-            name, review_on, f"fixed-{n}", "las",
+            name, review_on, limit, "las",
             f"router admission fixed at {n} per GPU, LAS order, review on {review_on}",
         )  # fmt: skip
     raise ValueError(

@@ -18,18 +18,19 @@ from typing import Any
 from bench.policies import Policy
 from bench.workloads import Workload
 from graph.graph import build_graph
-from graph.runtime import GPU_OF, emulator_apps, in_process_endpoints
-from graph.sessions import SessionResult, run_session
+from graph.runtime import GPU_OF, build_runtime, emulator_apps, in_process_endpoints
+from graph.sessions import SessionResult, run_many
+from graph.settings import Settings
 from nodes.context import RunContext
-from nodes.llm import RoutedModels
-from routing.calls import Role
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
-from routing.router import Router
 from serving.clock import now
 from serving.emulator.profiles import Profile, get_profile, saturated_time_s, solo_latency_s
+from serving.roles import ROLES, Role
 
-ROLES: tuple[Role, ...] = tuple(GPU_OF)
+# Settings' defaults, not the environment's `TANDEM_*`: figures must not depend on the shell
+# they were run from. Policies set the limit, order and run context; endpoints are given.
+BENCH_SETTINGS = Settings.model_construct()
 STAGES: tuple[str, ...] = ("plan", "code", "review")
 
 
@@ -320,40 +321,6 @@ def resolve_profiles(
     return resolved
 
 
-async def _run_sessions(
-    graph: Any,
-    workload: Workload,
-    policy: Policy,
-    context: RunContext,
-    progress: Callable[[str], None] | None,
-    metrics: TandemMetrics | None = None,
-) -> tuple[list[SessionResult], list[float], float]:
-    fanout = policy.fanout()
-    arrivals = workload.arrivals_s()
-    t0 = now()
-
-    async def one(index: int) -> SessionResult:
-        delay = t0 + arrivals[index] - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        return await run_session(
-            graph,
-            workload.request(index),
-            workload.session_id(index),
-            context=context,
-            fanout=fanout,
-            progress=progress,
-            on_code_done=metrics.session_progress if metrics else None,
-            on_stage=metrics.stage_latency if metrics else None,
-        )
-
-    if policy.concurrent_sessions:
-        results = list(await asyncio.gather(*(one(i) for i in range(workload.sessions))))
-    else:
-        results = [await one(i) for i in range(workload.sessions)]
-    return results, arrivals, t0
-
-
 async def run_policy_emulated(
     workload: Workload,
     policy: Policy,
@@ -427,8 +394,16 @@ async def _run_with_router(
 ) -> PolicyRun:
     # One exporter may serve every policy of a bench run in turn (`--metrics-port`).
     metrics = metrics or TandemMetrics(gpu=False)
-    router = Router(endpoints, limit=policy.limit, order=policy.order, metrics=metrics)
-    models = RoutedModels(router=router)
+    runtime = build_runtime(
+        BENCH_SETTINGS,
+        limit=policy.limit,
+        order=policy.order,
+        endpoints=endpoints,
+        metrics=metrics,
+    )
+    fanout = policy.fanout()
+    requests = [(workload.session_id(i), workload.request(i)) for i in range(workload.sessions)]
+    arrivals = workload.arrivals_s()
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as workspace:
         context = RunContext(
             review_on=policy.review_on,  # type: ignore[arg-type]
@@ -438,16 +413,25 @@ async def _run_with_router(
             max_tokens=dict(workload.max_tokens),
         )
         graph = build_graph(
-            models,
-            defaults=context,
-            fanout=policy.fanout(),
-            name=f"tandem-bench-{policy.name}",
+            runtime.models, defaults=context, fanout=fanout, name=f"tandem-bench-{policy.name}"
         )
-        async with router:
-            sessions, arrivals, t0 = await _run_sessions(
-                graph, workload, policy, context, progress, metrics
+        try:
+            await runtime.router.start()
+            t0 = now()
+            sessions = await run_many(
+                graph,
+                requests,
+                context=context,
+                fanout=fanout,
+                progress=progress,
+                on_code_done=metrics.session_progress,
+                on_stage=metrics.stage_latency,
+                concurrent=policy.concurrent_sessions,
+                arrivals_s=arrivals,
             )
-            stats = router.stats()
+            stats = runtime.router.stats()
+        finally:
+            await runtime.aclose()
     t_end = max(s.finished_at for s in sessions)
     return PolicyRun(
         policy=policy,

@@ -28,9 +28,10 @@ from typing import Any
 
 import httpx
 
-from routing.calls import SESSION_HEADER, STAGE_HEADER, Role
+from routing.calls import Role
 from serving.emulator.engine import CHARS_PER_TOKEN, Engine
 from serving.emulator.profiles import Profile
+from serving.protocol import SESSION_HEADER, STAGE_HEADER
 
 
 @dataclass(frozen=True)

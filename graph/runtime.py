@@ -106,15 +106,24 @@ def build_runtime(
     limit: str | None = None,
     order: str | None = None,
     endpoints: dict[Role, list[Replica]] | None = None,
+    metrics: TandemMetrics | None = None,
 ) -> Runtime:
-    """Router + models for `settings` (the emulator when no endpoint is configured)."""
+    """Router + models for `settings` (the emulator when no endpoint is configured).
+
+    Args:
+        settings: The configuration; `limit`, `order` and `endpoints` override its own.
+        limit: The router's limit policy string.
+        order: The router's admission order.
+        endpoints: Replicas per role (the caller then runs any servers behind them).
+        metrics: Where the router exports its series (one exporter may serve several runs).
+    """
     apps: dict[Role, Any] = {}
     if endpoints is None:
         if settings.emulated:
             endpoints, apps = emulated_endpoints(settings)
         else:
             endpoints = configured_endpoints(settings)
-    metrics = TandemMetrics()
+    metrics = metrics or TandemMetrics()
     router = Router(
         endpoints,
         limit=limit or settings.limit,

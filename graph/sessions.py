@@ -175,10 +175,22 @@ async def run_many(
     on_code_done: Callable[[str, int, int], None] | None = None,
     on_stage: Callable[[str, float], None] | None = None,
     concurrent: bool = True,
+    arrivals_s: Sequence[float] | None = None,
 ) -> list[SessionResult]:
-    """Run sessions `(session_id, request)` concurrently (or one after another)."""
+    """Run sessions `(session_id, request)` concurrently (or one after another).
 
-    async def one(sid: str, req: str) -> SessionResult:
+    `arrivals_s`, one per request, delays each session's start to that many seconds after
+    the call (a session due while an earlier one still runs starts when its turn comes).
+    """
+    if arrivals_s is not None and len(arrivals_s) != len(requests):
+        raise ValueError(f"{len(arrivals_s)} arrival times for {len(requests)} sessions")
+    t0 = now()
+
+    async def one(index: int, sid: str, req: str) -> SessionResult:
+        if arrivals_s is not None:
+            delay = t0 + arrivals_s[index] - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
         return await run_session(
             graph,
             req,
@@ -191,8 +203,10 @@ async def run_many(
         )
 
     if concurrent:
-        return list(await asyncio.gather(*(one(sid, req) for sid, req in requests)))
-    return [await one(sid, req) for sid, req in requests]
+        return list(
+            await asyncio.gather(*(one(i, sid, req) for i, (sid, req) in enumerate(requests)))
+        )
+    return [await one(i, sid, req) for i, (sid, req) in enumerate(requests)]
 
 
 def format_table(results: Sequence[SessionResult]) -> str:

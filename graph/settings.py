@@ -13,8 +13,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nodes.context import RunContext
+from routing.limits import make_limit
 
-_LIMIT_RE = re.compile(r"^(adaptive|unlimited|fixed-[1-9][0-9]*)$")
 # `user:password@` in a URL, and query parameters that look like credentials.
 _URL_CREDENTIALS_RE = re.compile(r"(?<=://)[^\s@]*@")
 _QUERY_SECRET_RE = re.compile(
@@ -78,8 +78,7 @@ class Settings(BaseSettings):
     @field_validator("limit")
     @classmethod
     def _limit(cls, value: str) -> str:
-        if not _LIMIT_RE.match(value):
-            raise ValueError("must be adaptive, unlimited or fixed-N (N >= 1)")
+        make_limit(value)  # raises, naming the allowed forms
         return value
 
     @model_validator(mode="after")

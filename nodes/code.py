@@ -10,6 +10,7 @@ from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
 from nodes.context import RunContext
 from nodes.llm import ChatModels, Usage, complete_text, dumps_compact, strip_code_fence
 from routing.calls import CallInfo
+from serving.protocol import CODER_FILE_MARKER
 
 CODER_SYSTEM = """You are a coder agent in a team. Each agent writes exactly one file of the
 plan below. Follow the plan's interfaces exactly so the files work together.
@@ -22,10 +23,13 @@ CODER_SHARED = """Request:
 Plan (JSON):
 {plan}"""
 
-CODER_TASK = """FILE: {path}
+CODER_TASK = (
+    CODER_FILE_MARKER
+    + """{path}
 Purpose: {purpose}
 Depends on: {depends_on}
 Public interface: {interface}"""
+)
 # Last in the prompt: small models answer with prose unless the final line asks for the file.
 CODER_WRITE = """
 

@@ -14,6 +14,7 @@ from nodes.llm import ChatModels, OutputError, Usage, complete_structured
 from nodes.paths import partition_paths
 from nodes.schemas import FileTask, Plan
 from routing.calls import CallInfo
+from serving.protocol import PLAN_SCHEMA
 
 PLAN_SYSTEM = """You are the planning agent of a code-generation team.
 Turn the user's request into a plan of source files. Each file is written by a separate
@@ -68,7 +69,7 @@ def plan_schema(max_files: int, named: int) -> type[Plan]:
     if named:
         bounds["minItems"] = min(named, max_files)
     bounded: type[Plan] = create_model(
-        "Plan",
+        PLAN_SCHEMA,
         __base__=Plan,
         files=(list[FileTask], Field(min_length=1, max_length=200, json_schema_extra=bounds)),
     )

@@ -13,6 +13,7 @@ from nodes.context import RunContext
 from nodes.llm import ChatModels, Usage, complete_structured, dumps_compact
 from nodes.schemas import FileVerdict, Review
 from routing.calls import CallInfo, Role
+from serving.protocol import REVIEW_FILE_MARKER, REVIEW_SCHEMA
 
 # Review roles in order of preference: the reasoning model is the quality default.
 REVIEW_CANDIDATES: tuple[Role, ...] = ("reasoning", "coder")
@@ -38,11 +39,14 @@ Plan (JSON):
 Files to review ({count}):
 {files}"""
 
-REVIEW_FILE = """### FILE: {path}
+REVIEW_FILE = (
+    REVIEW_FILE_MARKER
+    + """{path}
 Static checks: {checks}
 ```
 {content}
 ```"""
+)
 
 
 UNREVIEWED = "unreviewed"
@@ -75,7 +79,7 @@ def review_schema(paths: Sequence[str]) -> type[Review]:
     )
     count: dict[str, JsonValue] = {"minItems": len(paths), "maxItems": len(paths)}
     bounded: type[Review] = create_model(
-        "Review",
+        REVIEW_SCHEMA,
         __base__=Review,
         verdicts=(list[verdict], Field(json_schema_extra=count)),  # type: ignore[valid-type]
     )

@@ -10,8 +10,6 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-MAX_PATH_CHARS = 200
-
 
 class FileTask(BaseModel):
     """One file of the plan, written by one coder agent."""

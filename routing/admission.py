@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from routing.limits import Limit, Sample
+from routing.limits import Limit, Sample, ServerWatcher
 from routing.orders import FifoOrder, ServiceLedger, Waiter, WaitOrder
 from routing.vllm_metrics import ServerSnapshot
 
@@ -171,8 +171,9 @@ class Admission:
         return slot
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
-        """Feed a `/metrics` scrape to the limit and admit whoever now fits."""
-        self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
+        """Feed a `/metrics` scrape to a limit that reads the server; admit whoever now fits."""
+        if isinstance(self.limit_algorithm, ServerWatcher):
+            self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
         self._dispatch()
         self._notify()
 

@@ -11,14 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal
 
-Role = Literal["reasoning", "coder"]
-ROLES: tuple[Role, ...] = ("reasoning", "coder")
-
-SESSION_HEADER = "x-tandem-session"
-STAGE_HEADER = "x-tandem-stage"
-FILE_HEADER = "x-tandem-file"
+from serving.protocol import FILE_HEADER, SESSION_HEADER, STAGE_HEADER
+from serving.roles import ROLES as ROLES
+from serving.roles import Role as Role
 
 
 @dataclass(frozen=True)

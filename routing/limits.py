@@ -1,7 +1,9 @@
 """Concurrency limit algorithms: each decides a replica's limit from samples, enforcing nothing.
 
-As in Netflix concurrency-limits, a `Limit` is fed one `Sample` per completed request (and
-the server's `/metrics` snapshots); `routing.admission.Admission` enforces whatever it says.
+As in Netflix concurrency-limits, a `Limit` is fed one `Sample` per completed request;
+`routing.admission.Admission` enforces whatever it says. A limit that also reads the server
+is a `ServerWatcher` (fed `/metrics` snapshots) and may be `KvBounded` (told the KV cache
+size); the router checks for those pieces, not for a class.
 
 `AdaptiveLimit` is a gradient (Vegas-like) limit on inter-token latency. Decode steps grow
 roughly linearly with batch size, ITL(b) = a + c*b, so throughput b/ITL(b) keeps rising but
@@ -14,10 +16,11 @@ back off multiplicatively; a stale or failed scrape counts as saturated, never a
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from routing.vllm_metrics import ServerSnapshot
 
@@ -50,7 +53,7 @@ class Sample:
 
 
 class Limit(Protocol):
-    """A concurrency limit algorithm."""
+    """A concurrency limit algorithm: what every limit does."""
 
     @property
     def limit(self) -> int:
@@ -61,12 +64,26 @@ class Limit(Protocol):
         """Learn from one completed request."""
         ...
 
+
+@runtime_checkable
+class ServerWatcher(Protocol):
+    """A limit that also reads the server's `/metrics`: the router scrapes only for these."""
+
+    def watch_server(self, now: float, stale_after_s: float) -> None:
+        """Scrapes start now; from here on, a missing or old snapshot means saturated."""
+        ...
+
     def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
         """Learn from one scrape of the server's `/metrics` (failed scrapes included)."""
         ...
 
-    def watch_server(self, now: float, stale_after_s: float) -> None:
-        """Scrapes start now; from here on, a missing or old snapshot means saturated."""
+
+@runtime_checkable
+class KvBounded(Protocol):
+    """A limit bounded by the server's KV cache, once the router has read its size."""
+
+    def set_kv_capacity(self, tokens: int) -> None:
+        """The server's KV capacity in tokens (`cache_config_info`: blocks x block size)."""
         ...
 
 
@@ -86,12 +103,6 @@ class FixedLimit:
     def on_sample(self, sample: Sample) -> None:
         """Ignored."""
 
-    def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
-        """Ignored."""
-
-    def watch_server(self, now: float, stale_after_s: float) -> None:
-        """Ignored."""
-
 
 class _LatencyTrack:
     """A latency signal: the floor (lowest recent median) and the recent median."""
@@ -108,10 +119,6 @@ class _LatencyTrack:
         if len(self._recent) >= min(5, self._recent.maxlen or 5):
             median = statistics.median(self._recent)
             self.floor = median if self.floor is None else min(self.floor, median)
-
-    def recent(self) -> float | None:
-        """Median of the recent window, None before any value."""
-        return statistics.median(self._recent) if self._recent else None
 
     def gradient(self, tolerance: float) -> float | None:
         """min(1, tolerance*floor/recent), or None before the floor is known."""
@@ -368,15 +375,6 @@ class AdaptiveLimit:
             return
         self._set(new)
 
-    def latency(self) -> dict[str, float | None]:
-        """Recent medians and floors the limit works from (for estimates and metrics)."""
-        return {
-            "itl_s": self._itl.recent(),
-            "itl_floor_s": self._itl.floor,
-            "ttft_s": self._ttft.recent(),
-            "ttft_floor_s": self._ttft.floor,
-        }
-
     def _back_off(self, now: float, load: float | None) -> None:
         """Shrink to `backoff` x the load that overloaded the server, once per cooldown.
 
@@ -399,19 +397,23 @@ class AdaptiveLimit:
         self._estimate = max(float(self.min_limit), min(float(self.max_limit), value))
 
 
+_FIXED_RE = re.compile(r"fixed-([1-9][0-9]*)")
+
+
 def make_limit(policy: str) -> Limit:
-    """Build a limit from a policy string: "unlimited", "fixed-N" or "adaptive".
+    """Build a limit from a policy string: "unlimited", "fixed-N" (N >= 1) or "adaptive".
+
+    The one parser of limit strings: settings and benchmark policies check theirs here.
 
     Raises:
-        ValueError: an unknown policy.
+        ValueError: an unknown policy, naming the forms allowed.
     """
     if policy == "unlimited":
         return FixedLimit(UNLIMITED)
     if policy == "adaptive":
         return AdaptiveLimit()
-    if policy.startswith("fixed-"):
-        try:
-            return FixedLimit(int(policy.removeprefix("fixed-")))
-        except ValueError as exc:
-            raise ValueError(f"bad limit policy {policy!r}: {exc}") from None
-    raise ValueError(f"unknown limit policy {policy!r}: use unlimited, fixed-N or adaptive")
+    if fixed := _FIXED_RE.fullmatch(policy):
+        return FixedLimit(int(fixed.group(1)))
+    raise ValueError(
+        f"unknown limit policy {policy!r}: use adaptive, unlimited or fixed-N (N >= 1)"
+    )

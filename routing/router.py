@@ -19,7 +19,7 @@ from routing.admission import Admission, AdmissionObserver
 from routing.calls import Role
 from routing.endpoints import Endpoints, Replica
 from routing.exporter import TandemMetrics
-from routing.limits import AdaptiveLimit, make_limit
+from routing.limits import KvBounded, ServerWatcher, make_limit
 from routing.orders import ServiceLedger, make_order
 from routing.transport import Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
@@ -69,8 +69,6 @@ class Router:
         request_timeout_s: float = 600,
     ) -> None:
         make_limit(limit)  # fail fast on a bad policy string
-        self.limit_policy = limit
-        self.order_name = order
         self.metrics = metrics
         self.scrape_interval_s = scrape_interval_s
         self.request_timeout_s = request_timeout_s
@@ -168,28 +166,30 @@ class Router:
         return min(estimates, default=None)
 
     async def start(self) -> None:
-        """Start the `/metrics` scrapers that adaptive limits read (idempotent)."""
+        """Start a `/metrics` scraper for each replica whose limit reads the server (idempotent)."""
         if self._started:
             return
         self._started = True
-        if self.limit_policy != "adaptive":
-            return
         now = asyncio.get_running_loop().time()
         stale_after_s = STALE_AFTER_INTERVALS * self.scrape_interval_s
         for lanes in self._lanes.values():
             for lane in lanes:
-                lane.admission.limit_algorithm.watch_server(now, stale_after_s)
+                watcher = lane.admission.limit_algorithm
+                if not isinstance(watcher, ServerWatcher):
+                    continue
+                watcher.watch_server(now, stale_after_s)
                 self._scrapers.append(
-                    asyncio.create_task(self._scrape_loop(lane), name=f"scrape {lane.name}")
+                    asyncio.create_task(
+                        self._scrape_loop(lane, watcher), name=f"scrape {lane.name}"
+                    )
                 )
 
-    async def _scrape_loop(self, lane: Lane) -> None:
+    async def _scrape_loop(self, lane: Lane, watcher: ServerWatcher) -> None:
         loop = asyncio.get_running_loop()
         url = lane.replica.scrape_url()
         async with httpx.AsyncClient(
             transport=_Unclosed(lane.transport), timeout=2 * self.scrape_interval_s
         ) as client:
-            limit = lane.admission.limit_algorithm
             while True:
                 taken_at = loop.time()
                 try:
@@ -198,8 +198,8 @@ class Router:
                 except TimeoutError:
                     snapshot = ServerSnapshot.failed(taken_at, "scrape timed out")
                 # The page that gives the load also gives the KV cache size.
-                if snapshot.kv_capacity_tokens is not None and isinstance(limit, AdaptiveLimit):
-                    limit.set_kv_capacity(snapshot.kv_capacity_tokens)
+                if snapshot.kv_capacity_tokens is not None and isinstance(watcher, KvBounded):
+                    watcher.set_kv_capacity(snapshot.kv_capacity_tokens)
                 lane.admission.on_snapshot(snapshot)
                 await asyncio.sleep(self.scrape_interval_s)
 

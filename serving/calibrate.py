@@ -48,12 +48,12 @@ from serving.clock import now
 from serving.clock import run as run_clock
 from serving.emulator.engine import CHARS_PER_TOKEN, Engine
 from serving.emulator.profiles import Profile, dump_profile_file
+from serving.roles import Role
 
 Kind = Literal["ttft", "itl"]
 Progress = Callable[[str], None]
 
 TERMS: tuple[str, ...] = ("base_s", "prefill_token_s", "decode_seq_s", "context_token_s")
-OVERHEAD = "ttft_overhead_s"
 DEFAULT_LEVELS = (1, 4, 16, 64)
 DEFAULT_OUTPUT_TOKENS = 128
 # vLLM's API-server default on GPUs below H100 class (H100/H200: 1024; CPU build: 128).
@@ -797,7 +797,7 @@ def build_profile(
     *,
     name: str,
     served_model_name: str,
-    role: Literal["reasoning", "coder"] = "coder",
+    role: Role = "coder",
     reasoning_frac: float = DEFAULT_REASONING_FRAC,
     url: str = "",
     min_output_frac: float = 0.5,

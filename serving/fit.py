@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serving.launch import Profile, Role, RoleServer
+from serving.launch import Profile, RoleServer
+from serving.roles import Role
 
 GIB = 1024**3
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "auto": 2, "float32": 4, "fp8": 1}

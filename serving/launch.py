@@ -32,12 +32,11 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.roles import ROLES, Role
 from serving.vllm_env import REPO_ROOT
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_LOG_DIR = REPO_ROOT / "out" / "logs"
-Role = Literal["reasoning", "coder"]
-ROLES: tuple[Role, ...] = ("reasoning", "coder")
 
 
 class Hardware(BaseModel):

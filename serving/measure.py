@@ -89,18 +89,6 @@ async def measure_sample(
     return ThroughputSample(concurrency, total, sum(counts), wall_s)
 
 
-async def measure_throughput(
-    base_url: str,
-    model: str,
-    concurrency: int,
-    max_tokens: int = 256,
-    n_requests: int | None = None,
-) -> float:
-    """Output tokens per second at `concurrency` (see `measure_sample`)."""
-    sample = await measure_sample(base_url, model, concurrency, max_tokens, n_requests)
-    return sample.tokens_per_s
-
-
 async def sweep(
     base_url: str, model: str, levels: Sequence[int] = DEFAULT_LEVELS, max_tokens: int = 256
 ) -> list[ThroughputSample]:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from serving.fit import check_profile
 from serving.launch import (
-    ROLES,
     ServerGroup,
     ServerStartError,
     launch_script,
     load_profile,
 )
 from serving.launch import export_lines as profile_exports
+from serving.roles import ROLES
 from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, is_current, require_venv
 
 CPU_PROFILE = "cpu-tiny"

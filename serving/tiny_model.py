@@ -32,7 +32,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# The architecture FACTS.md verified on the CPU attention backend: head_dim 64 (16 is rejected).
+# An architecture the CPU attention backend accepts: head_dim 64 (16 is rejected).
 MODEL_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 384,

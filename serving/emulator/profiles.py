@@ -25,9 +25,11 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+
+from serving.roles import Role
 
 GB = 1e9
 GiB = 2**30
@@ -51,7 +53,7 @@ class Profile:
 
     name: str
     served_model_name: str
-    role: Literal["reasoning", "coder"]
+    role: Role
     base_s: float
     prefill_token_s: float
     decode_seq_s: float
@@ -318,7 +320,7 @@ _CPU_TINY = Profile(
         "16 -> 10886, 32 -> 15092, 64 -> 16659. Best-of runs taken the same day while other "
         "jobs held the cores agree at 1 and 4 (983-1047, 2826-3738) and fall short at 16-64 "
         "(3036-10904; contention only slows the engine); no quiet moment came to re-measure "
-        "those. The FACTS.md figures (170 ... 1170 tok/s) are 5-15x lower, probably taken "
+        "those. Figures of 170 ... 1170 tok/s from another session are 5-15x lower, probably taken "
         "with both servers' workers on core 0 (vLLM's 'auto' binding) on a busy machine. "
         "Fit: a 1.04 ms "
         "step floor (Python, scheduling and sampling overhead dominate; the model is tiny) "

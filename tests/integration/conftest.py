@@ -20,14 +20,13 @@ import pytest
 
 from serving.launch import (
     DEFAULT_LOG_DIR,
-    ROLES,
-    Role,
     ServerGroup,
     build_env,
     load_profile,
     start_server,
     wait_healthy,
 )
+from serving.roles import ROLES, Role
 from serving.tiny_model import is_built
 from serving.vllm_env import MISSING_HINT, REPO_ROOT, is_installed, venv_python
 

@@ -28,7 +28,8 @@ from graph.settings import load_settings
 from nodes.context import RunContext
 from nodes.llm import StaticModels
 from routing.endpoints import Replica
-from serving.launch import DEFAULT_LOG_DIR, ROLES, Role, ServerGroup, load_profile
+from serving.launch import DEFAULT_LOG_DIR, ServerGroup, load_profile
+from serving.roles import ROLES, Role
 from serving.smollm2 import ensure_model
 from serving.vllm_env import MISSING_HINT, is_installed, venv_python
 from tests.fakes import file_of

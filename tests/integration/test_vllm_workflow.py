@@ -27,12 +27,13 @@ from graph.sessions import SessionResult, run_many, run_session
 from graph.settings import Settings
 from nodes.context import RunContext
 from nodes.schemas import Plan
-from routing.calls import FILE_HEADER, SESSION_HEADER, STAGE_HEADER, Role
+from routing.calls import Role
 from routing.endpoints import Replica
 from routing.fanout import FanoutPolicy
 from routing.limits import AdaptiveLimit
 from routing.router import Router
 from routing.vllm_metrics import ServerSnapshot
+from serving.protocol import FILE_HEADER, SESSION_HEADER, STAGE_HEADER
 from tests.integration.conftest import VllmServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]

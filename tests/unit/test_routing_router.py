@@ -15,12 +15,13 @@ from prometheus_client import generate_latest
 from pytest_socket import disable_socket, enable_socket
 
 from routing.admission import Outcome
-from routing.calls import SESSION_HEADER, STAGE_HEADER, CallInfo, Role, call_scope
+from routing.calls import CallInfo, Role, call_scope
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
 from routing.limits import AdaptiveLimit, FixedLimit, Sample
 from routing.router import Router
-from routing.vllm_metrics import kv_capacity_tokens
+from routing.vllm_metrics import ServerSnapshot, kv_capacity_tokens
+from serving.protocol import SESSION_HEADER, STAGE_HEADER
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -325,6 +326,50 @@ async def test_scraper_gives_the_adaptive_limit_its_kv_capacity() -> None:
         limit = router.lanes("reasoning")[0].admission.limit_algorithm
         assert isinstance(limit, AdaptiveLimit)
         assert limit.kv_capacity_tokens == 41524 * 16
+
+
+@pytest.mark.looptime
+async def test_scrapes_go_to_any_limit_that_watches_the_server_and_to_no_other() -> None:
+    page = (FIXTURES / "vllm_metrics_v1.txt").read_text()
+    scraped: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            scraped.append(request.url.host)
+        return httpx.Response(200, text=page)
+
+    class Watching(FixedLimit):
+        """Not an AdaptiveLimit: a fixed limit that has the watcher and KV pieces."""
+
+        def __init__(self) -> None:
+            super().__init__(4)
+            self.snapshots: list[float] = []
+            self.kv_tokens: list[int] = []
+
+        def watch_server(self, now: float, stale_after_s: float) -> None:
+            self.snapshots.clear()
+
+        def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
+            self.snapshots.append(now)
+
+        def set_kv_capacity(self, tokens: int) -> None:
+            self.kv_tokens.append(tokens)
+
+    router = Router(
+        {
+            "reasoning": [_replica("http://watched:8001/v1", "gpu0", httpx.MockTransport(handler))],
+            "coder": [_replica("http://fixed:8002/v1", "gpu1", httpx.MockTransport(handler))],
+        },
+        limit="fixed-4",
+        scrape_interval_s=1.0,
+    )
+    watching = Watching()
+    router.lanes("reasoning")[0].admission.limit_algorithm = watching
+    async with router:
+        await asyncio.sleep(2.5)
+    assert watching.snapshots == [0.0, 1.0, 2.0]
+    assert watching.kv_tokens == [41524 * 16] * 3
+    assert set(scraped) == {"watched"}  # the fixed coder limit reads nothing from its server
 
 
 @pytest.mark.looptime

@@ -81,7 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "serve":
         from serving.serve_cli import main as serve_main
 
-        return serve_main(args_list[1:])
+        settings = load_settings()
+        return serve_main(
+            args_list[1:],
+            served_names={"reasoning": settings.reasoning_model, "coder": settings.coder_model},
+            api_key_env="TANDEM_API_KEY"
+            if settings.api_key.get_secret_value() != "EMPTY"
+            else None,
+        )
     if args_list and args_list[0] == "bench":
         from bench.cli import main as bench_main
 

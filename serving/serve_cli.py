@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from serving.launch import (
     load_profile,
 )
 from serving.launch import export_lines as profile_exports
-from serving.roles import ROLES
+from serving.roles import ROLES, Role
 from serving.vllm_env import REPO_ROOT, VllmEnvMissingError, install, is_current, require_venv
 
 CPU_PROFILE = "cpu-tiny"
@@ -133,33 +133,36 @@ def serve_cpu(
     return 0
 
 
-def print_profile(profile_name: str) -> int:
+def print_profile(
+    profile_name: str,
+    served_names: Mapping[Role, str] | None = None,
+    api_key_env: str | None = None,
+) -> int:
     """Fit-check a profile and print its launch commands; non-zero if it does not fit.
 
-    The servers serve the model names Tandem's settings expect (`TANDEM_*_MODEL` or their
-    defaults), with `--api-key "$TANDEM_API_KEY"` when that variable is set.
+    Args:
+        profile_name: A launch profile name or YAML path.
+        served_names: The model name each server must serve: the names Tandem's settings
+            send (`TANDEM_*_MODEL`); the profile's own names when None.
+        api_key_env: The variable holding the API key (`--api-key "$VAR"`), or None.
     """
-    # The CLI entry sits above the layers: the names come from Tandem's one settings object.
-    from graph.settings import load_settings
-
-    settings = load_settings()
     profile = load_profile(profile_name)
     report = check_profile(profile)
     print("\n".join(f"# {line}" for line in report.render().splitlines()))
     if not report.ok:
         return 1
-    api_key_set = settings.api_key.get_secret_value() != "EMPTY"
-    lines = launch_script(
-        profile,
-        served_names={"reasoning": settings.reasoning_model, "coder": settings.coder_model},
-        api_key_env="TANDEM_API_KEY" if api_key_set else None,
-    )
-    print("\n".join(lines))
+    names = served_names or {role: profile.server(role).served_name for role in ROLES}
+    print("\n".join(launch_script(profile, served_names=names, api_key_env=api_key_env)))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `tandem serve`."""
+def main(
+    argv: list[str] | None = None,
+    *,
+    served_names: Mapping[Role, str] | None = None,
+    api_key_env: str | None = None,
+) -> int:
+    """Entry point of `tandem serve`; the CLI passes the names and key variable it serves."""
     parser = argparse.ArgumentParser(prog="tandem serve", description=__doc__)
     parser.add_argument("--backend", choices=["vllm-cpu"], help="start real servers")
     parser.add_argument("--profile", help="launch profile name or YAML path")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.print:
-        return print_profile(args.profile or "h100-pair")
+        return print_profile(args.profile or "h100-pair", served_names, api_key_env)
     if args.backend == "vllm-cpu":
         return serve_cpu(args.profile, args.timeout, not args.no_install, args.model)
     parser.error("choose --backend vllm-cpu, or --profile NAME --print")

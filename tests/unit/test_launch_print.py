@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from graph.cli import main as tandem
 from graph.settings import load_settings
 from serving.launch import (
     PROFILES_DIR,
@@ -21,7 +22,6 @@ from serving.launch import (
     load_profile,
     min_vllm_version,
 )
-from serving.serve_cli import main
 
 PROFILES = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 SECRET = "sk-do-not-print-3f9a"
@@ -111,7 +111,7 @@ def test_cli_print_serves_settings_names_with_the_key_as_a_variable(
 ) -> None:
     monkeypatch.setenv("TANDEM_API_KEY", SECRET)
     monkeypatch.setenv("TANDEM_CODER_MODEL", "my-coder")
-    assert main(["--profile", "h100-pair", "--print"]) == 0
+    assert tandem(["serve", "--profile", "h100-pair", "--print"]) == 0
     out = capsys.readouterr().out
     assert SECRET not in out
     servers = [line for line in out.splitlines() if " vllm serve " in line]
@@ -128,7 +128,7 @@ def test_cli_print_serves_settings_names_with_the_key_as_a_variable(
 
 
 def test_no_api_key_flag_without_a_key(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--profile", "h100-pair", "--print"]) == 0
+    assert tandem(["serve", "--profile", "h100-pair", "--print"]) == 0
     assert "--api-key" not in capsys.readouterr().out
 
 

@@ -13,6 +13,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.policies import Policy
@@ -20,7 +21,7 @@ from bench.workloads import Workload
 from graph.graph import build_graph
 from graph.runtime import GPU_OF, emulator_apps, in_process_endpoints
 from graph.sessions import SessionResult, run_session
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions, TokenCaps
 from nodes.llm import RoutedModels
 from routing.calls import Role
 from routing.endpoints import Replica
@@ -325,6 +326,7 @@ async def _run_sessions(
     workload: Workload,
     policy: Policy,
     context: RunContext,
+    workspace: Path,
     progress: Callable[[str], None] | None,
     metrics: TandemMetrics | None = None,
 ) -> tuple[list[SessionResult], list[float], float]:
@@ -342,6 +344,7 @@ async def _run_sessions(
             workload.session_id(index),
             context=context,
             fanout=fanout,
+            workspace=workspace,
             progress=progress,
             on_code_done=metrics.session_progress if metrics else None,
             on_stage=metrics.stage_latency if metrics else None,
@@ -434,18 +437,18 @@ async def _run_with_router(
             review_on=policy.review_on,  # type: ignore[arg-type]
             max_parallel_agents=policy.fanout_cap,
             max_files=max(workload.tasks, 1),
-            workspace=workspace,
-            max_tokens=dict(workload.max_tokens),
+            max_tokens=TokenCaps.model_validate(workload.max_tokens),
         )
         graph = build_graph(
             models,
             defaults=context,
+            options=ServerOptions(workspace=Path(workspace)),
             fanout=policy.fanout(),
             name=f"tandem-bench-{policy.name}",
         )
         async with router:
             sessions, arrivals, t0 = await _run_sessions(
-                graph, workload, policy, context, progress, metrics
+                graph, workload, policy, context, Path(workspace), progress, metrics
             )
             stats = router.stats()
     t_end = max(s.finished_at for s in sessions)

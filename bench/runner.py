@@ -13,6 +13,7 @@ import statistics
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.policies import Policy
@@ -21,7 +22,7 @@ from graph.graph import build_graph
 from graph.runtime import GPU_OF, build_runtime, emulator_apps, in_process_endpoints
 from graph.sessions import SessionResult, run_many
 from graph.settings import Settings
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions, TokenCaps
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
 from serving.clock import now
@@ -409,11 +410,14 @@ async def _run_with_router(
             review_on=policy.review_on,  # type: ignore[arg-type]
             max_parallel_agents=policy.fanout_cap,
             max_files=max(workload.tasks, 1),
-            workspace=workspace,
-            max_tokens=dict(workload.max_tokens),
+            max_tokens=TokenCaps.model_validate(workload.max_tokens),
         )
         graph = build_graph(
-            runtime.models, defaults=context, fanout=fanout, name=f"tandem-bench-{policy.name}"
+            runtime.models,
+            defaults=context,
+            options=ServerOptions(workspace=Path(workspace)),
+            fanout=fanout,
+            name=f"tandem-bench-{policy.name}",
         )
         try:
             await runtime.router.start()
@@ -423,6 +427,7 @@ async def _run_with_router(
                 requests,
                 context=context,
                 fanout=fanout,
+                workspace=Path(workspace),
                 progress=progress,
                 on_code_done=metrics.session_progress,
                 on_stage=metrics.stage_latency,

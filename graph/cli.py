@@ -153,6 +153,7 @@ async def _run_async(
     from graph.graph import build_graph
     from graph.runtime import build_runtime
     from graph.sessions import format_table, new_session_id, run_many
+    from nodes.context import ServerOptions
     from routing.fanout import FanoutPolicy
 
     runtime = build_runtime(settings, limit=args.limit, order=args.order)
@@ -186,13 +187,20 @@ async def _run_async(
 
     try:
         async with _checkpointer(settings, not args.no_checkpoint) as saver, runtime.router:
-            graph = build_graph(runtime.models, defaults=context, checkpointer=saver, fanout=fanout)
+            graph = build_graph(
+                runtime.models,
+                defaults=context,
+                options=ServerOptions(workspace=settings.workspace),
+                checkpointer=saver,
+                fanout=fanout,
+            )
             requests = [(new_session_id(), request) for _ in range(args.sessions)]
             results = await run_many(
                 graph,
                 requests,
                 context=context,
                 fanout=fanout,
+                workspace=settings.workspace,
                 progress=progress,
                 on_code_done=on_code,
                 on_stage=runtime.metrics.stage_latency,
@@ -218,6 +226,7 @@ async def _resume_async(session_id: str, settings: Settings) -> int:
     from graph.graph import build_graph
     from graph.runtime import build_runtime
     from graph.sessions import format_table, run_session
+    from nodes.context import ServerOptions
     from nodes.workspace import check_session_id
     from routing.fanout import FanoutPolicy
 
@@ -231,7 +240,13 @@ async def _resume_async(session_id: str, settings: Settings) -> int:
     fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
     try:
         async with _checkpointer(settings, True) as saver:
-            graph = build_graph(runtime.models, defaults=context, checkpointer=saver, fanout=fanout)
+            graph = build_graph(
+                runtime.models,
+                defaults=context,
+                options=ServerOptions(workspace=settings.workspace),
+                checkpointer=saver,
+                fanout=fanout,
+            )
             config: RunnableConfig = {"configurable": {"thread_id": session_id}}
             snapshot = await graph.aget_state(config)
             if not snapshot.values:
@@ -251,6 +266,7 @@ async def _resume_async(session_id: str, settings: Settings) -> int:
                     session_id,
                     context=context,
                     fanout=fanout,
+                    workspace=settings.workspace,
                     progress=lambda line: print(line, flush=True),
                     resume=True,
                 )

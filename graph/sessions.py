@@ -13,8 +13,9 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph.state import CompiledStateGraph
 
-from nodes.context import RunContext
-from nodes.finalize import is_accepted, write_interrupted
+from nodes.context import RunContext, check_request
+from nodes.finalize import write_interrupted
+from nodes.review import is_done
 from routing.fanout import FanoutPolicy
 from serving.clock import now
 
@@ -75,12 +76,18 @@ async def run_session(
     *,
     context: RunContext,
     fanout: FanoutPolicy,
+    workspace: Path,
     progress: Progress | None = None,
     on_code_done: Callable[[str, int, int], None] | None = None,
     on_stage: Callable[[str, float], None] | None = None,
     resume: bool = False,
 ) -> SessionResult:
-    """Run (or resume) one session to its end; errors end this session only."""
+    """Run (or resume) one session to its end; errors end this session only.
+
+    `workspace` is the graph's (`ServerOptions.workspace`): where an ended session's done
+    files and manifest go. A request over `MAX_REQUEST_CHARS` ends the session before the
+    graph, so nothing of it is checkpointed.
+    """
     say = progress or (lambda _msg: None)
     config: RunnableConfig = {
         "configurable": {"thread_id": session_id},
@@ -96,6 +103,8 @@ async def run_session(
     done = 0
     state: dict[str, Any] | None = None
     try:
+        if request is not None:
+            check_request(request)
         async for mode, chunk in graph.astream(
             inputs,
             config,
@@ -134,7 +143,7 @@ async def run_session(
                 state = (await graph.aget_state(config)).values
             except Exception:
                 state = None
-        _write_interrupted_manifest(context, session_id, state or {}, result.error)
+        _write_interrupted_manifest(workspace, session_id, state or {}, result.error)
     result.finished_at = now()
     result.seconds = result.finished_at - started
     if state:
@@ -143,7 +152,7 @@ async def run_session(
 
 
 def _fill(result: SessionResult, state: dict[str, Any]) -> None:
-    result.files_ok = sum(1 for p in state.get("files", {}) if is_accepted(p, state))
+    result.files_ok = sum(1 for p in state.get("files", {}) if is_done(p, state))
     result.files_failed = len(state.get("plan", {}).get("files", [])) - result.files_ok
     result.rounds = int(state.get("round", 0))
     result.rejected = list(state.get("rejected_paths", []))
@@ -157,10 +166,10 @@ def _fill(result: SessionResult, state: dict[str, Any]) -> None:
 
 
 def _write_interrupted_manifest(
-    context: RunContext, session_id: str, state: dict[str, Any], error: str
+    workspace: Path, session_id: str, state: dict[str, Any], error: str
 ) -> None:
     try:
-        write_interrupted(state, session_id, context, error)
+        write_interrupted(state, session_id, workspace, error)
     except Exception as exc:
         print(f"[{session_id}] could not write manifest: {exc}", file=sys.stderr)
 
@@ -171,6 +180,7 @@ async def run_many(
     *,
     context: RunContext,
     fanout: FanoutPolicy,
+    workspace: Path,
     progress: Progress | None = None,
     on_code_done: Callable[[str, int, int], None] | None = None,
     on_stage: Callable[[str, float], None] | None = None,
@@ -197,6 +207,7 @@ async def run_many(
             sid,
             context=context,
             fanout=fanout,
+            workspace=workspace,
             progress=progress,
             on_code_done=on_code_done,
             on_stage=on_stage,

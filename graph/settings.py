@@ -95,14 +95,13 @@ class Settings(BaseSettings):
         return self.reasoning_url is None and self.endpoints_file is None
 
     def run_context(self) -> RunContext:
-        """Default run context from these settings."""
+        """Default run context from these settings (the workspace is a server option)."""
         return RunContext(
             review_on=self.review_on,
             max_parallel_agents=self.max_parallel_agents,
             max_review_rounds=self.max_review_rounds,
             max_files=self.max_files,
             max_output_retries=self.max_output_retries,
-            workspace=str(self.workspace),
         )
 
 

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from typing_extensions import TypedDict
 
+from nodes.context import check_request
+
 FileStatus = Literal["written", "failed"]
 
 
@@ -46,10 +48,19 @@ def add_floats(left: dict[str, float], right: dict[str, float]) -> dict[str, flo
     return out
 
 
-class InputState(TypedDict, total=False):
-    """What a caller gives: the request, and optionally a session id."""
+def bounded_request(_current: str, new: str) -> str:
+    """The request channel's reducer: a request over the documented limit never enters.
 
-    request: str
+    It runs as the input is written, before any node, so an oversized request fails the run
+    with `RequestTooLargeError` and reaches no manifest.
+    """
+    return check_request(new)
+
+
+class InputState(TypedDict, total=False):
+    """What a caller gives: the request (at most `MAX_REQUEST_CHARS`), optionally a session id."""
+
+    request: Annotated[str, bounded_request]
     session_id: str
 
 
@@ -86,5 +97,7 @@ class CodeTask(TypedDict):
     plan: dict[str, Any]
     path: str
     round: int
+    # Files in this round, for progress events.
+    total: int
     comments: str
     previous: str

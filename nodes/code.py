@@ -12,6 +12,10 @@ from nodes.llm import ChatModels, Usage, complete_text, dumps_compact, strip_cod
 from routing.calls import CallInfo
 from serving.protocol import CODER_FILE_MARKER
 
+# Largest file a coder may write, in characters; a longer answer fails that file only (the
+# static checks and the reviewer would only see its first part anyway).
+MAX_FILE_CHARS = 1_000_000
+
 CODER_SYSTEM = """You are a coder agent in a team. Each agent writes exactly one file of the
 plan below. Follow the plan's interfaces exactly so the files work together.
 Answer with the complete content of your file in one fenced code block and nothing else."""
@@ -70,6 +74,8 @@ def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
 async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     """Write one file; an empty answer is retried, then the file is marked failed.
 
+    A file over `MAX_FILE_CHARS` is marked failed with its size (the session goes on).
+
     Transport errors propagate, so the run fails and `resume` re-runs only this file.
     """
     usage = Usage()
@@ -98,7 +104,10 @@ async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) ->
             break
         messages = [*messages, HumanMessage(content="Your answer was empty. Write the file.")]
     result: dict[str, Any] = {"path": path, "round": task["round"], "attempts": attempts}
-    if content.strip():
+    if len(content) > MAX_FILE_CHARS:
+        error = f"file is {len(content):,} characters; the limit is {MAX_FILE_CHARS:,}"
+        result.update(content="", status="failed", error=error)
+    elif content.strip():
         result.update(content=content, status="written")
     else:
         error = refused or f"empty code after {attempts} attempts"

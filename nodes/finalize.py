@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from nodes.context import RunContext
 from nodes.paths import UnsafePathError, shown
 from nodes.plan import named_paths
-from nodes.review import UNREVIEWED
+from nodes.review import UNREVIEWED, is_done
 from nodes.workspace import SessionDir
 
 # Roles whose models produce a session's files, in the order the manifest lists them.
@@ -38,19 +38,6 @@ def write_one(session_dir: SessionDir, path: str, content: str) -> tuple[str, st
     except ValueError as exc:
         return "failed", f"write failed: {shown(str(exc))}"
     return "written", ""
-
-
-def is_finished(path: str, state: dict[str, Any]) -> bool:
-    """A file is finished when its coder wrote it and review did not send it back."""
-    status = state.get("files", {}).get(path, {}).get("status")
-    verdict = state.get("verdicts", {}).get(path, {}).get("verdict")
-    return bool(status == "written" and verdict != "needs-fix")
-
-
-def is_accepted(path: str, state: dict[str, Any]) -> bool:
-    """A file counts as ok: written, and the reviewer gave it a verdict that is not needs-fix."""
-    verdict = state.get("verdicts", {}).get(path, {}).get("verdict")
-    return is_finished(path, state) and verdict != UNREVIEWED
 
 
 def describe_backend(models: Any) -> dict[str, Any]:
@@ -111,6 +98,7 @@ def plan_warnings(state: dict[str, Any]) -> list[str]:
 def run_finalize(
     state: dict[str, Any],
     session_id: str,
+    workspace: Path,
     ctx: RunContext,
     backend: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -118,22 +106,18 @@ def run_finalize(
 
     Args:
         state: The session's state.
-        session_id: Its id (the folder name).
+        session_id: Its id (the folder name under `workspace`).
+        workspace: The server's workspace folder.
         ctx: The run context.
         backend: `describe_backend(models)`: which servers produced the files.
     """
-    session_dir = SessionDir(ctx.workspace, session_id)
+    session_dir = SessionDir(workspace, session_id)
     before = list(state.get("rejected_paths", []))
     rejected = list(before)
-    per_file = _write_files(session_dir, state, rejected)
+    per_file = _write_files(session_dir, state, rejected, write_all=True)
     for path in _planned(state):
         per_file.setdefault(path, {"status": "missing", "round": state.get("round", 0)})
-    written = sum(1 for e in per_file.values() if e["status"] == "written")
-    failing = [
-        p
-        for p, e in per_file.items()
-        if e["status"] != "written" or e.get("verdict") in ("needs-fix", UNREVIEWED)
-    ]
+    failing = [p for p, e in per_file.items() if e["status"] != "written" or not is_done(p, state)]
     status = state.get("status") or "running"
     if status != "failed":
         status = "ok" if per_file and not failing and not state.get("error") else "partial"
@@ -141,36 +125,26 @@ def run_finalize(
         status = "failed"
     backend = backend or describe_backend(None)
     warnings = plan_warnings(state)
-    manifest = {
-        "session_id": session_id,
-        "status": status,
-        "error": state.get("error"),
-        "request": state.get("request"),
-        "plan": state.get("plan"),
-        "rejected_paths": rejected,
-        "review_rounds": state.get("round", 0),
-        "review_summary": state.get("review_summary", ""),
-        "files": per_file,
-        "files_written": written,
-        "files_failed": len(per_file) - written,
-        "usage": state.get("usage", {}),
-        "timings_s": state.get("timings_s", {}),
-        "review_on": ctx.review_on,
-        "backend": backend,
-        "produced_by": backend_line(backend),
-        "files_unreviewed": sorted(
-            p for p, e in per_file.items() if e.get("verdict") == UNREVIEWED
-        ),
-        "warnings": warnings,
-    }
     out: dict[str, Any] = {
         "status": status,
         "output_dir": str(session_dir.root),
-        "produced_by": manifest["produced_by"],
+        "produced_by": backend_line(backend),
         "warnings": warnings,
     }
     try:
-        out["manifest_path"] = str(session_dir.write_manifest(manifest))
+        out["manifest_path"] = str(
+            write_manifest(
+                session_dir,
+                state,
+                status=status,
+                error=state.get("error"),
+                per_file=per_file,
+                rejected=rejected,
+                review_on=ctx.review_on,
+                backend=backend,
+                warnings=warnings,
+            )
+        )
     except (UnsafePathError, OSError) as exc:
         # The files are on disk; say why their manifest is not, and end the session.
         out["error"] = f"manifest not written: {shown(str(exc))}"
@@ -180,42 +154,103 @@ def run_finalize(
     return out
 
 
-def write_interrupted(state: dict[str, Any], session_id: str, ctx: RunContext, error: str) -> Path:
-    """After an error ends a session: write its finished files and an `interrupted` manifest.
+def write_interrupted(
+    state: dict[str, Any],
+    session_id: str,
+    workspace: Path,
+    error: str,
+    *,
+    status: Literal["error", "interrupted"] = "error",
+) -> Path:
+    """After an error (or Ctrl-C) ends a session: write its done files and the manifest.
 
-    The checkpoint keeps everything for `tandem resume`; this puts what is already done on
-    disk meanwhile. Files not finished are listed as `checkpointed`.
+    The checkpoint keeps everything for `tandem resume`; this puts the files that are done
+    (`nodes.review.is_done`) on disk meanwhile, through the same path policy as finalize.
+    Files written but not done are listed as `checkpointed`.
+
+    Args:
+        state: The session's last known state (may be empty).
+        session_id: Its id (the folder name under `workspace`).
+        workspace: The server's workspace folder.
+        error: Why the session ended, for the manifest.
+        status: `error` (a failure) or `interrupted` (stopped by the user).
 
     Raises:
         UnsafePathError: the manifest's place is taken by a symlink or a folder.
         OSError: the session folder cannot be written.
     """
-    session_dir = SessionDir(ctx.workspace, session_id)
-    files: dict[str, dict[str, Any]] = {}
-    for path, result in sorted(state.get("files", {}).items()):
-        entry: dict[str, Any] = {"status": "checkpointed", "round": result.get("round", 0)}
-        if is_finished(path, state):
-            entry["status"], reason = write_one(session_dir, path, result.get("content", ""))
-            if reason:
-                entry["error"] = reason
-        files[path] = entry
-    return session_dir.write_manifest(
-        {
-            "session_id": session_id,
-            "status": "interrupted",
-            "error": error,
-            "resume": f"tandem resume {session_id}",
-            "request": state.get("request"),
-            "plan": state.get("plan"),
-            "rejected_paths": state.get("rejected_paths", []),
-            "files": files,
-        }
+    session_dir = SessionDir(workspace, session_id)
+    rejected = list(state.get("rejected_paths", []))
+    per_file = _write_files(session_dir, state, rejected, write_all=False)
+    return write_manifest(
+        session_dir,
+        state,
+        status=status,
+        error=error,
+        per_file=per_file,
+        rejected=rejected,
+        review_on=None,
+        backend=None,
+        warnings=plan_warnings(state),
+        resume=f"tandem resume {session_id}",
     )
 
 
+def write_manifest(
+    session_dir: SessionDir,
+    state: dict[str, Any],
+    *,
+    status: str,
+    error: str | None,
+    per_file: dict[str, dict[str, Any]],
+    rejected: list[dict[str, str]],
+    review_on: str | None,
+    backend: dict[str, Any] | None,
+    warnings: list[str],
+    resume: str | None = None,
+) -> Path:
+    """Write `manifest.json`: the one place its shape is defined.
+
+    Raises:
+        UnsafePathError: the manifest's place is taken by a symlink or a folder.
+        OSError: the session folder cannot be written.
+    """
+    written = sum(1 for e in per_file.values() if e["status"] == "written")
+    manifest: dict[str, Any] = {
+        "session_id": session_dir.root.name,
+        "status": status,
+        "error": error,
+        "request": state.get("request"),
+        "plan": state.get("plan"),
+        "rejected_paths": rejected,
+        "review_rounds": state.get("round", 0),
+        "review_summary": state.get("review_summary", ""),
+        "files": per_file,
+        "files_written": written,
+        "files_failed": len(per_file) - written,
+        "files_unreviewed": sorted(
+            p for p, e in per_file.items() if e.get("verdict") == UNREVIEWED
+        ),
+        "usage": state.get("usage", {}),
+        "timings_s": state.get("timings_s", {}),
+        "review_on": review_on,
+        "backend": backend,
+        "produced_by": backend_line(backend) if backend else None,
+        "warnings": warnings,
+    }
+    if resume:
+        manifest["resume"] = resume
+    return session_dir.write_manifest(manifest)
+
+
 def _write_files(
-    session_dir: SessionDir, state: dict[str, Any], rejected: list[dict[str, str]]
+    session_dir: SessionDir,
+    state: dict[str, Any],
+    rejected: list[dict[str, str]],
+    *,
+    write_all: bool,
 ) -> dict[str, dict[str, Any]]:
+    """Per-file manifest entries; writes every written file, or (not `write_all`) done ones."""
     verdicts = state.get("verdicts", {})
     checks = state.get("checks", {})
     per_file: dict[str, dict[str, Any]] = {}
@@ -230,6 +265,9 @@ def _write_files(
         }
         if result.get("error"):
             entry["error"] = result["error"]
+        if entry["status"] == "written" and not write_all and not is_done(path, state):
+            # Kept in the checkpoint for `tandem resume`, not on disk yet.
+            entry["status"] = "checkpointed"
         if entry["status"] == "written":
             entry["status"], reason = write_one(session_dir, path, result.get("content", ""))
             if reason:

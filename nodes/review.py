@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import Field, JsonValue, create_model
 
 from nodes.context import RunContext
-from nodes.llm import ChatModels, Usage, complete_structured, dumps_compact
+from nodes.llm import ChatModels, OutputError, Usage, complete_structured, dumps_compact
 from nodes.schemas import FileVerdict, Review
 from routing.calls import CallInfo, Role
 from serving.protocol import REVIEW_FILE_MARKER, REVIEW_SCHEMA
@@ -51,6 +53,19 @@ Static checks: {checks}
 
 UNREVIEWED = "unreviewed"
 UNREVIEWED_COMMENT = "the reviewer gave no verdict for this file (asked twice)"
+NEEDS_FIX = "needs-fix"
+
+
+def is_done(path: str, state: Mapping[str, Any]) -> bool:
+    """The one rule for "a file is done": its coder wrote it and review did not turn it down.
+
+    Turned down means sent back (`needs-fix`) or left without a verdict (`unreviewed`). A
+    written file the session ended before reviewing counts as done: its content is final
+    unless a review asks for a fix.
+    """
+    status = state.get("files", {}).get(path, {}).get("status")
+    verdict = state.get("verdicts", {}).get(path, {}).get("verdict")
+    return bool(status == "written" and verdict not in (NEEDS_FIX, UNREVIEWED))
 
 
 def merge_verdicts(
@@ -117,10 +132,12 @@ def batch_paths(paths: Sequence[str], sizes: dict[str, int], budget_chars: int) 
     return batches
 
 
-async def review_budget_chars(models: ChatModels | Any, role: Role, ctx: RunContext) -> int:
-    """Characters of prompt one review call may use: the configured budget, lowered to fit
-    the reviewer's context window when the server reports it (vLLM's `max_model_len`)."""
-    budget = ctx.review_batch_chars
+async def review_budget_chars(
+    models: ChatModels | Any, role: Role, ctx: RunContext, batch_chars: int
+) -> int:
+    """Characters of prompt one review call may use: `batch_chars`, lowered to fit the
+    reviewer's context window when the server reports it (vLLM's `max_model_len`)."""
+    budget = batch_chars
     lookup = getattr(models, "context_tokens", None)
     if lookup is not None:
         window = await lookup(role)
@@ -150,10 +167,11 @@ async def run_review(
     state: dict[str, Any],
     paths: list[str],
     ctx: RunContext,
+    batch_chars: int,
 ) -> tuple[Review, dict[str, int], Role]:
     """Review `paths`, in as many concurrent calls as the reviewer's context needs.
 
-    Returns (merged review, usage, role that reviewed).
+    Returns (merged review, usage, role that reviewed); `batch_chars` bounds one call's prompt.
 
     Raises:
         OutputError: a batch got no valid Review back.
@@ -164,7 +182,7 @@ async def run_review(
     info = CallInfo(session_id=session_id, stage="review", role=role)
     files = state.get("files", {})
     checks = state.get("checks", {})
-    budget = await review_budget_chars(models, role, ctx)
+    budget = await review_budget_chars(models, role, ctx, batch_chars)
     plan_text = _plan_for_prompt(state.get("plan", {}), budget)
     fixed = len(REVIEW_SYSTEM) + len(REVIEW_USER) + len(state["request"]) + len(plan_text)
     file_budget = max(MIN_REVIEW_CHARS // 2, budget - fixed)
@@ -206,3 +224,68 @@ async def run_review(
         summary=" ".join(r.summary for r in reviews)[:4000],
     )
     return merged, usage.as_dict(), role
+
+
+async def review_round(
+    models: ChatModels,
+    state: Mapping[str, Any],
+    ctx: RunContext,
+    batch_chars: int,
+) -> dict[str, Any]:
+    """Review this round's files and decide the next round: the reviewer's rules in one place.
+
+    Written files get the reviewer's verdict (asked once more for any it left out; still
+    none: `unreviewed`, never ok). A file that failed to be written, or whose static checks
+    found problems, is `needs-fix` whatever the reviewer said. Files that need a fix go back
+    to the coders while rounds remain (`pending`, `round`); otherwise `pending` is empty.
+
+    Returns:
+        A partial state update: `verdicts`, `pending`, maybe `round`, `usage`,
+        `review_summary`, or `error` when the reviewer gave no valid answer.
+    """
+    files = state.get("files", {})
+    checks = state.get("checks", {})
+    pending = list(state.get("pending", []))
+    session_id = str(state["session_id"])
+    to_review = [p for p in pending if files.get(p, {}).get("status") == "written"]
+    verdicts = dict(state.get("verdicts", {}))
+    update: dict[str, Any] = {}
+    if to_review:
+        try:
+            review, usage, role = await run_review(
+                models, session_id, dict(state), to_review, ctx, batch_chars
+            )
+        except (OutputError, ModelInvalidRequestError) as exc:
+            return {"error": f"review: {exc}", "pending": []}
+        # Usage per role, plus which role reviewed (review_on may be "auto").
+        usage_by_role: dict[str, dict[str, int]] = {role: usage, "review_role": {role: 1}}
+        given = {v.path: v for v in review.verdicts}
+        missing = [p for p in to_review if p not in given]
+        if missing:
+            with contextlib.suppress(OutputError, ModelInvalidRequestError):
+                again, usage_again, role_again = await run_review(
+                    models, session_id, dict(state), missing, ctx, batch_chars
+                )
+                for key, counts in ((role_again, usage_again), ("review_role", {role_again: 1})):
+                    slot = usage_by_role.setdefault(key, {})
+                    for name, value in counts.items():
+                        slot[name] = slot.get(name, 0) + value
+                given.update({v.path: v for v in again.verdicts if v.path in missing})
+        verdicts.update(merge_verdicts(to_review, given))
+        update["usage"] = usage_by_role
+        update["review_summary"] = review.summary
+    for path in pending:
+        problems = checks.get(path, [])
+        if files.get(path, {}).get("status") != "written":
+            comments = files.get(path, {}).get("error", "not written")
+            verdicts[path] = {"verdict": NEEDS_FIX, "comments": comments}
+        elif problems and verdicts.get(path, {}).get("verdict") != NEEDS_FIX:
+            verdicts[path] = {"verdict": NEEDS_FIX, "comments": "; ".join(problems)}
+    update["verdicts"] = verdicts
+    needs_fix = [p for p in pending if verdicts.get(p, {}).get("verdict") == NEEDS_FIX]
+    rounds_done = int(state.get("round", 0))
+    if needs_fix and rounds_done < ctx.max_review_rounds:
+        update.update(pending=needs_fix, round=rounds_done + 1)
+    else:
+        update["pending"] = []
+    return update

@@ -25,6 +25,9 @@ from typing import Any
 import httpx
 import pytest
 from langgraph_sdk import get_client
+from langgraph_sdk.errors import UnprocessableEntityError
+
+from nodes.context import MAX_REQUEST_CHARS
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +40,8 @@ REQUEST = "Write a tiny package: files a.py, b.py, c.py, each defining one const
 # complete JSON and code whatever the token count); the plan stays long enough (~2-4 s of
 # emulated decode) for two runs to overlap visibly.
 MAX_TOKENS = {"plan": 200, "code": 100, "review": 100}
+# A server setting that differs from RunContext's class default: Studio's form must show it.
+SERVER_MAX_FILES = 12
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 _API_RE = re.compile(r"API:\s*http://([\w.\-]+):(\d+)")
@@ -84,6 +89,7 @@ def _server_env(workspace: Path) -> dict[str, str]:
         LANGSMITH_TEST_TRACKING="false",
         PYTHONUNBUFFERED="1",
         TANDEM_WORKSPACE=str(workspace),
+        TANDEM_MAX_FILES=str(SERVER_MAX_FILES),
     )
     return env
 
@@ -249,3 +255,68 @@ async def test_two_threads_run_at_once(dev_server: DevServer) -> None:
     _assert_session_written(dev_server, b, PATHS[:2])
     assert [r["path"] for r in b["rejected_paths"]] == ["c.py"]
     assert a["rejected_paths"] == []
+
+
+async def test_context_form_shows_the_servers_defaults_and_no_internal_knobs(
+    dev_server: DevServer,
+) -> None:
+    client = get_client(url=dev_server.url)
+    assistant = (await client.assistants.search(graph_id="tandem"))[0]
+    schema = (await client.assistants.get_schemas(assistant["assistant_id"]))["context_schema"]
+    fields = schema["properties"]
+    assert fields["max_files"]["default"] == SERVER_MAX_FILES  # TANDEM_MAX_FILES, not 40
+    assert fields["max_files"]["minimum"] == 1 and fields["max_files"]["description"]
+    assert all(field.get("description") for field in fields.values())
+    assert "workspace" not in fields and "review_batch_chars" not in fields
+    assert schema.get("additionalProperties") is False
+
+
+@pytest.mark.parametrize(
+    ("context", "request_text", "named"),
+    [
+        ({"max_files": 0}, REQUEST, "max_files"),
+        ({"max_files": 3, "workspace": "/etc"}, REQUEST, "workspace: unknown field"),
+        ({"max_tokens": {"code": "lots"}}, REQUEST, "max_tokens.code"),
+        ({}, "x" * (MAX_REQUEST_CHARS + 1), f"the limit is {MAX_REQUEST_CHARS:,}"),
+    ],
+)
+async def test_a_bad_submission_is_refused_naming_the_field(
+    dev_server: DevServer, context: dict[str, Any], request_text: str, named: str
+) -> None:
+    client = get_client(url=dev_server.url)
+    thread = await client.threads.create()
+    with pytest.raises(UnprocessableEntityError, match=re.escape(named)):
+        await client.runs.create(
+            thread["thread_id"], "tandem", input={"request": request_text}, context=context
+        )
+    # runs.wait raises httpx's error, with the server's answer in its message.
+    with pytest.raises(httpx.HTTPStatusError, match=re.escape(named)) as refused:
+        await client.runs.wait(None, "tandem", input={"request": request_text}, context=context)
+    assert refused.value.response.status_code == 422
+    # Refused before the server stored anything: the thread has no run.
+    assert await client.runs.list(thread["thread_id"]) == []
+
+
+async def test_a_good_context_runs_and_streams_progress_events(dev_server: DevServer) -> None:
+    client = get_client(url=dev_server.url)
+    thread = await client.threads.create()
+    events: list[dict[str, Any]] = []
+    async for part in client.runs.stream(
+        thread["thread_id"],
+        "tandem",
+        input={"request": REQUEST, "session_id": "lgdev-events"},
+        context={"max_files": 3, "max_tokens": MAX_TOKENS},
+        stream_mode="custom",
+    ):
+        if part.event == "custom":
+            events.append(part.data)
+    files_done = [e for e in events if e["event"] == "file_done"]
+    first_round = [e for e in files_done if e["round"] == 0]
+    assert sorted(e["file"] for e in first_round) == sorted(PATHS)
+    assert sorted(e["done"] for e in first_round) == [1, 2, 3]
+    assert {e["total"] for e in first_round} == {3}
+    assert all(e["session_id"] == "lgdev-events" for e in events)
+    stages = [e["stage"] for e in events if e["event"] == "stage"]
+    assert stages[0] == "plan" and stages[-1] == "finalize" and "review" in stages
+    values = (await client.threads.get_state(thread["thread_id"]))["values"]
+    _assert_session_written(dev_server, values, PATHS)

@@ -25,7 +25,7 @@ from pydantic import PrivateAttr
 from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.settings import load_settings
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.llm import StaticModels
 from routing.endpoints import Replica
 from serving.launch import DEFAULT_LOG_DIR, ServerGroup, load_profile
@@ -88,9 +88,7 @@ def _runtime(url: str, model: str) -> Any:
 
 
 def _context(tmp_path: Path) -> RunContext:
-    return RunContext(
-        workspace=str(tmp_path), max_files=4, max_review_rounds=1, max_tokens=dict(TOKENS)
-    )
+    return RunContext(max_files=4, max_review_rounds=1, max_tokens=dict(TOKENS))
 
 
 def _compiles(path: Path) -> bool:
@@ -109,7 +107,11 @@ async def test_two_file_request_gives_compiling_python_reviewed_by_the_model(
     outcomes = []
     try:
         async with runtime.router:
-            graph = build_graph(runtime.models, defaults=_context(tmp_path))
+            graph = build_graph(
+                runtime.models,
+                defaults=_context(tmp_path),
+                options=ServerOptions(workspace=tmp_path),
+            )
             for attempt in range(3):
                 sid = f"s{attempt}"
                 await graph.ainvoke({"request": REQUEST, "session_id": sid})
@@ -186,7 +188,9 @@ async def test_a_failing_check_sends_the_file_to_a_real_fix_round(
             for attempt in range(3):
                 coder = FirstVersionBroken(real=runtime.models.for_role("coder"))
                 models = StaticModels(runtime.models.for_role("reasoning"), coder)
-                graph = build_graph(models, defaults=_context(tmp_path))
+                graph = build_graph(
+                    models, defaults=_context(tmp_path), options=ServerOptions(workspace=tmp_path)
+                )
                 out = await graph.ainvoke({"request": REQUEST, "session_id": f"fix{attempt}"})
                 if out.get("plan", {}).get("files"):
                     break

@@ -15,7 +15,7 @@ import pytest
 from langsmith.run_helpers import tracing_context
 
 from graph.graph import build_graph
-from nodes.context import RunContext
+from nodes.context import ServerOptions
 from nodes.llm import StaticModels
 from tests.fakes import standard_models
 from tests.integration.langsmith_recorder import LangSmithRecorder, running_recorder
@@ -43,9 +43,7 @@ async def test_runs_carry_session_stage_and_role(
     recorder: LangSmithRecorder, tmp_path: Path
 ) -> None:
     reasoning, coder = standard_models(PATHS)
-    graph = build_graph(
-        StaticModels(reasoning, coder), defaults=RunContext(workspace=str(tmp_path))
-    )
+    graph = build_graph(StaticModels(reasoning, coder), options=ServerOptions(workspace=tmp_path))
     client = langsmith.Client(api_url=recorder.url, api_key="test", auto_batch_tracing=True)
     try:
         with tracing_context(enabled=True, client=client, project_name="tandem-test"):

@@ -3,13 +3,13 @@ so a 20-file review prompt carries about the sum of the 20 files' tokens."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.settings import load_settings
+from nodes.context import ServerOptions
 from nodes.llm import dumps_compact
 from nodes.review import REVIEW_SYSTEM
 from serving.clock import run
@@ -25,13 +25,12 @@ def _session(tmp_path: Path) -> tuple[dict[str, Any], list[Any]]:
     async def main() -> tuple[dict[str, Any], list[Any]]:
         settings = load_settings(workspace=tmp_path, review_on="coder")
         runtime = build_runtime(settings)
-        ctx = replace(
-            settings.run_context(),
-            max_tokens={"plan": 2048, "code": 1024, "review": 1536},
-            review_batch_chars=400_000,  # one review call for all files
-            max_review_rounds=0,
+        ctx = settings.run_context().merged(
+            {"max_tokens": {"plan": 2048, "code": 1024, "review": 1536}, "max_review_rounds": 0}
         )
-        graph = build_graph(runtime.models, defaults=ctx)
+        # One review call for all files.
+        options = ServerOptions(workspace=settings.workspace, review_batch_chars=400_000)
+        graph = build_graph(runtime.models, defaults=ctx, options=options)
         paths = ", ".join(f"pkg/file_{i}.py" for i in range(FILES))
         request = f"Create a Python package of {FILES} simple modules. Files: {paths}"
         try:

@@ -13,7 +13,7 @@ from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from graph.graph import build_graph
 from graph.sessions import SessionResult, run_session
 from nodes.check import MAX_CHECK_BYTES, check_file
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.llm import StaticModels
 from routing.fanout import FanoutPolicy
 from tests.fakes import file_of, python_file, standard_models
@@ -38,11 +38,20 @@ async def _run(
     **ctx_fields: Any,
 ) -> tuple[SessionResult, Any]:
     reasoning, coder_model = standard_models(paths, coder=coder)
-    ctx = RunContext(workspace=str(tmp_path / "ws"), **ctx_fields)
+    ctx = RunContext(**ctx_fields)
+    options = ServerOptions(workspace=tmp_path / "ws")
     async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "cp.db")) as saver:
-        graph = build_graph(StaticModels(reasoning, coder_model), defaults=ctx, checkpointer=saver)
+        graph = build_graph(
+            StaticModels(reasoning, coder_model), defaults=ctx, options=options, checkpointer=saver
+        )
         result = await run_session(
-            graph, "build", "s1", context=ctx, fanout=FanoutPolicy(max_parallel=4), resume=resume
+            graph,
+            "build",
+            "s1",
+            context=ctx,
+            fanout=FanoutPolicy(max_parallel=4),
+            workspace=options.workspace,
+            resume=resume,
         )
     return result, coder_model
 
@@ -119,8 +128,7 @@ async def test_a_write_the_filesystem_refuses_fails_that_file_only(tmp_path: Pat
     deep.mkdir(parents=True)
     long_name = "x" * 251 + ".py"
     reasoning, coder = standard_models([long_name, "a.py"])
-    ctx = RunContext(workspace=str(deep))
-    graph = build_graph(StaticModels(reasoning, coder), defaults=ctx)
+    graph = build_graph(StaticModels(reasoning, coder), options=ServerOptions(workspace=deep))
     out = await graph.ainvoke({"request": "r", "session_id": "s1"})
     assert out["status"] == "partial"
     manifest = json.loads((deep / "s1" / "manifest.json").read_text())
@@ -149,11 +157,13 @@ async def test_an_errored_session_writes_its_finished_files(tmp_path: Path) -> N
             raise ConnectionError("coder server went away")
         return python_file(path)
 
-    result, coder = await _run(tmp_path, ["a.py", "b.py", "c.py"], coder=coder_fn)
+    # b.py last: its failure cancels the coders not yet finished (no node-level retry).
+    result, coder = await _run(tmp_path, ["a.py", "c.py", "b.py"], coder=coder_fn)
     assert result.status == "error"
     root = tmp_path / "ws" / "s1"
     assert _files_under(root) == ["a.py", "c.py", "manifest.json"]
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["status"] == "interrupted"
+    assert manifest["status"] == "error" and "coder server went away" in manifest["error"]
     assert manifest["files"]["a.py"]["status"] == "written"
-    assert sorted(file_of(c["messages"]) for c in coder.calls).count("b.py") == 3
+    assert "b.py" not in manifest["files"]
+    assert [file_of(c["messages"]) for c in coder.calls].count("b.py") == 1

@@ -10,7 +10,7 @@ import pytest
 from langchain_core.messages import BaseMessage
 
 from graph.graph import build_graph
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.llm import StaticModels
 from tests.fakes import (
     ScriptedChatModel,
@@ -26,7 +26,9 @@ from tests.fakes import (
 
 def _graph(tmp_path: Path, reasoning: Any, coder: Any, **ctx: Any) -> Any:
     return build_graph(
-        StaticModels(reasoning, coder), defaults=RunContext(workspace=str(tmp_path), **ctx)
+        StaticModels(reasoning, coder),
+        defaults=RunContext(**ctx),
+        options=ServerOptions(workspace=tmp_path),
     )
 
 

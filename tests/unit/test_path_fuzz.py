@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graph.graph import build_graph
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.finalize import run_finalize
 from nodes.llm import StaticModels, strip_code_fence
 from nodes.paths import path_key, shown
@@ -261,7 +261,7 @@ def _plan_models(paths: list[str]) -> StaticModels:
 def _finalize_one(plan: FuzzPlan) -> None:
     with _arena() as (root, outside, session):
         planned = _resolve(plan.paths, outside)
-        ctx = RunContext(workspace=str(root / "ws"), max_files=200)
+        ctx = RunContext(max_files=200)
         update = asyncio.run(run_plan(_plan_models(planned), SESSION, "fuzz", ctx))
         accepted = [f["path"] for f in update["plan"]["files"]]
         files = {p: {"path": p, "content": f"# {p}\n", "status": "written"} for p in accepted}
@@ -269,7 +269,7 @@ def _finalize_one(plan: FuzzPlan) -> None:
         for path in _resolve(plan.injected, outside):
             files.setdefault(path, {"path": path, "content": "# x\n", "status": "written"})
         state = {**update, "request": "fuzz", "session_id": SESSION, "files": files}
-        out = run_finalize(state, SESSION, ctx)
+        out = run_finalize(state, SESSION, root / "ws", ctx)
         assert out["status"] in ("ok", "partial") and out["manifest_path"]
         _assert_session(plan, planned, session, lambda p: f"# {p}\n")
         _assert_contained(root, outside, session)
@@ -278,8 +278,9 @@ def _finalize_one(plan: FuzzPlan) -> None:
 def _graph_one(plan: FuzzPlan) -> None:
     with _arena() as (root, outside, session):
         planned = _resolve(plan.paths, outside)
-        ctx = RunContext(workspace=str(root / "ws"), max_files=200, max_review_rounds=0)
-        graph = build_graph(_plan_models(planned), defaults=ctx)
+        ctx = RunContext(max_files=200, max_review_rounds=0)
+        options = ServerOptions(workspace=root / "ws")
+        graph = build_graph(_plan_models(planned), defaults=ctx, options=options)
         out = asyncio.run(graph.ainvoke({"request": "fuzz", "session_id": SESSION}))
         assert out["status"] in ("ok", "partial"), out.get("error")
         _assert_session(plan, planned, session, lambda p: strip_code_fence(python_file(p)))

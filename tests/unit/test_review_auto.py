@@ -12,7 +12,7 @@ import pytest
 
 from graph.graph import build_graph
 from graph.settings import load_settings
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.llm import RoutedModels, StaticModels
 from nodes.review import review_role
 from routing.calls import Role
@@ -82,9 +82,9 @@ def test_review_role_without_an_estimator_is_reasoning() -> None:
 
 
 def test_auto_is_a_valid_setting_and_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    RunContext(review_on="auto").validate()
+    assert RunContext(review_on="auto").review_on == "auto"
     with pytest.raises(ValueError, match="review_on"):
-        RunContext(review_on="gpu0").validate()  # type: ignore[arg-type]
+        RunContext(review_on="gpu0")  # type: ignore[arg-type]
     monkeypatch.setenv("TANDEM_REVIEW_ON", "auto")
     assert load_settings().run_context().review_on == "auto"
 
@@ -101,7 +101,9 @@ async def test_graph_reviews_where_auto_chose_and_records_it(
 ) -> None:
     reasoning, coder = standard_models(["a.py", "b.py"], needs_fix_once=["b.py"])
     models = ChoosingModels(reasoning, coder, router=EstimatingRouter(estimates))
-    graph = build_graph(models, defaults=RunContext(workspace=str(tmp_path), review_on="auto"))
+    graph = build_graph(
+        models, defaults=RunContext(review_on="auto"), options=ServerOptions(workspace=tmp_path)
+    )
     out = await graph.ainvoke({"request": "r", "session_id": "s1"})
     assert out["status"] == "ok"
     on = {"reasoning": reasoning, "coder": coder}

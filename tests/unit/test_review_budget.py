@@ -9,7 +9,7 @@ from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.messages import BaseMessage
 
 from graph.graph import build_graph
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.llm import StaticModels
 from nodes.review import batch_paths, review_budget_chars
 from tests.fakes import (
@@ -36,9 +36,10 @@ async def test_budget_shrinks_to_the_servers_context_window() -> None:
             return 4096 if role == "reasoning" else None
 
     ctx = RunContext(max_tokens={"review": 1024})
-    assert await review_budget_chars(Windowed(), "reasoning", ctx) == (4096 - 1024 - 512) * 3
-    assert await review_budget_chars(Windowed(), "coder", ctx) == ctx.review_batch_chars
-    assert await review_budget_chars(object(), "reasoning", ctx) == ctx.review_batch_chars
+    batch = 60_000
+    assert await review_budget_chars(Windowed(), "reasoning", ctx, batch) == (4096 - 1024 - 512) * 3
+    assert await review_budget_chars(Windowed(), "coder", ctx, batch) == batch
+    assert await review_budget_chars(object(), "reasoning", ctx, batch) == batch
 
 
 async def test_many_files_are_reviewed_in_several_calls(tmp_path: Path) -> None:
@@ -50,7 +51,7 @@ async def test_many_files_are_reviewed_in_several_calls(tmp_path: Path) -> None:
     reasoning, coder = standard_models(paths, coder=coder_fn)
     graph = build_graph(
         StaticModels(reasoning, coder),
-        defaults=RunContext(workspace=str(tmp_path), review_batch_chars=5000),
+        options=ServerOptions(workspace=tmp_path, review_batch_chars=5000),
     )
     out = await graph.ainvoke({"request": "r", "session_id": "s1"})
     reviews = [c for c in reasoning.calls if schema_name(c["kwargs"]) == "Review"]
@@ -69,9 +70,7 @@ async def test_a_refused_review_ends_the_session_with_a_clear_error(tmp_path: Pa
 
     reasoning = ScriptedChatModel(responder=reasoning_fn)
     _, coder = standard_models([])
-    graph = build_graph(
-        StaticModels(reasoning, coder), defaults=RunContext(workspace=str(tmp_path))
-    )
+    graph = build_graph(StaticModels(reasoning, coder), options=ServerOptions(workspace=tmp_path))
     out = await graph.ainvoke({"request": "r", "session_id": "s1"})
     assert out["status"] == "partial"
     assert out["error"].startswith("review: ") and "context length" in out["error"]
@@ -94,7 +93,8 @@ async def test_a_refused_coder_request_fails_only_that_file(tmp_path: Path) -> N
     coder = ScriptedChatModel(responder=coder_fn)
     graph = build_graph(
         StaticModels(ScriptedChatModel(responder=reasoning_fn), coder),
-        defaults=RunContext(workspace=str(tmp_path), max_review_rounds=0),
+        defaults=RunContext(max_review_rounds=0),
+        options=ServerOptions(workspace=tmp_path),
     )
     out = await graph.ainvoke({"request": "r", "session_id": "s1"})
     assert out["files"]["huge.py"]["status"] == "failed"

@@ -11,7 +11,7 @@ from langchain_core.messages import BaseMessage
 from graph.graph import build_graph
 from graph.sessions import SessionResult, _fill, format_table
 from graph.settings import load_settings
-from nodes.context import RunContext
+from nodes.context import ServerOptions
 from nodes.finalize import backend_line, describe_backend
 from nodes.llm import StaticModels
 from nodes.plan import named_paths, plan_schema
@@ -46,9 +46,7 @@ def _models(plan: list[str], skip_verdict: set[str], skip_times: int) -> tuple[A
 
 
 async def _run(tmp_path: Path, reasoning: Any, coder: Any, request: str) -> dict[str, Any]:
-    graph = build_graph(
-        StaticModels(reasoning, coder), defaults=RunContext(workspace=str(tmp_path))
-    )
+    graph = build_graph(StaticModels(reasoning, coder), options=ServerOptions(workspace=tmp_path))
     out: dict[str, Any] = await graph.ainvoke({"request": request, "session_id": "s1"})
     return out
 

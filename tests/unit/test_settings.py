@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -18,7 +19,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.max_parallel_agents == 25 and s.review_on == "reasoning"
     assert s.max_review_rounds == 2 and s.max_files == 40 and s.emulated
     ctx = s.run_context()
-    assert ctx.max_files == 40 and ctx.workspace == "out"
+    assert ctx.max_files == 40 and s.workspace == Path("out")
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:

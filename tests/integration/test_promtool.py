@@ -16,6 +16,7 @@ from graph.graph import build_graph
 from graph.runtime import emulated_endpoints
 from graph.sessions import run_session
 from graph.settings import Settings
+from nodes.context import ServerOptions
 from nodes.llm import RoutedModels
 from routing.exporter import TandemMetrics
 from routing.fanout import FanoutPolicy
@@ -73,13 +74,19 @@ async def test_exporter_page_after_an_emulated_session_passes_promtool(tmp_path:
     port = metrics.serve(0)
     try:
         async with router:
-            graph = build_graph(models, defaults=context, fanout=fanout)
+            graph = build_graph(
+                models,
+                defaults=context,
+                options=ServerOptions(workspace=tmp_path),
+                fanout=fanout,
+            )
             result = await run_session(
                 graph,
                 "Build a small todo CLI with storage and tests",
                 "s-promtool",
                 context=context,
                 fanout=fanout,
+                workspace=tmp_path,
                 on_code_done=metrics.session_progress,
                 on_stage=metrics.stage_latency,
             )

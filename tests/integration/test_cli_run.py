@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _tandem(args: list[str], workspace: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
     return subprocess.run(
-        [sys.executable, "-m", "graph.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=ROOT,
         env={**clean, "TANDEM_WORKSPACE": str(workspace), **env},
         capture_output=True,

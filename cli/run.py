@@ -407,6 +407,7 @@ async def _run_sessions(
             f"clock={'virtual (emulated seconds)' if virtual else 'real'}, "
             f"limit={options.limit or settings.limit}, workspace={settings.workspace}",
             highlight=False,
+            soft_wrap=True,
         )
 
         def on_code(sid: str, done: int, total: int) -> None:

@@ -280,7 +280,7 @@ def _fill(result: SessionResult, state: dict[str, Any]) -> None:
     result.usage = dict(state.get("usage", {}))
     result.produced_by = str(state.get("produced_by") or "")
     result.warnings = list(state.get("warnings") or [])
-    if result.status != "error":
+    if result.status not in ("error", "interrupted"):
         result.status = str(state.get("status", "unknown"))
         result.error = str(state.get("error") or "")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,10 @@ def test_demo_run_writes_three_sessions(tmp_path: Path) -> None:
             if entry["status"] == "written":
                 assert (session / path).is_file()
     assert "session" in proc.stdout and "endpoint" in proc.stdout  # the final table
+    for session in sessions:  # live progress, one line per stage of each session
+        assert f"[{session.name}] plan" in proc.stdout
+        assert re.search(rf"\[{session.name}\] code: \d+/\d+ files", proc.stdout)
+    assert "emulated s" in proc.stdout  # virtual seconds are labelled
     assert (tmp_path / "checkpoints.db").exists()
 
 

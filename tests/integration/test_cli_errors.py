@@ -7,6 +7,7 @@ names the thing that is wrong, that no traceback is printed, and that nothing ra
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A clean environment: no TANDEM_* but the workspace."""
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.upper().startswith("TANDEM_"):
             monkeypatch.delenv(name)
     ws = tmp_path / "ws"
@@ -173,7 +174,6 @@ async def _finished_failed_session(workspace: Path, session_id: str) -> str:
     """A session that ran to its end as `failed` (a plan with no files), checkpointed."""
     reasoning, coder = standard_models([])
     ctx = RunContext(workspace=str(workspace))
-    workspace.mkdir(parents=True, exist_ok=True)
     async with AsyncSqliteSaver.from_conn_string(str(workspace / "checkpoints.db")) as saver:
         graph = build_graph(StaticModels(reasoning, coder), defaults=ctx, checkpointer=saver)
         result = await run_session(
@@ -187,6 +187,7 @@ def test_resume_of_a_failed_session_exits_1(
 ) -> None:
     import asyncio
 
+    workspace.mkdir(parents=True)
     assert asyncio.run(_finished_failed_session(workspace, "s-failed")) == "failed"
     assert tandem(["resume", "s-failed"]) == 1
     assert "already finished (failed)" in capsys.readouterr().out

@@ -107,20 +107,17 @@ def review_calls_table(totals: dict[str, dict[str, float]]) -> Table | None:
 
 
 def router_table(stats: dict[str, dict[str, Any]]) -> Table:
-    """Per replica: admission limit and counts (`Router.stats()`); URLs redacted."""
-    table = Table(title="router", title_justify="left")
-    table.add_column("replica", no_wrap=True)
-    table.add_column("role", no_wrap=True)
-    table.add_column("url", overflow="fold")
+    """Per replica: admission limit and counts (`Router.stats()`); its URL as a caption."""
+    table = Table(title="router", title_justify="left", caption_justify="left")
+    table.add_column("replica (role@gpu)", no_wrap=True)
     for _, header in _ROUTER_COLUMNS:
         table.add_column(header, justify="right")
     for name, row in stats.items():
-        table.add_row(
-            name,
-            str(row.get("role", "")),
-            clean(str(row.get("url", ""))),
-            *(str(row.get(key, "")) for key, _ in _ROUTER_COLUMNS),
-        )
+        table.add_row(name, *(str(row.get(key, "")) for key, _ in _ROUTER_COLUMNS))
+    # URLs are long: under the table, where they do not squeeze the counts (redacted).
+    table.caption = "\n".join(
+        f"{name}: {clean(str(row.get('url', '')))}" for name, row in stats.items()
+    )
     return table
 
 

@@ -40,7 +40,7 @@ BENCH_CPU_POLICIES ?= seed-current,seed-phase3,fixed-4,fixed-8,fixed-16,fixed-32
 bench-cpu: $(STAMP) vllm-cpu
 	mkdir -p bench/results out/logs
 	@rm -f out/logs/bench-cpu-serve.out; \
-	$(BIN)/python -m graph.cli serve --backend vllm-cpu > out/logs/bench-cpu-serve.out 2>&1 & \
+	$(BIN)/python -m cli serve --backend vllm-cpu > out/logs/bench-cpu-serve.out 2>&1 & \
 	serve=$$!; trap 'kill $$serve 2>/dev/null; wait $$serve' EXIT; \
 	for i in $$(seq 300); do \
 	  grep -q '^export TANDEM_CODER_URL' out/logs/bench-cpu-serve.out && break; \
@@ -48,7 +48,7 @@ bench-cpu: $(STAMP) vllm-cpu
 	done; \
 	grep -q '^export TANDEM_CODER_URL' out/logs/bench-cpu-serve.out || { echo "servers not ready"; exit 1; }; \
 	eval "$$(grep '^export ' out/logs/bench-cpu-serve.out)"; \
-	$(BIN)/python -m graph.cli bench --clock real --endpoints env --workload adhoc \
+	$(BIN)/python -m cli bench --clock real --endpoints env --workload adhoc \
 	  $(BENCH_CPU_WORKLOAD) --policies $(BENCH_CPU_POLICIES) --max-tokens $(BENCH_CPU_TOKENS) \
 	  --json bench/results/cpu-multi.json --plot bench/results/cpu-multi.png
 
@@ -61,7 +61,7 @@ DEMO_REAL_TOKENS ?= plan=768,code=768,review=384
 demo-real: $(STAMP) vllm-cpu
 	mkdir -p out/logs out/demo-real
 	@rm -f out/logs/demo-real-serve.out; \
-	$(BIN)/python -m graph.cli serve --backend vllm-cpu --model smollm2-135m > out/logs/demo-real-serve.out 2>&1 & \
+	$(BIN)/python -m cli serve --backend vllm-cpu --model smollm2-135m > out/logs/demo-real-serve.out 2>&1 & \
 	serve=$$!; trap 'kill $$serve 2>/dev/null; wait $$serve' EXIT; \
 	for i in $$(seq 600); do \
 	  grep -q '^export TANDEM_MAX_FILES' out/logs/demo-real-serve.out && break; \
@@ -69,7 +69,7 @@ demo-real: $(STAMP) vllm-cpu
 	done; \
 	grep -q '^export TANDEM_MAX_FILES' out/logs/demo-real-serve.out || { echo "servers not ready"; exit 1; }; \
 	eval "$$(grep '^export ' out/logs/demo-real-serve.out)"; \
-	TANDEM_WORKSPACE=out/demo-real $(BIN)/python -m graph.cli run --no-checkpoint \
+	TANDEM_WORKSPACE=out/demo-real $(BIN)/python -m cli run --no-checkpoint \
 	  --max-tokens $(DEMO_REAL_TOKENS) "$(DEMO_REAL_REQUEST)" | tee out/logs/demo-real-run.out; \
 	session=$$(grep -o 's-[0-9a-f]\{10\}' out/logs/demo-real-run.out | head -1); \
 	files=$$(find out/demo-real/$$session -name '*.py'); echo "$$files"; \
@@ -94,10 +94,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check graph nodes routing serving bench tests
+	$(BIN)/ruff check cli graph nodes routing serving bench tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy graph nodes routing serving bench
+	$(BIN)/mypy cli graph nodes routing serving bench
 
 clean:
 	rm -rf $(VENV) out .langgraph_api

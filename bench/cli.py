@@ -2,61 +2,44 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench.policies import SWEEP, Policy, get_policy
 from bench.report import aggregate_seeds, apply_common_bound, format_table, plot_gantt
 from bench.runner import PolicyRun, resolve_profiles, run_policy_emulated, run_policy_env
-from bench.workloads import WORKLOADS, Workload, get_workload
+from bench.workloads import Workload, get_workload
 from routing.calls import Role
 
 DEFAULT_PROFILES = {"reasoning": "h100-nvl-reasoning-32b", "coder": "h100-nvl-coder-8b"}
+DEFAULT_POLICIES = "seed-current,seed-phase1,seed-phase3,adaptive"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tandem bench", description=__doc__)
-    p.add_argument("--workload", default="seed-multi", help=f"{', '.join(WORKLOADS)} or adhoc")
-    p.add_argument("--sessions", type=int, help="ad hoc: number of sessions")
-    p.add_argument("--tasks", type=int, help="ad hoc: files per session")
-    p.add_argument(
-        "--arrival-spread-s", type=float, help="ad hoc: arrivals spread over this many seconds"
-    )
-    p.add_argument(
-        "--policies",
-        default="seed-current,seed-phase1,seed-phase3,adaptive",
-        help="comma-separated: seed-current, seed-phase1, seed-phase3, fixed-N, fixed-N+auto, "
-        "adaptive, adaptive-reasoning, adaptive-fifo; "
-        "'sweep' expands to fixed-4 … fixed-256 ('sweep+auto': fixed-N+auto)",
-    )
-    p.add_argument("--clock", choices=["virtual", "real"], default="virtual")
-    p.add_argument("--endpoints", choices=["emulated", "env"], default="emulated")
-    p.add_argument(
-        "--reasoning-profile",
-        help=f"profile name or .yaml file (default {DEFAULT_PROFILES['reasoning']}; with "
-        "--endpoints env: the servers' profile, for gpu_saturation)",
-    )
-    p.add_argument(
-        "--coder-profile", help=f"profile name or .yaml file (default {DEFAULT_PROFILES['coder']})"
-    )
-    p.add_argument("--seed", type=int, default=0, help="first workload and emulator seed")
-    p.add_argument(
-        "--seeds", type=int, default=1, help="run this many seeds (seed, seed+1, …); report means"
-    )
-    p.add_argument(
-        "--max-tokens", help="override per-stage caps, e.g. plan=256,code=128,review=128"
-    )
-    p.add_argument("--json", dest="json_path", help="write the report here")
-    p.add_argument("--plot", help="write the Gantt chart (PNG, the first seed) here")
-    p.add_argument("--table", dest="table_path", help="write the printed table (text) here")
-    p.add_argument("--metrics-port", type=int, help="serve tandem_ metrics on this localhost port")
-    p.add_argument("--quiet", action="store_true")
-    return p
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `tandem bench` was asked for (see `cli/bench.py` for each option's meaning)."""
+
+    workload: str = "seed-multi"
+    sessions: int | None = None
+    tasks: int | None = None
+    arrival_spread_s: float | None = None
+    policies: str = DEFAULT_POLICIES
+    clock: Literal["virtual", "real"] = "virtual"
+    endpoints: Literal["emulated", "env"] = "emulated"
+    reasoning_profile: str | None = None
+    coder_profile: str | None = None
+    seed: int = 0
+    seeds: int = 1
+    max_tokens: str | None = None
+    json_path: str | None = None
+    plot: str | None = None
+    table_path: str | None = None
+    metrics_port: int | None = None
+    quiet: bool = False
 
 
 def _policy_names(text: str) -> list[str]:
@@ -70,9 +53,12 @@ def _policy_names(text: str) -> list[str]:
     return names
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `tandem bench`."""
-    args = _parser().parse_args(list(argv) if argv is not None else None)
+def run_bench(args: BenchOptions) -> int:
+    """Run the benchmark `args` describes, print its table, write the files it names.
+
+    Returns:
+        0 when every policy's sessions succeeded, 1 when some failed, 2 for bad options.
+    """
     try:
         workload = get_workload(
             args.workload,
@@ -98,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             resolve_profiles(profiles)  # a bad name or file stops here, naming it
     except ValueError as exc:
         print(f"tandem bench: {exc}", file=sys.stderr)
+        return 2
+    if args.endpoints == "env" and _emulated_settings():
+        print(
+            "tandem bench --endpoints env: set TANDEM_REASONING_URL and TANDEM_CODER_URL",
+            file=sys.stderr,
+        )
         return 2
     if args.endpoints == "env" and args.clock == "virtual":
         print(
@@ -131,7 +123,13 @@ def _write(path: str | None, text: str) -> None:
         print(f"wrote {path}")
 
 
-def _profiles(args: argparse.Namespace) -> dict[Role, str]:
+def _emulated_settings() -> bool:
+    from graph.settings import load_settings
+
+    return load_settings().emulated
+
+
+def _profiles(args: BenchOptions) -> dict[Role, str]:
     """Profiles by role: the defaults on emulators; on real servers only those given."""
     given = {"reasoning": args.reasoning_profile, "coder": args.coder_profile}
     if args.endpoints == "env":
@@ -143,7 +141,7 @@ def _profiles(args: argparse.Namespace) -> dict[Role, str]:
 
 
 async def _bench(
-    workload: Workload, policies: list[Policy], args: argparse.Namespace, profiles: dict[Role, str]
+    workload: Workload, policies: list[Policy], args: BenchOptions, profiles: dict[Role, str]
 ) -> tuple[dict[str, Any], list[PolicyRun]]:
     """Every policy on every seed; the report's results are means over seeds."""
     say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))

@@ -12,12 +12,22 @@ from typing import Any
 
 from nodes.paths import MANIFEST_NAME, TEMP_PREFIX, UnsafePathError, check_relative_path
 
-_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_session_id(session_id: str) -> str:
-    """A session id is used as a directory name: letters, digits, `._-`, at most 64."""
-    if not isinstance(session_id, str) or not _SESSION_RE.match(session_id) or ".." in session_id:
+    """A session id is used as a directory name: letters, digits, `._-`, at most 64.
+
+    The whole string must match: `$` alone would let a trailing newline through.
+
+    Raises:
+        UnsafePathError: naming the id (as `repr`, so hidden characters show).
+    """
+    if (
+        not isinstance(session_id, str)
+        or not _SESSION_RE.fullmatch(session_id)
+        or ".." in session_id
+    ):
         raise UnsafePathError(f"session id {session_id!r} is not a safe directory name")
     return session_id
 

@@ -30,7 +30,6 @@ the non-negative least-squares solution of the relative errors (all active sets 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import itertools
@@ -908,56 +907,36 @@ def _limits_of(profile: Profile) -> EngineLimits:
     )
 
 
-# -- CLI ------------------------------------------------------------------------------------
+# -- the `tandem calibrate` job -------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tandem calibrate",
-        description="Measure a running vLLM server and write an emulator profile file.",
-    )
-    parser.add_argument("--url", required=True, help="base URL ending in /v1")
-    parser.add_argument("--model", required=True, help="served model name")
-    parser.add_argument("--out", required=True, help="profile file to write (.yaml)")
-    parser.add_argument("--name", help="profile name (default: the file's stem)")
-    parser.add_argument("--role", choices=["coder", "reasoning"], default="coder")
-    parser.add_argument(
-        "--reasoning-frac",
-        type=float,
-        default=DEFAULT_REASONING_FRAC,
-        help="share of output tokens that are reasoning (role reasoning)",
-    )
-    parser.add_argument(
-        "--levels",
-        default=",".join(map(str, DEFAULT_LEVELS)),
-        help="concurrency levels of the decode waves (comma-separated)",
-    )
-    parser.add_argument("--max-concurrency", type=int, help="drop levels above this")
-    parser.add_argument("--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS)
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=DEFAULT_MAX_NUM_SEQS,
-        help="the server's --max-num-seqs (vLLM does not report it; default %(default)s, "
-        "vLLM's API-server default below H100 class; H100/H200 1024, CPU build 128)",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        help="the server's --max-num-batched-tokens (not reported; default %(default)s, "
-        "vLLM's default below H100 class and on CPU; H100/H200 8192)",
-    )
-    parser.add_argument("--kv-cache-tokens", type=int, help="if /metrics does not report it")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements per point")
-    parser.add_argument("--quick", action="store_true", help="2 rounds, 3 TTFT lengths")
-    parser.add_argument("--api-key", default="EMPTY")
-    return parser
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """What `tandem calibrate` measures and where it writes (see `cli/calibrate.py`)."""
+
+    url: str
+    model: str
+    out: str
+    name: str | None = None
+    role: Literal["coder", "reasoning"] = "coder"
+    reasoning_frac: float = DEFAULT_REASONING_FRAC
+    levels: str = ",".join(map(str, DEFAULT_LEVELS))
+    max_concurrency: int | None = None
+    output_tokens: int = DEFAULT_OUTPUT_TOKENS
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    kv_cache_tokens: int | None = None
+    rounds: int = 3
+    quick: bool = False
+    api_key: str = "EMPTY"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `tandem calibrate`; returns the exit code."""
-    args = _parser().parse_args(argv)
+def calibrate(args: CalibrateOptions) -> int:
+    """Measure the server `args.url`, fit the step model, write the profile file.
+
+    Returns:
+        0 when the profile was written, 1 when the server could not be measured.
+    """
     from pathlib import Path
 
     from rich.console import Console
@@ -1028,7 +1007,3 @@ def main(argv: list[str] | None = None) -> int:
     print(profile.source)
     print(f"wrote {out}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

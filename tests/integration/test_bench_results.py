@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main as bench_main
+from cli.app import main as tandem
 
 pytestmark = pytest.mark.integration
+
+
+def bench_main(args: list[str]) -> int:
+    """`tandem bench ARGS`, in this process; returns the exit code."""
+    return tandem(["bench", *args])
+
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 COMMITTED = RESULTS / "seed-single-pair.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _tandem(args: list[str], workspace: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
     return subprocess.run(
-        [sys.executable, "-m", "graph.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=ROOT,
         env={**clean, "TANDEM_WORKSPACE": str(workspace), **env},
         capture_output=True,
@@ -39,6 +40,10 @@ def test_demo_run_writes_three_sessions(tmp_path: Path) -> None:
             if entry["status"] == "written":
                 assert (session / path).is_file()
     assert "session" in proc.stdout and "endpoint" in proc.stdout  # the final table
+    for session in sessions:  # live progress, one line per stage of each session
+        assert f"[{session.name}] plan" in proc.stdout
+        assert re.search(rf"\[{session.name}\] code: \d+/\d+ files", proc.stdout)
+    assert "emulated s" in proc.stdout  # virtual seconds are labelled
     assert (tmp_path / "checkpoints.db").exists()
 
 

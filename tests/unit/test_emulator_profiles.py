@@ -5,16 +5,16 @@ The H100 profiles' published points are checked in test_emulator_calibration.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 from pathlib import Path
 
 import pytest
+import typer
 
+from cli.app import main as tandem
+from cli.emulate import profile_arg
 from serving.clock import run
-from serving.emulator.cli import main as emulate_main
-from serving.emulator.cli import profile_arg
 from serving.emulator.engine import CHARS_PER_TOKEN, Engine
 from serving.emulator.profiles import (
     PROFILES,
@@ -112,17 +112,17 @@ def test_emulate_cli_takes_names_aliases_and_profile_files(tmp_path: Path) -> No
     path = tmp_path / "mine.yaml"
     dump_profile_file(custom, path)
     assert profile_arg(str(path)) == custom
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown emulator profile 'h100'"):
+    with pytest.raises(typer.BadParameter, match="unknown emulator profile 'h100'"):
         profile_arg("h100")
 
 
 def test_emulate_cli_refuses_an_unknown_profile_before_serving(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(SystemExit) as exc:
-        emulate_main(["--profile", "h200-coder-8b", "--port", "1"])
-    assert exc.value.code == 2
-    assert "unknown emulator profile 'h200-coder-8b'" in capsys.readouterr().err
+    assert tandem(["emulate", "--profile", "h200-coder-8b", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown emulator profile 'h200-coder-8b'" in err
+    assert "known:" in err and "h100-nvl-coder-8b" in err
 
 
 async def _serve(profile: Profile, requests: list[tuple[str, int]]) -> float:

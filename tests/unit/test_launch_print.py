@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from graph.cli import main as tandem
+from cli.app import main as tandem
 from graph.settings import load_settings
 from serving.launch import (
     PROFILES_DIR,

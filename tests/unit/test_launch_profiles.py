@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cli.app import main as tandem
 from serving.launch import (
     PROFILES_DIR,
     Profile,
@@ -16,7 +17,6 @@ from serving.launch import (
     profile_path,
     shell_line,
 )
-from serving.serve_cli import main
 
 OBSOLETE_V0_FLAGS = ("--enable-chunked-prefill", "--enable-prefix-caching")
 
@@ -76,7 +76,7 @@ def test_profile_path_accepts_names_and_files(tmp_path: Path) -> None:
 
 
 def test_serve_print_checks_fit_then_prints_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--profile", "h100-pair", "--print"]) == 0
+    assert tandem(["serve", "--profile", "h100-pair", "--print"]) == 0
     out = capsys.readouterr().out
     assert "# fit check of profile h100-pair" in out
     assert "CUDA_VISIBLE_DEVICES=0 vllm serve deepseek-ai/DeepSeek-R1-Distill-Qwen-32B" in out
@@ -93,6 +93,6 @@ def test_serve_print_fails_on_a_profile_that_does_not_fit(
             "model: deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "model: deepseek-ai/DeepSeek-R1"
         )
     )
-    assert main(["--profile", str(bad), "--print"]) == 1
+    assert tandem(["serve", "--profile", str(bad), "--print"]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "vllm serve" not in out

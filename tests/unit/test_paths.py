@@ -157,7 +157,9 @@ def test_rejected_paths_are_safe_to_store_and_print() -> None:
     assert rejected[0].path == "a\\ud800.py"
 
 
-@pytest.mark.parametrize("sid", ["../up", "a/b", "", ".hidden", "x" * 65, "a\x00"])
+@pytest.mark.parametrize(
+    "sid", ["../up", "a/b", "", ".hidden", "x" * 65, "a\x00", "s-1\n", "../../etc"]
+)
 def test_session_ids_are_directory_safe(sid: str) -> None:
     with pytest.raises(UnsafePathError):
         check_session_id(sid)

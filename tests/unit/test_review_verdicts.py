@@ -8,8 +8,9 @@ from typing import Any
 
 from langchain_core.messages import BaseMessage
 
+from cli.summary import summary_text
 from graph.graph import build_graph
-from graph.sessions import SessionResult, _fill, format_table
+from graph.sessions import SessionResult, _fill
 from graph.settings import load_settings
 from nodes.context import ServerOptions
 from nodes.finalize import backend_line, describe_backend
@@ -86,7 +87,7 @@ async def test_a_plan_shorter_than_the_request_is_a_warning(tmp_path: Path) -> N
     ]
     result = SessionResult(session_id="s1", status="running")
     _fill(result, out)
-    assert "warning: the request names 3 files" in format_table([result])
+    assert "s1 warning: the request names 3 files" in summary_text([result], virtual=True)
 
 
 def test_named_paths_are_relative_and_whole() -> None:

@@ -61,7 +61,7 @@ def test_one_url_without_the_other_is_refused(monkeypatch: pytest.MonkeyPatch) -
 
 def test_cli_stops_at_start_on_a_bad_value() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "graph.cli", "run", "x"],
+        [sys.executable, "-m", "cli", "run", "x"],
         env={"TANDEM_MAX_REVIEW_ROUNDS": "-3", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
@@ -134,7 +134,7 @@ def test_redact() -> None:
 
 def test_cli_never_prints_the_api_key() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "graph.cli", "run", "a.py"],
+        [sys.executable, "-m", "cli", "run", "a.py"],
         env={
             "TANDEM_API_KEY": "sk-LEAKME",
             "TANDEM_REASONING_URL": "http://127.0.0.1:1/v1",

@@ -1,0 +1,5 @@
+"""`python -m cli`: the `tandem` command."""
+
+from cli.app import main
+
+raise SystemExit(main())

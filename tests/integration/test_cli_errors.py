@@ -15,10 +15,9 @@ import pytest
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from cli.app import main as tandem
-from cli.run import MAX_REQUEST_CHARS
 from graph.graph import build_graph
 from graph.sessions import run_session
-from nodes.context import RunContext
+from nodes.context import MAX_REQUEST_CHARS, RunContext, ServerOptions
 from nodes.llm import StaticModels
 from routing.fanout import FanoutPolicy
 from tests.fakes import standard_models
@@ -173,11 +172,21 @@ def test_bad_option_values_are_usage_errors(
 async def _finished_failed_session(workspace: Path, session_id: str) -> str:
     """A session that ran to its end as `failed` (a plan with no files), checkpointed."""
     reasoning, coder = standard_models([])
-    ctx = RunContext(workspace=str(workspace))
+    ctx = RunContext()
     async with AsyncSqliteSaver.from_conn_string(str(workspace / "checkpoints.db")) as saver:
-        graph = build_graph(StaticModels(reasoning, coder), defaults=ctx, checkpointer=saver)
+        graph = build_graph(
+            StaticModels(reasoning, coder),
+            defaults=ctx,
+            options=ServerOptions(workspace=workspace),
+            checkpointer=saver,
+        )
         result = await run_session(
-            graph, "build nothing", session_id, context=ctx, fanout=FanoutPolicy(max_parallel=2)
+            graph,
+            "build nothing",
+            session_id,
+            context=ctx,
+            fanout=FanoutPolicy(max_parallel=2),
+            workspace=workspace,
         )
     return result.status
 

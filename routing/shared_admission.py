@@ -1,0 +1,789 @@
+"""One replica's admission budget shared by every worker process, kept in Redis.
+
+`Admission` is shared by the sessions of one process; N processes each with their own would
+admit up to N times the limit. `SharedAdmission` keeps the budget in Redis instead, under
+one key prefix per replica, and is an `Admission` to the router and the transport.
+
+The model, all in Redis and changed only by Lua scripts (atomic, on Redis's clock):
+    leases       sorted set, slot -> expiry. A held slot is a lease renewed by its worker's
+                 background loop every `lease_ttl_s / 3`; every script first reclaims
+                 expired leases, so a killed worker's slots come back within the TTL.
+    waiting      sorted set, ticket -> rank. FIFO: a global arrival counter. LAS: the
+                 session's attained service at enqueue plus `aging_rate` x enqueue time
+                 (attained - aging x waited, less the term common to all waiters), read
+                 from a per-session hash shared by all replicas; a waiter older than
+                 `max_wait_s` goes first. A rank is fixed at enqueue: a session's later
+                 service does not re-rank its waiting tickets (the in-process order does).
+    dispatch     after every enqueue, release, cancel and tick: while leases < limit, the
+                 head of `waiting` becomes a lease. Grants to other workers' tickets are
+                 published on a channel, which wakes them at once; each worker with waiters
+                 also polls with back-off (20 ms to 0.5 s), which covers a message lost
+                 while its subscriber reconnects and leases reclaimed by expiry, which no
+                 one publishes.
+    limit        one worker holds a leader lock (TTL, renewed by its loop), runs the limit
+                 algorithm and writes the value; the others read it. Non-leaders push their
+                 completed calls' samples to a list the leader drains.
+    workers      sorted set of live workers (heartbeat with the lease TTL).
+
+Redis unreachable at `start`: `AdmissionStoreUnavailable` naming the URL (credentials
+redacted). Redis lost mid-run: calls continue under a local `Admission` with a fixed limit
+of the last shared limit // the last worker count (at least 1); the event is logged once,
+counted in `fallbacks` (and `stats()`), and passed to `on_degraded`. The loop keeps probing;
+when Redis answers, new calls use the shared budget again, while slots taken locally drain
+through the local admission.
+
+The scripts name keys outside KEYS (the per-session service hashes): one Redis, no cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from routing.admission import Admission, AdmissionObserver, Outcome, Slot
+from routing.limits import FixedLimit, Limit, Sample
+from routing.orders import ServiceLedger, make_order
+from routing.vllm_metrics import ServerSnapshot
+
+logger = logging.getLogger(__name__)
+
+SERVICE_TTL_S: Final = 86_400  # a session's attained service is forgotten a day after its last call
+MAX_SAMPLES: Final = 1_000  # samples kept for the leader; older ones are dropped
+POLL_MIN_S: Final = 0.02
+POLL_MAX_S: Final = 0.5
+
+# Redis failures plus the socket errors a dropped connection can surface as.
+_STORE_ERRORS: Final = (RedisError, OSError)
+
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local service_prefix = ARGV[1]
+local channel = ARGV[2]
+local ttl = tonumber(ARGV[3])
+local max_wait = tonumber(ARGV[4])
+local default_limit = tonumber(ARGV[5])
+local caller = ARGV[6]
+
+local function stamp(x) return string.format('%.6f', x) end
+
+local function begin_service(sid, at)
+  local k = service_prefix .. sid
+  redis.call('HINCRBY', k, 'active', 1)
+  redis.call('HINCRBYFLOAT', k, 'start_sum', stamp(at))
+  redis.call('EXPIRE', k, __SERVICE_TTL__)
+end
+
+local function end_service(sid, started, at)
+  local k = service_prefix .. sid
+  redis.call('HINCRBY', k, 'active', -1)
+  redis.call('HINCRBYFLOAT', k, 'start_sum', stamp(-started))
+  redis.call('HINCRBYFLOAT', k, 'done', stamp(math.max(0, at - started)))
+  redis.call('EXPIRE', k, __SERVICE_TTL__)
+end
+
+local function attained(sid)
+  local v = redis.call('HMGET', service_prefix .. sid, 'active', 'start_sum', 'done')
+  return (tonumber(v[3]) or 0) + (tonumber(v[1]) or 0) * now - (tonumber(v[2]) or 0)
+end
+
+local function drop_lease(lease, at)
+  local info = redis.call('HGET', KEYS[2], lease)
+  redis.call('ZREM', KEYS[1], lease)
+  redis.call('HDEL', KEYS[2], lease)
+  if info then
+    local tab = string.find(info, '\\t', 1, true)
+    end_service(string.sub(info, 1, tab - 1), tonumber(string.sub(info, tab + 1)), at)
+    return 1
+  end
+  return 0
+end
+
+local function drop_ticket(ticket)
+  redis.call('ZREM', KEYS[3], ticket)
+  redis.call('ZREM', KEYS[4], ticket)
+  redis.call('ZREM', KEYS[5], ticket)
+  redis.call('HDEL', KEYS[6], ticket)
+end
+
+local function reclaim()
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES')
+  for i = 1, #expired, 2 do
+    drop_lease(expired[i], tonumber(expired[i + 1]))
+  end
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+  for _, ticket in ipairs(stale) do drop_ticket(ticket) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now)
+end
+
+local function current_limit()
+  return tonumber(redis.call('GET', KEYS[7])) or default_limit
+end
+
+-- Grants are published, except to `answered`: the ticket whose enqueue gets this reply.
+local function dispatch(answered)
+  local limit = current_limit()
+  local others = {}
+  while redis.call('ZCARD', KEYS[1]) < limit do
+    local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+    if #oldest == 0 then break end
+    local ticket = oldest[1]
+    if now - tonumber(oldest[2]) < max_wait then
+      ticket = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    end
+    local sid = redis.call('HGET', KEYS[6], ticket)
+    drop_ticket(ticket)
+    redis.call('ZADD', KEYS[1], now + ttl, ticket)
+    redis.call('HSET', KEYS[2], ticket, sid .. '\\t' .. stamp(now))
+    begin_service(sid, now)
+    if ticket ~= answered then
+      others[#others + 1] = ticket
+    end
+  end
+  if #others > 0 then redis.call('PUBLISH', channel, table.concat(others, ' ')) end
+end
+
+local function state()
+  return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[3]), current_limit(),
+          redis.call('ZCOUNT', KEYS[8], now, '+inf')}
+end
+""".replace("__SERVICE_TTL__", str(SERVICE_TTL_S))
+
+# ARGV[7] ticket, [8] session, [9] aging rate (negative: FIFO).
+_ENQUEUE = (
+    _PRELUDE
+    + """
+reclaim()
+redis.call('ZADD', KEYS[8], now + ttl, caller)
+local ticket, sid, aging = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local rank
+if aging < 0 then
+  rank = redis.call('INCR', KEYS[9])
+else
+  rank = attained(sid) + aging * now
+end
+redis.call('ZADD', KEYS[3], rank, ticket)
+redis.call('ZADD', KEYS[4], now + ttl, ticket)
+redis.call('ZADD', KEYS[5], now, ticket)
+redis.call('HSET', KEYS[6], ticket, sid)
+dispatch(ticket)
+local s = state()
+table.insert(s, 1, redis.call('ZSCORE', KEYS[1], ticket) and 1 or 0)
+return s
+"""
+)
+
+# ARGV[7] lease, [8] sample JSON ('' for none).
+_RELEASE = (
+    _PRELUDE
+    + """
+reclaim()
+drop_lease(ARGV[7], now)
+if ARGV[8] ~= '' then
+  redis.call('RPUSH', KEYS[11], ARGV[8])
+  redis.call('LTRIM', KEYS[11], -__MAX_SAMPLES__, -1)
+end
+dispatch()
+return state()
+""".replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
+)
+
+# ARGV[7] ticket: leave the queue, or give the slot back if it was granted meanwhile.
+_CANCEL = (
+    _PRELUDE
+    + """
+reclaim()
+if redis.call('ZSCORE', KEYS[3], ARGV[7]) then
+  drop_ticket(ARGV[7])
+else
+  drop_lease(ARGV[7], now)
+end
+dispatch()
+return state()
+"""
+)
+
+# ARGV[7] local limit (written when leader), [8] number of held leases, then the leases,
+# then the waiting tickets. Returns state, leader flag, lost leases, granted tickets, samples.
+_TICK = (
+    _PRELUDE
+    + """
+reclaim()
+redis.call('ZADD', KEYS[8], now + ttl, caller)
+local ttl_ms = math.floor(ttl * 1000)
+local leader = 0
+if redis.call('SET', KEYS[10], caller, 'NX', 'PX', ttl_ms) then
+  leader = 1
+elseif redis.call('GET', KEYS[10]) == caller then
+  redis.call('PEXPIRE', KEYS[10], ttl_ms)
+  leader = 1
+end
+local samples = {}
+if leader == 1 then
+  redis.call('SET', KEYS[7], ARGV[7])
+  samples = redis.call('LPOP', KEYS[11], __MAX_SAMPLES__) or {}
+end
+local held = tonumber(ARGV[8])
+local lost = {}
+for i = 9, 8 + held do
+  if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[i]) == 0 then
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+dispatch()
+local granted = {}
+for i = 9 + held, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    granted[#granted + 1] = ARGV[i]
+  else
+    redis.call('ZADD', KEYS[4], 'XX', now + ttl, ARGV[i])
+  end
+end
+local s = state()
+s[#s + 1] = leader
+s[#s + 1] = lost
+s[#s + 1] = granted
+s[#s + 1] = samples
+return s
+""".replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
+)
+
+_FALLBACK: Final = object()  # a waiter's future result: Redis went away, admit locally
+
+
+class AdmissionStoreUnavailable(RuntimeError):
+    """Redis could not be reached when a shared admission started."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***` (user names kept, they help debugging)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+@dataclass(frozen=True)
+class SharedState:
+    """The replica's shared counters as the last script saw them."""
+
+    in_flight: int
+    queued: int
+    limit: int
+    workers: int
+
+
+@dataclass
+class _Waiter:
+    session_id: str
+    enqueued_at: float
+    future: asyncio.Future[object]
+
+
+@dataclass
+class _Lease:
+    lease_id: str
+    in_flight_at_admit: int
+
+
+class SharedAdmission(Admission):
+    """An `Admission` whose slots, queue and limit live in Redis, shared by all workers.
+
+    Call `start()` before the first `acquire` and `aclose()` at the end (or use
+    `async with`). Everything else is the `Admission` surface: `acquire`, `Slot.release`,
+    `limit`, `in_flight`, `queued` and `outstanding` (replica-wide, as last seen),
+    `on_snapshot`, `stats()`.
+
+    Args:
+        name: Replica name; with `key_prefix` it names the replica's Redis keys, so every
+            worker must use the same name for the same replica.
+        limit: The limit algorithm (run by the leader; the others read its value).
+        url: `redis://` or `rediss://` URL.
+        order: "fifo" or "las".
+        ledger: In-process service accounts, used by the local fallback's order.
+        observer: Metrics sink (replica-wide in-flight and queue).
+        key_prefix: Prefix of every key; the service hashes are shared by all replicas
+            under one prefix.
+        lease_ttl_s: A slot not renewed for this long is reclaimed.
+        aging_rate: LAS: slot-seconds of attained service forgiven per second waited.
+        max_wait_s: LAS: a waiter older than this goes first.
+        on_degraded: Called with True when Redis is lost (fallback starts) and False when
+            the shared budget resumes.
+        max_connections: Connections to Redis this admission may open (one is the
+            subscriber's); calls beyond wait for a free one.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limit: Limit,
+        *,
+        url: str,
+        order: str = "fifo",
+        ledger: ServiceLedger | None = None,
+        observer: AdmissionObserver | None = None,
+        key_prefix: str = "tandem:admission",
+        lease_ttl_s: float = 10.0,
+        aging_rate: float = 1.0,
+        max_wait_s: float = 60.0,
+        on_degraded: Callable[[bool], None] | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        ledger = ledger or ServiceLedger()
+        super().__init__(name, limit, make_order(order, ledger), ledger, observer)
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be > 0, not {lease_ttl_s}")
+        self.url = url
+        self.order_name = order
+        self.lease_ttl_s = lease_ttl_s
+        self.on_degraded = on_degraded
+        if max_connections < 2:
+            raise ValueError(
+                f"max_connections must be >= 2 (one subscribes), not {max_connections}"
+            )
+        self.max_connections = max_connections
+        self.worker_id = f"{os.getpid():x}-{secrets.token_hex(4)}"
+        self.fallbacks = 0
+        self.rejoins = 0
+        self.leader = False
+        self._aging = aging_rate if order == "las" else -1.0
+        self._max_wait_s = max_wait_s if order == "las" else 1e18
+        base = f"{key_prefix}:{name}"
+        self._keys = [
+            f"{base}:{part}"
+            for part in (
+                "leases",
+                "lease_info",
+                "waiting",
+                "wait_expiry",
+                "wait_since",
+                "wait_session",
+                "limit",
+                "workers",
+                "seq",
+                "leader",
+                "samples",
+            )
+        ]
+        self._channel = f"{base}:granted"
+        self._service_prefix = f"{key_prefix}:service:"
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._shared = SharedState(0, 0, max(1, limit.limit), 1)
+        self._tickets = itertools.count()
+        self._waiters: dict[str, _Waiter] = {}
+        self._leases: dict[Slot, _Lease] = {}
+        self._fallback: Admission | None = None
+        self._draining: list[Admission] = []
+        self._loop_task: asyncio.Task[None] | None = None
+        self._subscriber: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._published_limit: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, register this worker and start renewing; fails fast when Redis is away.
+
+        Raises:
+            AdmissionStoreUnavailable: Redis did not answer at `url` (password redacted).
+        """
+        if self._loop_task is not None:
+            return
+        # A bounded pool: a thousand sessions must not open a thousand connections (Redis
+        # caps clients at its open-file limit); a call waits for a free one instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.lease_ttl_s,
+            decode_responses=True,
+            socket_timeout=max(1.0, self.lease_ttl_s / 3),
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        for label, source in (
+            ("enqueue", _ENQUEUE),
+            ("release", _RELEASE),
+            ("cancel", _CANCEL),
+            ("tick", _TICK),
+        ):
+            self._scripts[label] = self._redis.register_script(source)
+        try:
+            await self._tick()
+        except _STORE_ERRORS as exc:
+            await self._redis.aclose()
+            self._redis = None
+            raise AdmissionStoreUnavailable(
+                f"admission store {redact_url(self.url)} is unreachable: {exc}"
+            ) from None
+        self._subscriber = asyncio.create_task(self._listen(), name=f"admission {self.name} sub")
+        self._loop_task = asyncio.create_task(self._run(), name=f"admission {self.name}")
+
+    async def aclose(self) -> None:
+        """Stop renewing, let pending releases finish, close the connection."""
+        for task in (self._loop_task, self._subscriber):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._subscriber = None
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def __aenter__(self) -> SharedAdmission:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- the Admission surface -------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is away and calls are admitted by the local fallback."""
+        return self._fallback is not None
+
+    @property
+    def limit(self) -> int:
+        """The replica's shared limit (the fallback's while degraded)."""
+        if self._fallback is not None:
+            return self._fallback.limit
+        return self._shared.limit
+
+    @property
+    def in_flight(self) -> int:
+        """Slots held on the replica by all workers, as last seen, plus local fallback ones."""
+        local = sum(a.in_flight for a in self._local_admissions())
+        if self._fallback is not None:
+            return local + len(self._leases)
+        return self._shared.in_flight + local
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting on the replica (all workers), as last seen, plus local waiters."""
+        local = sum(a.queued for a in self._local_admissions())
+        if self._fallback is not None:
+            return local
+        return self._shared.queued + local
+
+    @property
+    def outstanding(self) -> int:
+        """In flight plus queued."""
+        return self.in_flight + self.queued
+
+    @property
+    def shared(self) -> SharedState:
+        """The shared counters as the last script saw them."""
+        return self._shared
+
+    async def acquire(self, session_id: str = "-") -> Slot:
+        """Wait for a shared slot (a local one while Redis is away).
+
+        A caller cancelled while queued leaves the shared queue, and a slot granted in the
+        same instant is given back.
+        """
+        if self._redis is None:
+            raise RuntimeError(f"admission {self.name}: start() was not called")
+        if self._fallback is not None:
+            return await self._fallback.acquire(session_id)
+        loop = asyncio.get_running_loop()
+        ticket = f"{self.worker_id}:{next(self._tickets):012d}"
+        waiter = _Waiter(session_id, loop.time(), loop.create_future())
+        # Registered before the script runs, so a grant published at once is not missed.
+        self._waiters[ticket] = waiter
+        enqueue = asyncio.ensure_future(
+            self._call("enqueue", ticket, session_id, repr(self._aging))
+        )
+        try:
+            # Shielded: a cancelled caller must not leave the script half-sent.
+            reply = await asyncio.shield(enqueue)
+        except _STORE_ERRORS as exc:
+            self._waiters.pop(ticket, None)
+            self._degrade(exc)
+            return await self._local_acquire(session_id)
+        except asyncio.CancelledError:
+            self._waiters.pop(ticket, None)
+            self._spawn(self._cancel_remote(ticket, after=enqueue))
+            raise
+        self._observe_state(reply[1:5])
+        if int(reply[0]):
+            self._waiters.pop(ticket, None)
+            return self._granted(ticket, waiter)
+        if len(self._waiters) == 1:
+            self._wake.set()  # the loop was idling at the renewal interval: poll sooner
+        try:
+            result = await waiter.future
+        except asyncio.CancelledError:
+            self._waiters.pop(ticket, None)
+            self._spawn(self._cancel_remote(ticket))
+            raise
+        if result is _FALLBACK:
+            return await self._local_acquire(session_id)
+        return self._granted(ticket, waiter)
+
+    def on_snapshot(self, snapshot: ServerSnapshot) -> None:
+        """Feed a scrape to the limit algorithm; the leader publishes the new limit."""
+        self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
+        if self._fallback is not None:
+            self._fallback.on_snapshot(snapshot)
+        elif self.leader and self.limit_algorithm.limit != self._published_limit:
+            self._wake.set()  # the loop's next tick writes it
+        self._notify()
+
+    def stats(self) -> dict[str, int]:
+        """`Admission.stats()` plus workers, leader, degraded, fallbacks and rejoins."""
+        out = super().stats()
+        out.update(
+            limit=self.limit,
+            in_flight=self.in_flight,
+            queued=self.queued,
+            workers=self._shared.workers,
+            leader=int(self.leader),
+            degraded=int(self.degraded),
+            fallbacks=self.fallbacks,
+            rejoins=self.rejoins,
+        )
+        return out
+
+    # -- slots -----------------------------------------------------------------------
+
+    def _granted(self, ticket: str, waiter: _Waiter) -> Slot:
+        now = asyncio.get_running_loop().time()
+        slot = Slot(self, waiter.session_id, now, now - waiter.enqueued_at)
+        self._leases[slot] = _Lease(ticket, self._shared.in_flight)
+        self.admitted += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._shared.in_flight)
+        self.ledger.begin(waiter.session_id, now)
+        if self.observer is not None:
+            self.observer.on_admit(slot.waited_s)
+        return slot
+
+    def _release(self, slot: Slot, outcome: Outcome) -> None:
+        lease = self._leases.pop(slot, None)
+        if lease is None:
+            return
+        now = asyncio.get_running_loop().time()
+        self.ledger.end(slot.session_id, slot.admitted_at, now)
+        if outcome.kind in ("error", "dropped"):
+            self.failed += 1
+        elif outcome.kind == "cancelled":
+            self.cancelled += 1
+        sample_json = ""
+        if outcome.kind in ("ok", "dropped"):
+            sample = Sample(
+                at=now,
+                in_flight=(lease.in_flight_at_admit + self._shared.in_flight) / 2,
+                ok=outcome.kind == "ok",
+                dropped=outcome.kind == "dropped",
+                ttft_s=outcome.ttft_s,
+                itl_s=outcome.itl_s,
+                tpot_s=outcome.tpot_s,
+            )
+            if self.leader:
+                self.limit_algorithm.on_sample(sample)
+            else:
+                sample_json = json.dumps(sample.__dict__)
+        if self.observer is not None:
+            self.observer.on_release(outcome)
+        if self._fallback is None:
+            self._spawn(self._release_remote(lease.lease_id, sample_json))
+
+    async def _release_remote(self, lease_id: str, sample_json: str) -> None:
+        try:
+            reply = await self._call("release", lease_id, sample_json)
+        except _STORE_ERRORS as exc:
+            self._degrade(exc)  # the lease expires in Redis if Redis still holds it
+            return
+        self._observe_state(reply)
+
+    async def _cancel_remote(self, ticket: str, after: asyncio.Future[Any] | None = None) -> None:
+        try:
+            if after is not None:
+                with contextlib.suppress(*_STORE_ERRORS):
+                    await after  # the enqueue must land before the cancel
+            reply = await self._call("cancel", ticket)
+        except _STORE_ERRORS as exc:
+            self._degrade(exc)
+            return
+        self._observe_state(reply)
+
+    async def _local_acquire(self, session_id: str) -> Slot:
+        # The loop may have rejoined Redis meanwhile: then this call waits on the shared budget.
+        if self._fallback is None:
+            return await self.acquire(session_id)
+        return await self._fallback.acquire(session_id)
+
+    # -- Redis -----------------------------------------------------------------------
+
+    async def _call(self, script: str, *args: str) -> list[Any]:
+        if self._redis is None:
+            raise RedisError("admission store connection closed")
+        argv = [
+            self._service_prefix,
+            self._channel,
+            repr(self.lease_ttl_s),
+            repr(self._max_wait_s),
+            str(max(1, self.limit_algorithm.limit)),
+            self.worker_id,
+            *args,
+        ]
+        return list(await self._scripts[script](keys=self._keys, args=argv))
+
+    async def _tick(self) -> None:
+        """Renew leases and waiters, heartbeat, lead if possible, collect grants and samples."""
+        leases = [lease.lease_id for lease in self._leases.values()]
+        limit_now = max(1, self.limit_algorithm.limit)
+        reply = await self._call("tick", str(limit_now), str(len(leases)), *leases, *self._waiters)
+        self._observe_state(reply[:4])
+        self.leader = bool(int(reply[4]))
+        if self.leader:
+            self._published_limit = limit_now
+        held = {lease.lease_id for lease in self._leases.values()}
+        # A lease released while the tick ran is missing for a good reason.
+        for lease_id in (lost for lost in reply[5] if lost in held):
+            logger.warning(
+                "admission %s: lease %s expired before it was renewed; the call goes on",
+                self.name,
+                lease_id,
+            )
+        for ticket in reply[6]:
+            self._grant_waiter(ticket)
+        now = asyncio.get_running_loop().time()
+        for raw in reply[7]:
+            fields = json.loads(raw)
+            fields["at"] = now  # the sender's loop clock is not ours
+            self.limit_algorithm.on_sample(Sample(**fields))
+
+    async def _run(self) -> None:
+        interval_s = min(1.0, self.lease_ttl_s / 3)
+        poll_s = POLL_MIN_S
+        while True:
+            wait_s = min(poll_s, interval_s) if self._waiters else interval_s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._wake.wait()
+                    poll_s = POLL_MIN_S  # new waiters or a new limit: look sooner
+            self._wake.clear()
+            poll_s = min(POLL_MAX_S, poll_s * 2)
+            try:
+                await self._tick()
+            except _STORE_ERRORS as exc:
+                self._degrade(exc)
+                continue
+            if self._fallback is not None:
+                self._rejoin()
+
+    async def _listen(self) -> None:
+        """Wake local waiters whose tickets another worker's script granted."""
+        assert self._redis is not None
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                async for message in pubsub.listen():
+                    for ticket in str(message["data"]).split():
+                        self._grant_waiter(ticket)
+            except _STORE_ERRORS:
+                await asyncio.sleep(POLL_MAX_S)  # the loop notices and degrades; retry later
+            finally:
+                with contextlib.suppress(*_STORE_ERRORS):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _grant_waiter(self, ticket: str) -> None:
+        waiter = self._waiters.pop(ticket, None)
+        if waiter is None:
+            return
+        if waiter.future.done():  # cancelled as it was granted: give the slot back
+            self._spawn(self._cancel_remote(ticket))
+            return
+        waiter.future.set_result(ticket)
+
+    def _observe_state(self, reply: list[Any]) -> None:
+        in_flight, queued, limit, workers = (int(x) for x in reply[:4])
+        self._shared = SharedState(in_flight, queued, max(1, limit), max(1, workers))
+        self.peak_in_flight = max(self.peak_in_flight, in_flight)
+        self._notify()
+
+    # -- degraded mode ---------------------------------------------------------------
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self._fallback is not None:
+            return
+        shared = self._shared
+        local_limit = max(1, shared.limit // max(1, shared.workers))
+        logger.warning(
+            "admission %s: store %s unreachable (%s); admitting locally with limit %d "
+            "(shared limit %d / %d workers) until it answers",
+            self.name,
+            redact_url(self.url),
+            exc,
+            local_limit,
+            shared.limit,
+            shared.workers,
+        )
+        self.fallbacks += 1
+        self.leader = False
+        self._fallback = Admission(
+            self.name,
+            FixedLimit(local_limit),
+            make_order(self.order_name, self.ledger),
+            self.ledger,
+            self.observer,
+        )
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_result(_FALLBACK)
+        if self.on_degraded is not None:
+            self.on_degraded(True)
+
+    def _rejoin(self) -> None:
+        assert self._fallback is not None
+        logger.warning(
+            "admission %s: store %s answers again; shared budget resumes",
+            self.name,
+            redact_url(self.url),
+        )
+        self._draining = [a for a in (*self._draining, self._fallback) if a.outstanding]
+        self._fallback = None
+        self.rejoins += 1
+        self._notify()
+        if self.on_degraded is not None:
+            self.on_degraded(False)
+
+    def _local_admissions(self) -> list[Admission]:
+        self._draining = [a for a in self._draining if a.outstanding]
+        return [*self._draining, *([self._fallback] if self._fallback is not None else [])]
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _notify(self) -> None:
+        if self.observer is not None:
+            self.observer.on_state(self.limit, self.in_flight, self.queued)

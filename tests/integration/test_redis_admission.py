@@ -1,0 +1,302 @@
+"""Shared admission on a real redis-server: one budget across workers, kills, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from routing.admission import Outcome, Slot
+from routing.limits import FixedLimit
+from routing.shared_admission import AdmissionStoreUnavailable, SharedAdmission
+from tests.integration.redis_server import INSTALL_HINT, REDIS_SERVER, RedisServer, free_port
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not Path(REDIS_SERVER).exists(), reason=INSTALL_HINT),
+]
+
+REPLICA = "coder@gpu0"
+WAITING_KEY = f"tandem:admission:{REPLICA}:waiting"
+LEASES_KEY = f"tandem:admission:{REPLICA}:leases"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    url: str, n: int, limit: int, *, order: str = "fifo", lease_ttl_s: float = 10.0
+) -> AsyncIterator[list[SharedAdmission]]:
+    """`n` admissions for one replica, each with its own connection, as `n` workers would."""
+    admissions = [
+        SharedAdmission(REPLICA, FixedLimit(limit), url=url, order=order, lease_ttl_s=lease_ttl_s)
+        for _ in range(n)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for admission in admissions:
+            await stack.enter_async_context(admission)
+        yield admissions
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Poll `predicate` until true; fail the test when it never becomes true."""
+    async with asyncio.timeout(timeout_s):
+        # The state lives in Redis (or another task): there is no event to wait on.
+        while not await predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_four_workers_never_exceed_the_shared_limit(redis_server: RedisServer) -> None:
+    in_flight = 0
+    most = 0
+    calls = 0
+
+    async def session(admission: SharedAdmission, session_id: str) -> None:
+        nonlocal in_flight, most, calls
+        for i in range(4):
+            slot = await admission.acquire(session_id)
+            in_flight += 1
+            most = max(most, in_flight)
+            await asyncio.sleep(0.002 * (i + 1))
+            in_flight -= 1
+            slot.release(Outcome("ok"))
+            calls += 1
+
+    async with workers(redis_server.url, 4, limit=3) as admissions:
+        await asyncio.gather(
+            *(
+                session(admission, f"w{w}-s{s}")
+                for w, admission in enumerate(admissions)
+                for s in range(6)
+            )
+        )
+        await until(lambda: _zcard(redis_server.url, LEASES_KEY, 0))
+    assert calls == 4 * 6 * 4
+    assert most == 3  # the budget is used, and never exceeded across the four workers
+
+
+async def _zcard(url: str, key: str, expected: int) -> bool:
+    client = aioredis.from_url(url)
+    try:
+        return int(await client.zcard(key)) == expected
+    finally:
+        await client.aclose()
+
+
+async def _queue_in_order(
+    admissions: list[SharedAdmission], url: str, calls: list[tuple[int, str]]
+) -> tuple[list[str], list[asyncio.Task[None]]]:
+    """Queue `calls` (worker index, session) one after the other; each, once admitted,
+    records its session and gives the slot back."""
+    order: list[str] = []
+
+    async def call(admission: SharedAdmission, session_id: str) -> None:
+        slot = await admission.acquire(session_id)
+        order.append(session_id)
+        slot.release(Outcome("ok"))
+
+    tasks = []
+    for queued, (worker, session_id) in enumerate(calls, start=1):
+        tasks.append(asyncio.create_task(call(admissions[worker], session_id)))
+        await until(lambda n=queued: _zcard(url, WAITING_KEY, n))  # type: ignore[misc]
+    return order, tasks
+
+
+async def test_fifo_order_holds_across_workers(redis_server: RedisServer) -> None:
+    async with workers(redis_server.url, 4, limit=1) as admissions:
+        holder = await admissions[0].acquire("holder")
+        calls = [(3, "a"), (1, "b"), (2, "c"), (0, "d"), (3, "e"), (1, "f")]
+        order, tasks = await _queue_in_order(admissions, redis_server.url, calls)
+        holder.release(Outcome("ok"))
+        await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c", "d", "e", "f"]
+
+
+async def test_las_order_lets_the_light_session_overtake_across_workers(
+    redis_server: RedisServer,
+) -> None:
+    async with workers(redis_server.url, 3, limit=1, order="las") as admissions:
+        heavy = await admissions[0].acquire("heavy")
+        await asyncio.sleep(0.5)  # half a slot-second of service for "heavy"
+        heavy.release(Outcome("ok"))
+        await until(lambda: _zcard(redis_server.url, LEASES_KEY, 0))
+        holder = await admissions[0].acquire("holder")
+        order, tasks = await _queue_in_order(
+            admissions, redis_server.url, [(1, "heavy"), (2, "light")]
+        )
+        holder.release(Outcome("ok"))
+        await asyncio.gather(*tasks)
+    assert order == ["light", "heavy"]
+
+
+async def test_a_cancelled_waiter_leaves_the_shared_queue(redis_server: RedisServer) -> None:
+    async with workers(redis_server.url, 2, limit=1) as (first, second):
+        holder = await first.acquire("holder")
+        waiting = asyncio.create_task(second.acquire("gone"))
+        await until(lambda: _zcard(redis_server.url, WAITING_KEY, 1))
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await until(lambda: _zcard(redis_server.url, WAITING_KEY, 0))
+        holder.release(Outcome("ok"))
+        slot = await asyncio.wait_for(first.acquire("next"), 5)
+        slot.release(Outcome("ok"))
+        await until(lambda: _zcard(redis_server.url, LEASES_KEY, 0))
+
+
+async def test_a_killed_workers_slot_comes_back_after_its_lease_ttl(
+    redis_server: RedisServer,
+) -> None:
+    ttl_s = 1.0
+    held = _spawn_worker(redis_server.url, "hold", "--limit", "1", "--ttl-s", str(ttl_s))
+    try:
+        assert held.stdout is not None
+        line = await asyncio.to_thread(held.stdout.readline)
+        assert line.strip() == "held"
+        async with workers(redis_server.url, 1, limit=1, lease_ttl_s=ttl_s) as (admission,):
+            assert admission.in_flight == 1  # the other process's slot
+            held.send_signal(signal.SIGKILL)
+            held.wait(10)
+            slot = await asyncio.wait_for(admission.acquire("survivor"), 10 * ttl_s)
+            assert slot.session_id == "survivor"
+            assert admission.shared.in_flight == 1
+            slot.release(Outcome("ok"))
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait(10)
+
+
+def _spawn_worker(url: str, mode: str, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.admission_worker", mode, "--url", url, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
+
+
+def test_four_processes_share_one_budget(redis_server: RedisServer) -> None:
+    procs = [
+        _spawn_worker(
+            redis_server.url,
+            "calls",
+            "--limit",
+            "3",
+            "--sessions",
+            "5",
+            "--calls",
+            "4",
+            "--tag",
+            f"p{i}",
+            "--start-delay-s",
+            "0.5",
+        )
+        for i in range(4)
+    ]
+    reports = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert sum(r["calls"] for r in reports) == 4 * 5 * 4
+    assert max(r["max_in_flight"] for r in reports) <= 3
+
+
+async def test_redis_lost_mid_run_falls_back_locally_and_rejoins(
+    redis_server: RedisServer,
+) -> None:
+    """Fixed limit 4 over 2 workers: 2 each while Redis is away, 4 shared once it is back."""
+    outcomes: list[str] = []
+    local_most = [0, 0]
+    in_flight = [0, 0]
+    phase = {"name": "shared"}
+    calls_in: dict[str, int] = {"shared": 0, "degraded": 0, "rejoined": 0}
+
+    async def session(index: int, admission: SharedAdmission, session_id: str) -> None:
+        stop = asyncio.get_running_loop().time() + 60
+        while phase["name"] != "done" and asyncio.get_running_loop().time() < stop:
+            slot: Slot = await admission.acquire(session_id)
+            in_flight[index] += 1
+            if admission.degraded:
+                local_most[index] = max(local_most[index], in_flight[index])
+            await asyncio.sleep(0.01)
+            in_flight[index] -= 1
+            slot.release(Outcome("ok"))
+            calls_in[phase["name"]] = calls_in.get(phase["name"], 0) + 1
+        outcomes.append(session_id)
+
+    async with workers(redis_server.url, 2, limit=4, lease_ttl_s=1.5) as admissions:
+        changes: list[bool] = []
+        for admission in admissions:
+            admission.on_degraded = changes.append
+        tasks = [
+            asyncio.create_task(session(i, admission, f"w{i}-s{s}"))
+            for i, admission in enumerate(admissions)
+            for s in range(5)
+        ]
+        await asyncio.sleep(0.3)
+        assert calls_in["shared"] > 0
+
+        redis_server.stop()
+        await until(_all(admissions, degraded=True))
+        phase["name"] = "degraded"
+        await asyncio.sleep(0.5)
+        assert [a.limit for a in admissions] == [2, 2]  # 4 // 2 last known workers
+
+        redis_server.start()
+        await until(_all(admissions, degraded=False))
+        phase["name"] = "rejoined"
+        await until(lambda: _leases_in_use(redis_server.url))
+        phase["name"] = "done"
+        await asyncio.gather(*tasks)
+        assert [a.limit for a in admissions] == [4, 4]
+        assert [a.stats()["fallbacks"] for a in admissions] == [1, 1]
+        assert [a.stats()["rejoins"] for a in admissions] == [1, 1]
+    assert sorted(outcomes) == sorted(f"w{i}-s{s}" for i in range(2) for s in range(5))
+    assert calls_in["degraded"] > 0 and calls_in["rejoined"] > 0
+    assert max(local_most) <= 2
+    assert changes == [True, True, False, False]
+
+
+def _all(admissions: list[SharedAdmission], *, degraded: bool) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return all(a.degraded == degraded for a in admissions)
+
+    return check
+
+
+async def _leases_in_use(url: str) -> bool:
+    client = aioredis.from_url(url)
+    try:
+        return int(await client.zcard(LEASES_KEY)) > 0
+    finally:
+        await client.aclose()
+
+
+async def test_unreachable_redis_at_start_names_the_url_without_the_password() -> None:
+    url = f"redis://tandem:s3cret@127.0.0.1:{free_port()}/0"
+    admission = SharedAdmission(REPLICA, FixedLimit(2), url=url)
+    with pytest.raises(AdmissionStoreUnavailable) as info:
+        await admission.start()
+    message = str(info.value)
+    assert "redis://tandem:***@127.0.0.1:" in message
+    assert "s3cret" not in message

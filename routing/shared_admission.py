@@ -55,7 +55,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from routing.admission import Admission, AdmissionObserver, Outcome, Slot
-from routing.limits import FixedLimit, Limit, Sample
+from routing.limits import FixedLimit, Limit, Sample, ServerWatcher
 from routing.orders import ServiceLedger, make_order
 from routing.vllm_metrics import ServerSnapshot
 
@@ -546,8 +546,9 @@ class SharedAdmission(Admission):
         return self._granted(ticket, waiter)
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
-        """Feed a scrape to the limit algorithm; the leader publishes the new limit."""
-        self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
+        """Feed a scrape to a limit that reads the server; the leader publishes the new limit."""
+        if isinstance(self.limit_algorithm, ServerWatcher):
+            self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
         if self._fallback is not None:
             self._fallback.on_snapshot(snapshot)
         elif self.leader and self.limit_algorithm.limit != self._published_limit:

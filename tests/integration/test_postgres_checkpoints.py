@@ -12,7 +12,7 @@ from langchain_core.messages import BaseMessage
 from graph.checkpoints import CheckpointStoreUnavailable, open_checkpointer
 from graph.graph import build_graph
 from graph.sessions import run_session
-from nodes.context import RunContext
+from nodes.context import RunContext, ServerOptions
 from nodes.llm import StaticModels
 from routing.fanout import FanoutPolicy
 from tests.fakes import file_of, python_file, standard_models
@@ -47,11 +47,15 @@ async def test_a_session_interrupted_in_one_worker_resumes_in_another(
 
     paths = ["a.py", "b.py", "c.py", "d.py"]
     reasoning, coder = standard_models(paths, coder=coder_fn)
-    ctx = RunContext(workspace=str(tmp_path / "ws"))
+    ctx = RunContext()
+    ws = tmp_path / "ws"
+    options = ServerOptions(workspace=ws)
     fanout = FanoutPolicy(max_parallel=4)
     async with open_checkpointer(postgres.url) as saver:  # worker 1
-        graph = build_graph(StaticModels(reasoning, coder), defaults=ctx, checkpointer=saver)
-        first = await run_session(graph, "build", "pg-s1", context=ctx, fanout=fanout)
+        graph = build_graph(
+            StaticModels(reasoning, coder), defaults=ctx, options=options, checkpointer=saver
+        )
+        first = await run_session(graph, "build", "pg-s1", context=ctx, fanout=fanout, workspace=ws)
     assert first.status == "error" and "coder server went away" in first.error
     coded_first = [file_of(c["messages"]) for c in coder.calls]
     assert sorted(p for p in coded_first if p != "c.py") == ["a.py", "b.py", "d.py"]
@@ -60,11 +64,15 @@ async def test_a_session_interrupted_in_one_worker_resumes_in_another(
     coder.calls.clear()
     plans_before = len(reasoning.calls)
     async with open_checkpointer(postgres.url) as saver:  # worker 2: its own pool and saver
-        graph = build_graph(StaticModels(reasoning, coder), defaults=ctx, checkpointer=saver)
+        graph = build_graph(
+            StaticModels(reasoning, coder), defaults=ctx, options=options, checkpointer=saver
+        )
         config = {"configurable": {"thread_id": "pg-s1"}}
         snapshot = await graph.aget_state(config)  # type: ignore[arg-type]
         assert snapshot.next  # worker 2 sees where worker 1 stopped
-        second = await run_session(graph, None, "pg-s1", context=ctx, fanout=fanout, resume=True)
+        second = await run_session(
+            graph, None, "pg-s1", context=ctx, fanout=fanout, workspace=ws, resume=True
+        )
     assert second.status == "ok", second.error
     assert [file_of(c["messages"]) for c in coder.calls] == ["c.py"]  # finished files not redone
     assert len(reasoning.calls) == plans_before + 1  # the review only, no new plan
@@ -76,13 +84,21 @@ async def test_opening_twice_keeps_the_schema_and_the_sessions(
     tmp_path: Path, postgres: PostgresServer
 ) -> None:
     reasoning, coder = standard_models(["x.py"])
-    ctx = RunContext(workspace=str(tmp_path / "ws"))
+    ctx = RunContext()
+    ws = tmp_path / "ws"
+    options = ServerOptions(workspace=ws)
     async with open_checkpointer(postgres.url) as saver:
-        graph = build_graph(StaticModels(reasoning, coder), defaults=ctx, checkpointer=saver)
-        result = await run_session(graph, "one file", "pg-s2", context=ctx, fanout=FanoutPolicy())
+        graph = build_graph(
+            StaticModels(reasoning, coder), defaults=ctx, options=options, checkpointer=saver
+        )
+        result = await run_session(
+            graph, "one file", "pg-s2", context=ctx, fanout=FanoutPolicy(), workspace=ws
+        )
     assert result.status == "ok"
     async with open_checkpointer(postgres.url) as saver:
-        graph = build_graph(StaticModels(reasoning, coder), defaults=ctx, checkpointer=saver)
+        graph = build_graph(
+            StaticModels(reasoning, coder), defaults=ctx, options=options, checkpointer=saver
+        )
         state = await graph.aget_state({"configurable": {"thread_id": "pg-s2"}})
     assert state.values.get("status") == "ok" and not state.next
 

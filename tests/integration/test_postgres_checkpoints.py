@@ -45,7 +45,9 @@ async def test_a_session_interrupted_in_one_worker_resumes_in_another(
             raise ConnectionError("coder server went away")
         return python_file(path)
 
-    paths = ["a.py", "b.py", "c.py", "d.py"]
+    # The failing file last: its siblings, started first, finish before its error cancels
+    # the round, so their writes are in worker 1's checkpoint.
+    paths = ["a.py", "b.py", "d.py", "c.py"]
     reasoning, coder = standard_models(paths, coder=coder_fn)
     ctx = RunContext()
     ws = tmp_path / "ws"

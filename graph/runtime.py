@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graph.settings import Settings
-from nodes.llm import RoutedModels
+from nodes.llm import CallRetry, RoutedModels
 from routing.calls import Role
 from routing.endpoints import Replica, load_endpoints_file
 from routing.exporter import TandemMetrics
@@ -23,6 +23,14 @@ class Runtime:
     models: RoutedModels
     metrics: TandemMetrics
     emulators: dict[Role, Any] = field(default_factory=dict)
+
+    async def preflight(self) -> list[str]:
+        """What stops a run before it starts: each replica that does not serve its model.
+
+        One line per problem, naming the role and URL (see `Router.preflight`); the API key
+        is sent and never shown.
+        """
+        return await self.router.preflight(api_key=self.settings.api_key.get_secret_value())
 
     async def aclose(self) -> None:
         """Stop scrapers and emulator engines."""
@@ -121,10 +129,16 @@ def build_runtime(
         order=order or settings.order,
         metrics=metrics,
         request_timeout_s=settings.request_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        first_token_timeout_s=settings.first_token_timeout_s,
+        stream_idle_timeout_s=settings.stream_idle_timeout_s,
     )
     models = RoutedModels(
         router=router,
         api_key=settings.api_key.get_secret_value(),
         timeout_s=settings.request_timeout_s,
+        call_retry=CallRetry(
+            retries=settings.retries, base_s=settings.retry_base_s, cap_s=settings.retry_cap_s
+        ),
     )
     return Runtime(settings=settings, router=router, models=models, metrics=metrics, emulators=apps)

@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from routing.endpoints import Replica
+from routing.limits import AdaptiveLimit, Sample
 from routing.router import Router
 from routing.transport import FirstTokenTimeout, NotAnEventStream, StreamIdleTimeout
+from routing.vllm_metrics import ServerSnapshot
 
 URL = "http://coder.tandem.internal/v1/chat/completions"
 STREAMED = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -197,3 +199,24 @@ async def test_a_refused_connection_names_the_replica_and_uses_the_connect_timeo
     assert seen[0]["connect"] == 5.0
     assert _lane_stats(router)["in_flight"] == 0
     await router.aclose()
+
+
+def test_a_shed_call_shrinks_the_adaptive_limit_only_when_the_server_agrees() -> None:
+    limit = AdaptiveLimit(initial=16)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.on_snapshot(ServerSnapshot(taken_at=1.0, running=8, waiting=0, kv_usage=0.3), 1.0)
+    before = limit.limit
+    limit.on_sample(Sample(at=1.5, in_flight=8, ok=False, dropped=True))
+    assert limit.limit == before  # no queue, KV room: a fault, not overload
+    queued = AdaptiveLimit(initial=16)
+    queued.watch_server(0.0, stale_after_s=3.0)
+    queued.on_snapshot(ServerSnapshot(taken_at=1.0, running=8, waiting=4, kv_usage=0.5), 1.0)
+    before = queued.limit
+    queued.on_sample(Sample(at=1.5, in_flight=8, ok=False, dropped=True))
+    assert queued.limit < before  # the server has a queue: overload
+    stale = AdaptiveLimit(initial=16)
+    stale.watch_server(0.0, stale_after_s=3.0)
+    stale.on_snapshot(ServerSnapshot(taken_at=1.0, running=8, kv_usage=0.3), 1.0)
+    before = stale.limit
+    stale.on_sample(Sample(at=9.0, in_flight=8, ok=False, dropped=True))
+    assert stale.limit < before  # an old scrape says nothing: the drop counts

@@ -512,7 +512,7 @@ def _transport_reason(exc: httpx.TransportError, connect_timeout_s: float | None
 
 def _api_content(response: httpx.Response) -> bool:
     """An event stream, or JSON (left to the client, which reads OpenAI errors from it)."""
-    content_type = response.headers.get("content-type", "")
+    content_type = str(response.headers.get("content-type", ""))
     return content_type.startswith(("text/event-stream", "application/json"))
 
 

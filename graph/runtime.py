@@ -123,6 +123,10 @@ def build_runtime(
         else:
             endpoints = configured_endpoints(settings)
     metrics = TandemMetrics()
+    # In-process emulators cannot hang or drop a connection, and on a virtual clock they
+    # stream in large coalesced events: first-token and idle bounds would only cut healthy
+    # calls there.
+    in_process = all(r.transport is not None for replicas in endpoints.values() for r in replicas)
     router = Router(
         endpoints,
         limit=limit or settings.limit,
@@ -130,8 +134,8 @@ def build_runtime(
         metrics=metrics,
         request_timeout_s=settings.request_timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
-        first_token_timeout_s=settings.first_token_timeout_s,
-        stream_idle_timeout_s=settings.stream_idle_timeout_s,
+        first_token_timeout_s=None if in_process else settings.first_token_timeout_s,
+        stream_idle_timeout_s=None if in_process else settings.stream_idle_timeout_s,
     )
     models = RoutedModels(
         router=router,

@@ -6,6 +6,8 @@ import pytest
 
 from graph.runtime import build_runtime
 from graph.settings import Settings, SettingsError, load_settings
+from routing.calls import Role
+from routing.endpoints import Replica
 
 
 def test_a_bound_longer_than_the_request_timeout_is_refused_by_name() -> None:
@@ -24,7 +26,7 @@ def test_settings_reach_the_router_transport_and_the_retry_policy() -> None:
         retry_base_s=0.25,
         retry_cap_s=4.0,
     )
-    runtime = build_runtime(settings)
+    runtime = build_runtime(settings, endpoints=_network_endpoints())
     transport = runtime.router.client("coder")._transport
     assert (
         transport.connect_timeout_s,  # type: ignore[attr-defined]
@@ -36,3 +38,18 @@ def test_settings_reach_the_router_transport_and_the_retry_policy() -> None:
     model = runtime.models.for_role("coder")
     assert model.max_retries == 0  # type: ignore[attr-defined]
     assert model.call_retry is retry  # type: ignore[attr-defined]
+
+
+def _network_endpoints() -> dict[Role, list[Replica]]:
+    return {
+        "reasoning": [Replica("http://gpu0:8001/v1", "r", "gpu0")],
+        "coder": [Replica("http://gpu1:8002/v1", "c", "gpu1")],
+    }
+
+
+def test_in_process_emulators_get_no_hang_bounds() -> None:
+    # They cannot hang, and on a virtual clock they stream in large coalesced events.
+    transport = build_runtime(Settings()).router.client("coder")._transport
+    assert transport.first_token_timeout_s is None  # type: ignore[attr-defined]
+    assert transport.stream_idle_timeout_s is None  # type: ignore[attr-defined]
+    assert transport.connect_timeout_s == 5.0  # type: ignore[attr-defined]

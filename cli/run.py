@@ -193,6 +193,20 @@ def build_runtime_or_explain(
         raise CliError(f"{where}: {exc}") from None
 
 
+async def preflight_or_explain(runtime: Runtime) -> None:
+    """Ask every configured server for its models before anything runs.
+
+    Raises:
+        CliError: naming each URL that does not answer or does not serve its model.
+    """
+    if runtime.settings.emulated:
+        return  # the built-in emulator is in this process
+    problems = await runtime.preflight()
+    if problems:
+        lines = "\n".join(f"  {line}" for line in problems)
+        raise CliError(f"run: the configured servers are not ready:\n{lines}")
+
+
 def serve_metrics(runtime: Runtime, port: int, console: Console) -> None:
     """Serve the router's metrics on localhost `port`.
 
@@ -390,6 +404,7 @@ async def _run_sessions(
     runtime = build_runtime_or_explain(settings, limit=options.limit, order=options.order)
     stop = asyncio.Event()
     try:
+        await preflight_or_explain(runtime)
         if options.metrics_port is not None:
             serve_metrics(runtime, options.metrics_port, console)
         context = settings.run_context()
@@ -500,6 +515,11 @@ async def _resume_session(session_id: str, settings: Settings, virtual: bool, qu
     console = output_console()
     db = settings.workspace / "checkpoints.db"
     runtime = build_runtime_or_explain(settings)
+    try:
+        await preflight_or_explain(runtime)
+    except CliError:
+        await runtime.aclose()
+        raise
     context = settings.run_context()
     fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
     stop = asyncio.Event()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graph.settings import Settings
-from nodes.llm import RoutedModels, Sampling
+from nodes.llm import CallRetry, RoutedModels, Sampling
 from routing.calls import Role
 from routing.endpoints import Replica, load_endpoints_file
 from routing.exporter import TandemMetrics
@@ -23,6 +23,14 @@ class Runtime:
     models: RoutedModels
     metrics: TandemMetrics
     emulators: dict[Role, Any] = field(default_factory=dict)
+
+    async def preflight(self) -> list[str]:
+        """What stops a run before it starts: each replica that does not serve its model.
+
+        One line per problem, naming the role and URL (see `Router.preflight`); the API key
+        is sent and never shown.
+        """
+        return await self.router.preflight(api_key=self.settings.api_key.get_secret_value())
 
     async def aclose(self) -> None:
         """Stop scrapers and emulator engines."""
@@ -124,12 +132,19 @@ def build_runtime(
         else:
             endpoints = configured_endpoints(settings)
     metrics = metrics or TandemMetrics()
+    # In-process emulators cannot hang or drop a connection, and on a virtual clock they
+    # stream in large coalesced events: first-token and idle bounds would only cut healthy
+    # calls there.
+    in_process = all(r.transport is not None for replicas in endpoints.values() for r in replicas)
     router = Router(
         endpoints,
         limit=limit or settings.limit,
         order=order or settings.order,
         metrics=metrics,
         request_timeout_s=settings.request_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        first_token_timeout_s=None if in_process else settings.first_token_timeout_s,
+        stream_idle_timeout_s=None if in_process else settings.stream_idle_timeout_s,
     )
     models = RoutedModels(
         router=router,
@@ -139,5 +154,8 @@ def build_runtime(
             "reasoning": Sampling(settings.reasoning_temperature, settings.reasoning_top_p),
             "coder": Sampling(settings.coder_temperature, settings.coder_top_p),
         },
+        call_retry=CallRetry(
+            retries=settings.retries, base_s=settings.retry_base_s, cap_s=settings.retry_cap_s
+        ),
     )
     return Runtime(settings=settings, router=router, models=models, metrics=metrics, emulators=apps)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -13,13 +11,11 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nodes.context import RunContext
+from routing.endpoints import redact
 from routing.limits import make_limit
 
-# `user:password@` in a URL, and query parameters that look like credentials.
-_URL_CREDENTIALS_RE = re.compile(r"(?<=://)[^\s@]*@")
-_QUERY_SECRET_RE = re.compile(
-    r"([?&][^=&#\s]*(?:key|token|secret|passw|auth|sig)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
-)
+__all__ = ["Settings", "SettingsError", "check_url", "load_settings", "redact"]
+
 # Fields whose values are never shown, not even redacted.
 _SECRET_FIELDS = frozenset({"api_key"})
 
@@ -57,7 +53,24 @@ class Settings(BaseSettings):
     max_files: int = Field(40, ge=1, le=500)
     max_output_retries: int = Field(2, ge=0, le=10)
     workspace: Path = Path("out")
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Outer bound on one model call, from admission to its last byte"
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Most seconds to open a connection")
+    first_token_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Most seconds from sending a streamed call to its first chunk; the router "
+        "raises it per replica to 10x the time to first token it measures there",
+    )
+    stream_idle_timeout_s: float = Field(
+        60.0, gt=0, description="Most seconds of silence between chunks of a streamed answer"
+    )
+    retries: int = Field(
+        3, ge=0, le=20, description="Extra attempts of a model call after a transport failure"
+    )
+    retry_base_s: float = Field(0.5, gt=0, description="Back-off before the first retry (at most)")
+    retry_cap_s: float = Field(8.0, gt=0, description="Longest back-off between attempts")
     limit: str = Field(
         "adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N"
     )
@@ -80,6 +93,18 @@ class Settings(BaseSettings):
     def _limit(cls, value: str) -> str:
         make_limit(value)  # raises, naming the allowed forms
         return value
+
+    @model_validator(mode="after")
+    def _timeouts_within_request(self) -> Settings:
+        for name in ("connect_timeout_s", "first_token_timeout_s", "stream_idle_timeout_s"):
+            if getattr(self, name) > self.request_timeout_s:
+                raise ValueError(
+                    f"TANDEM_{name.upper()} must not exceed TANDEM_REQUEST_TIMEOUT_S "
+                    f"({getattr(self, name):g} > {self.request_timeout_s:g})"
+                )
+        if self.retry_base_s > self.retry_cap_s:
+            raise ValueError("TANDEM_RETRY_BASE_S must not exceed TANDEM_RETRY_CAP_S")
+        return self
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> Settings:
@@ -120,15 +145,6 @@ def check_url(value: str) -> None:
         parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:
         raise ValueError("has an invalid port") from None
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with URL credentials, credential-like query values and `secrets` as `***`."""
-    text = _URL_CREDENTIALS_RE.sub("***@", text)
-    text = _QUERY_SECRET_RE.sub(r"\1***", text)
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -3,27 +3,38 @@
 All model calls go through `ChatModels`: the seam where the routing layer's per-GPU
 admission is plugged in (the factory builds `VLLMChatOpenAI` clients on top of a
 `routing.Router`'s HTTP clients). Tests inject fake chat models instead.
+
+Retries of failed calls happen here and only here (the OpenAI client's own are off): each
+model call of `complete_text` and `complete_structured` is tried again after a refused or
+dropped connection, a timeout, a cut stream, or an HTTP 408/429/500/502/503/504 answer, at
+most `CallRetry.retries` more times, with full-jitter exponential back-off. An answer that is
+not an event stream, and any other HTTP error, is not retried. The final error names the
+role, the replica's URL and the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import json
+import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import httpx
+import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from routing.calls import CallInfo, Role, call_scope
+from routing.transport import REPLICA_EXTENSION, NotAnEventStream
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -33,6 +44,135 @@ _FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)(?:\n```|```|$)", re.DOTALL)
 
 class OutputError(Exception):
     """The model's output stayed invalid after the retries allowed."""
+
+
+class ModelCallError(Exception):
+    """A model call failed in transport or with a server error, after the retries allowed.
+
+    Attributes:
+        attempts: Calls made.
+        retryable: Whether the last failure was of a kind worth trying again later.
+        status_code: The HTTP status of the last answer, None when none came back.
+    """
+
+    def __init__(
+        self, message: str, *, attempts: int, retryable: bool, status_code: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.retryable = retryable
+        self.status_code = status_code
+
+
+# Statuses worth another attempt: a timeout, rate limit or a server-side failure.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class CallRetry:
+    """The retry policy of model calls: how many more attempts, and the back-off between.
+
+    Back-off is full-jitter exponential: before retry n (1, 2, ...) wait a uniformly random
+    time in [0, min(cap_s, base_s * 2 ** (n - 1))], so calls that failed together (a
+    server restart) do not come back together.
+
+    Attributes:
+        retries: Extra attempts after the first.
+        base_s: The back-off bound before the first retry.
+        cap_s: The largest back-off bound.
+        sleep: How to wait (tests record the delays instead).
+        random: A uniform draw in [0, 1).
+    """
+
+    retries: int = 3
+    base_s: float = 0.5
+    cap_s: float = 8.0
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    random: Callable[[], float] = random.random
+
+    def backoff_s(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1-based)."""
+        return self.random() * min(self.cap_s, self.base_s * 2.0 ** (retry - 1))
+
+
+NO_RETRY = CallRetry(retries=0)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What a failed call says about itself: its text, and whether to try again."""
+
+    text: str
+    retryable: bool
+    status_code: int | None = None
+
+
+def describe_failure(exc: BaseException, role: Role) -> _Failure | None:
+    """The transport or server failure behind `exc`; None for anything else (e.g. HTTP 400).
+
+    The OpenAI client wraps transport errors (`APIConnectionError`, `APITimeoutError`) with
+    the router's error as the cause; that error already names role and replica URL.
+    """
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status < 500 and status not in RETRY_STATUSES:
+            return None
+        where = exc.response.extensions.get(REPLICA_EXTENSION) or f"{role} at {exc.request.url}"
+        return _Failure(f"{where}: HTTP {status} ({exc.message})", status in RETRY_STATUSES, status)
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, NotAnEventStream):
+            return _Failure(str(cause), retryable=False)
+        if isinstance(cause, httpx.TransportError):
+            return _Failure(str(cause) or type(cause).__name__, retryable=True)
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, openai.APIError):
+        # A connection problem the router did not see, or an error event inside a stream.
+        return _Failure(f"{role}: {exc}", retryable=True)
+    return None
+
+
+def retry_policy_of(model: BaseChatModel) -> CallRetry:
+    """The retry policy a chat model was built with (the factory's); none for other models."""
+    policy = getattr(model, "call_retry", None)
+    return policy if isinstance(policy, CallRetry) else NO_RETRY
+
+
+async def invoke_with_retry(
+    model: BaseChatModel,
+    messages: Sequence[BaseMessage],
+    info: CallInfo,
+    config: RunnableConfig | None,
+    **kwargs: Any,
+) -> BaseMessage:
+    """`model.ainvoke` under `info`'s call scope, retried by the model's `CallRetry`.
+
+    Raises:
+        ModelCallError: a transport or server failure that outlasted the retries (or one
+            not worth retrying), naming role, replica URL, cause and attempts.
+    """
+    policy = retry_policy_of(model)
+    attempt = 1
+    while True:
+        try:
+            with call_scope(info):
+                return await model.ainvoke(list(messages), _trace_config(info, config), **kwargs)
+        except Exception as exc:
+            failure = describe_failure(exc, info.role)
+            if failure is None:
+                raise
+            if not failure.retryable or attempt > policy.retries:
+                tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+                raise ModelCallError(
+                    f"{failure.text}; gave up after {tries}",
+                    attempts=attempt,
+                    retryable=failure.retryable,
+                    status_code=failure.status_code,
+                ) from exc
+        await policy.sleep(policy.backoff_s(attempt))
+        attempt += 1
 
 
 def _reasoning_of(fields: Mapping[str, Any]) -> str | None:
@@ -46,8 +186,11 @@ def _reasoning_of(fields: Mapping[str, Any]) -> str | None:
 class VLLMChatOpenAI(ChatOpenAI):
     """ChatOpenAI that keeps vLLM's reasoning text in `additional_kwargs["reasoning"]`.
 
-    Stock ChatOpenAI drops `reasoning`/`reasoning_content` by design.
+    Stock ChatOpenAI drops `reasoning`/`reasoning_content` by design. `call_retry` is the
+    retry policy `complete_text` and `complete_structured` apply to its calls.
     """
+
+    call_retry: CallRetry = Field(default=NO_RETRY, exclude=True)
 
     def _convert_chunk_to_generation_chunk(
         self,
@@ -168,8 +311,8 @@ class RoutedModels:
     router: RouterLike
     api_key: str = "EMPTY"
     timeout_s: float = 600.0
-    http_retries: int = 2
     sampling: Mapping[str, Sampling] = field(default_factory=dict)
+    call_retry: CallRetry = field(default_factory=CallRetry)
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
     _windows: dict[str, int | None] = field(default_factory=dict)
 
@@ -224,7 +367,9 @@ class RoutedModels:
                 # that waits in an overloaded vLLM's queue (no chunk before the first token);
                 # the router owns the request deadline.
                 stream_chunk_timeout=self.timeout_s,
-                max_retries=self.http_retries,
+                # One retry layer: `call_retry`, around each call (see the module docstring).
+                max_retries=0,
+                call_retry=self.call_retry,
                 streaming=True,  # the router measures time to first token and inter-token latency
                 stream_usage=True,
                 temperature=sampling.temperature,
@@ -258,12 +403,15 @@ async def complete_text(
     max_tokens: int | None = None,
     config: RunnableConfig | None = None,
 ) -> tuple[str, str]:
-    """One free-text call. Returns (content, reasoning)."""
+    """One free-text call. Returns (content, reasoning).
+
+    Raises:
+        ModelCallError: the call failed in transport or on the server after its retries.
+    """
     kwargs: dict[str, Any] = {}
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
-    with call_scope(info):
-        answer = await model.ainvoke(list(messages), _trace_config(info, config), **kwargs)
+    answer = await invoke_with_retry(model, messages, info, config, **kwargs)
     usage.add(answer)
     return split_reasoning(answer)
 
@@ -300,6 +448,7 @@ async def complete_structured(
 
     Raises:
         OutputError: the answer was still not valid `schema` JSON after the retries.
+        ModelCallError: a call failed in transport or on the server after its retries.
     """
     history = list(messages)
     kwargs: dict[str, Any] = {"extra_body": {"response_format": response_format_for(schema)}}
@@ -307,8 +456,7 @@ async def complete_structured(
         kwargs["max_tokens"] = max_tokens
     problem = ""
     for attempt in range(retries + 1):
-        with call_scope(info):
-            answer = await model.ainvoke(history, _trace_config(info, config), **kwargs)
+        answer = await invoke_with_retry(model, history, info, config, **kwargs)
         usage.add(answer)
         content, _ = split_reasoning(answer)
         try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,21 @@ import httpx
 import yaml
 
 from routing.calls import ROLES, Role
+
+# `user:password@` in a URL, and query parameters that look like credentials.
+_URL_CREDENTIALS_RE = re.compile(r"(?<=://)[^\s@]*@")
+_QUERY_SECRET_RE = re.compile(
+    r"([?&][^=&#\s]*(?:key|token|secret|passw|auth|sig)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with URL credentials, credential-like query values and `secrets` as `***`."""
+    text = _URL_CREDENTIALS_RE.sub("***@", text)
+    text = _QUERY_SECRET_RE.sub(r"\1***", text)
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,11 @@ class Replica:
         if base.endswith("/v1"):
             base = base[: -len("/v1")]
         return f"{base}/metrics"
+
+    @property
+    def shown_url(self) -> str:
+        """`url` with any credentials in it replaced by `***`, fit for messages and logs."""
+        return redact(self.url)
 
 
 Endpoints = Mapping[Role, Sequence[Replica]]

@@ -322,7 +322,10 @@ class AdaptiveLimit:
     def on_sample(self, sample: Sample) -> None:
         """Slow start: one more per busy completion; then Gradient2-style moves."""
         if sample.dropped:
-            self._back_off(sample.at, sample.in_flight)
+            # A shed or timed-out call while fresh gauges show no queue and room in the KV
+            # cache is a fault (a flaky proxy, one hung call), not overload: no back-off.
+            if self.server_state(sample.at) != "spare":
+                self._back_off(sample.at, sample.in_flight)
             return
         if not sample.ok:
             return

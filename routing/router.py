@@ -17,7 +17,7 @@ import httpx
 
 from routing.admission import Admission, AdmissionObserver
 from routing.calls import Role
-from routing.endpoints import Endpoints, Replica
+from routing.endpoints import Endpoints, Replica, redact
 from routing.exporter import TandemMetrics
 from routing.limits import KvBounded, ServerWatcher, make_limit
 from routing.orders import ServiceLedger, make_order
@@ -56,6 +56,11 @@ class Router:
         metrics: Where to export `tandem_*` series.
         scrape_interval_s: How often adaptive limits read each server's `/metrics`.
         request_timeout_s: Bound on one call from admission to the end of its body.
+        connect_timeout_s: Bound on opening a connection to a replica (also the preflight's).
+        first_token_timeout_s: Floor of the bound from sending a streamed call to its first
+            chunk (raised per replica with its measured TTFT); None: no such bound.
+        stream_idle_timeout_s: Most silence between chunks of a streamed answer; None: no
+            such bound.
     """
 
     def __init__(
@@ -67,11 +72,15 @@ class Router:
         metrics: TandemMetrics | None = None,
         scrape_interval_s: float = 1.0,
         request_timeout_s: float = 600,
+        connect_timeout_s: float = 5.0,
+        first_token_timeout_s: float | None = None,
+        stream_idle_timeout_s: float | None = None,
     ) -> None:
         make_limit(limit)  # fail fast on a bad policy string
         self.metrics = metrics
         self.scrape_interval_s = scrape_interval_s
         self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
         self.ledger = ServiceLedger()
         self._network: httpx.AsyncHTTPTransport | None = None
         self._lanes: dict[Role, list[Lane]] = {}
@@ -109,10 +118,14 @@ class Router:
                 lanes,
                 synthetic_base=self.base_url(role),
                 request_timeout_s=request_timeout_s,
+                connect_timeout_s=connect_timeout_s,
+                first_token_timeout_s=first_token_timeout_s,
+                stream_idle_timeout_s=stream_idle_timeout_s,
             )
-            # The routing transport owns the timeout; httpx's own covers connect/IO only.
+            # The routing transport owns the timeouts; httpx's own covers connect/IO only.
             self._clients[role] = httpx.AsyncClient(
-                transport=transport, timeout=httpx.Timeout(request_timeout_s)
+                transport=transport,
+                timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
             )
 
     def _transport_for(self, replica: Replica) -> httpx.AsyncBaseTransport:
@@ -164,6 +177,59 @@ class Router:
             if (e := lane_finish_s(lane, expected_output_tokens)) is not None
         ]
         return min(estimates, default=None)
+
+    async def preflight(self, api_key: str | None = None) -> list[str]:
+        """Ask every replica for its model list; describe each one that cannot serve.
+
+        One `GET {url}/models` per replica, concurrently, each bounded by the connect
+        timeout (for the whole answer, so a server that accepts and never answers is found
+        as fast as one that refuses).
+
+        Args:
+            api_key: Sent as a bearer token (vLLM started with `--api-key` asks for one).
+
+        Returns:
+            One line per problem, naming the role, the replica's URL (credentials redacted)
+            and what is wrong: no answer, an HTTP status, or the model not served (with the
+            models that are). Empty when every replica serves its model.
+        """
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        found = await asyncio.gather(
+            *(
+                self._check_replica(role, lane, headers)
+                for role, lanes in self._lanes.items()
+                for lane in lanes
+            )
+        )
+        secrets = [api_key] if api_key else []
+        return [redact(problem, secrets) for problem in found if problem is not None]
+
+    async def _check_replica(self, role: Role, lane: Lane, headers: dict[str, str]) -> str | None:
+        replica = lane.replica
+        url = f"{replica.url.rstrip('/')}/models"
+        where = f"{role} at {replica.shown_url}"
+        timeout_s = self.connect_timeout_s
+        async with httpx.AsyncClient(
+            transport=_Unclosed(lane.transport), timeout=httpx.Timeout(timeout_s)
+        ) as client:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await client.get(url, headers=headers)
+            except (TimeoutError, httpx.TimeoutException):
+                return f"{where}: no answer to GET /models within {timeout_s:g} s"
+            except httpx.HTTPError as exc:
+                return f"{where}: does not answer ({exc or type(exc).__name__})"
+        if response.status_code != 200:
+            return f"{where}: GET /models answered HTTP {response.status_code}"
+        try:
+            cards = response.json().get("data")
+            served = [str(card["id"]) for card in cards]
+        except (ValueError, AttributeError, TypeError, KeyError):
+            return f"{where}: GET /models did not answer an OpenAI model list"
+        if replica.model not in served:
+            listed = ", ".join(repr(name) for name in served) or "none"
+            return f"{where}: model {replica.model!r} is not served (served: {listed})"
+        return None
 
     async def start(self) -> None:
         """Start a `/metrics` scraper for each replica whose limit reads the server (idempotent)."""

@@ -16,17 +16,28 @@ event count would overstate ITL as many times as there are tokens per event.
 
 An error answer (4xx, 5xx) gives its slot back as an error (429/503: dropped) whether or not
 its body was read: a client that retries a 503 without reading it still reports overload.
+
+Hang detection: besides the request timeout (admission to last byte), a streamed call is cut
+when the connection does not open within the connect timeout, when no body chunk arrives
+within the first-token bound of sending, or when the stream falls silent for longer than the
+idle timeout once it has started. The first-token bound is the configured floor or ten times
+the time to first token measured on that replica, whichever is larger, so a replica whose
+queue makes every first token slow is not cut while it is healthy. Every error raised here
+names the role, the replica's URL (credentials redacted) and what went wrong; a cut call's
+slot comes back at once, as an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -35,6 +46,11 @@ from routing.calls import Role, current_call
 from routing.endpoints import Replica
 
 _JSON_CAP_BYTES = 4 * 1024 * 1024
+# The first-token bound grows to this many times a replica's measured time to first token.
+FIRST_TOKEN_TTFT_FACTOR = 10.0
+# Where a response says which replica answered it ("coder at http://h:8002/v1").
+REPLICA_EXTENSION = "tandem.replica"
+_SHOWN_BODY_CHARS = 120
 # The usage chunk is the last data event before [DONE]; this much tail always holds it.
 _SSE_TAIL_BYTES = 16 * 1024
 _SHED = (429, 503)
@@ -82,6 +98,21 @@ class Lane:
     latency: LaneLatency = field(default_factory=LaneLatency)
 
 
+class FirstTokenTimeout(httpx.ReadTimeout):
+    """A streamed call sent nothing back within its first-token bound."""
+
+
+class StreamIdleTimeout(httpx.ReadTimeout):
+    """A streamed answer fell silent between chunks for longer than the idle timeout."""
+
+
+class NotAnEventStream(httpx.DecodingError):
+    """A streamed call was answered 200 with neither an event stream nor JSON (e.g. HTML).
+
+    Retrying does not help: something other than an OpenAI-compatible server answers there.
+    """
+
+
 def _status_kind(status: int) -> OutcomeKind:
     if status in _SHED:
         return "dropped"
@@ -100,6 +131,9 @@ class MeteredStream(httpx.AsyncByteStream):
         deadline: float,
         abandon_after_s: float,
         on_ok: Callable[[float | None, float | None, float], None] | None = None,
+        where: str = "replica",
+        first_chunk_by: float | None = None,
+        stream_idle_s: float | None = None,
     ) -> None:
         self._on_ok = on_ok
         self._response = response
@@ -107,6 +141,9 @@ class MeteredStream(httpx.AsyncByteStream):
         self._started_at = started_at
         self._deadline = deadline
         self._abandon_after_s = abandon_after_s
+        self._where = where
+        self._first_chunk_by = first_chunk_by
+        self._stream_idle_s = stream_idle_s
         self._kind = _status_kind(response.status_code)
         content_type = response.headers.get("content-type", "")
         self._sse = content_type.startswith("text/event-stream")
@@ -191,32 +228,72 @@ class MeteredStream(httpx.AsyncByteStream):
         if not isinstance(inner, httpx.AsyncByteStream):
             raise TypeError("the replica transport returned a synchronous stream")
         chunks = inner.__aiter__()
+        received = 0
         try:
             while True:
                 self._reading = True
+                read_by = self._read_by()
                 try:
-                    async with asyncio.timeout_at(self._deadline):
+                    async with asyncio.timeout_at(read_by):
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     self._finish(self._kind)
                     return
                 except TimeoutError:
-                    self._finish("dropped")
-                    raise httpx.ReadTimeout("routing: request timeout while reading") from None
+                    raise await self._timed_out(read_by, received) from None
                 except asyncio.CancelledError:
                     self._finish("cancelled")
                     raise
+                except httpx.TransportError as exc:
+                    self._finish("error")
+                    reason = f"stream cut after {received} bytes ({exc or type(exc).__name__})"
+                    raise type(exc)(f"{self._where}: {reason}") from exc
                 except Exception:
                     self._finish("error")
                     raise
                 finally:
                     self._reading = False
+                received += len(chunk)
                 self._on_chunk(chunk)
                 self._idle_since = self._loop.time()
                 yield chunk
         finally:
             # Closed early (aclose on a suspended generator) or garbage-collected.
             self._finish("cancelled")
+
+    def _read_by(self) -> float:
+        """When the next chunk must have come: the first-token or idle bound, or the deadline."""
+        if self._first_at is None and self._first_chunk_by is not None:
+            return min(self._deadline, self._first_chunk_by)
+        if self._first_at is not None and self._stream_idle_s is not None:
+            return min(self._deadline, self._loop.time() + self._stream_idle_s)
+        return self._deadline
+
+    async def _timed_out(self, read_by: float, received: int) -> httpx.ReadTimeout:
+        """Give the slot back, drop the connection, and say which bound was passed."""
+        error: httpx.ReadTimeout
+        if read_by >= self._deadline:
+            self._finish("dropped")
+            error = httpx.ReadTimeout(
+                f"{self._where}: answer not complete within the request timeout "
+                f"({self._deadline - self._started_at:g} s, request_timeout_s)"
+            )
+        elif self._first_at is None:
+            self._finish("error")
+            error = FirstTokenTimeout(
+                f"{self._where}: no first token within "
+                f"{read_by - self._started_at:.3g} s of sending (first_token_timeout_s)"
+            )
+        else:
+            self._finish("error")
+            error = StreamIdleTimeout(
+                f"{self._where}: stream silent for {self._stream_idle_s:g} s after "
+                f"{received} bytes (stream_idle_timeout_s)"
+            )
+        # The server stops generating for a client that hung up; its connection is not reused.
+        with contextlib.suppress(Exception):
+            await self._response.aclose()
+        return error
 
     async def aclose(self) -> None:
         """Closing before the end counts as a client disconnect (an error answer stays one)."""
@@ -263,6 +340,11 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         synthetic_base: The base URL clients use (rewritten to the chosen replica).
         request_timeout_s: Bound from admission to the end of the body.
         abandon_after_s: Release the slot of a body left unread this long.
+        connect_timeout_s: Bound on opening a connection to a replica (None: the client's).
+        first_token_timeout_s: Floor of the bound from sending a streamed call to its first
+            body chunk; None disables it.
+        stream_idle_timeout_s: Most silence between chunks of a streamed answer; None
+            disables it.
     """
 
     def __init__(
@@ -273,6 +355,9 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         synthetic_base: str,
         request_timeout_s: float = 600.0,
         abandon_after_s: float = 60.0,
+        connect_timeout_s: float | None = None,
+        first_token_timeout_s: float | None = None,
+        stream_idle_timeout_s: float | None = None,
     ) -> None:
         if not lanes:
             raise ValueError(f"role {role!r} has no replicas")
@@ -281,6 +366,9 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         self._base_path = httpx.URL(synthetic_base).path.rstrip("/")
         self.request_timeout_s = request_timeout_s
         self.abandon_after_s = abandon_after_s
+        self.connect_timeout_s = connect_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self.stream_idle_timeout_s = stream_idle_timeout_s
         self._rr = itertools.count()
 
     def pick(self) -> Lane:
@@ -295,6 +383,22 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             ),
         )
 
+    def first_token_bound_s(self, lane: Lane) -> float | None:
+        """Seconds a streamed call on `lane` may wait for its first chunk; None: no bound.
+
+        The configured floor, raised to `FIRST_TOKEN_TTFT_FACTOR` times the lane's measured
+        time to first token: a loaded server's queue delays every first token, and a call
+        waiting in that queue is healthy.
+        """
+        if self.first_token_timeout_s is None:
+            return None
+        measured = lane.latency.ttft_s or 0.0
+        return max(self.first_token_timeout_s, FIRST_TOKEN_TTFT_FACTOR * measured)
+
+    def where(self, lane: Lane) -> str:
+        """How errors name a replica: role and redacted URL."""
+        return f"{self.role} at {lane.replica.shown_url}"
+
     def _target(self, request: httpx.Request, replica: Replica) -> httpx.URL:
         path = request.url.path
         if self._base_path and path.startswith(self._base_path):
@@ -304,12 +408,25 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             path=target.path.rstrip("/") + path, query=request.url.query or None
         )
 
+    def _extensions(self, request: httpx.Request) -> dict[str, Any]:
+        extensions = dict(request.extensions)
+        if self.connect_timeout_s is not None:
+            timeout = dict(extensions.get("timeout") or {})
+            given = timeout.get("connect")
+            timeout["connect"] = (
+                self.connect_timeout_s if given is None else min(given, self.connect_timeout_s)
+            )
+            extensions["timeout"] = timeout
+        return extensions
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Admit, forward and wrap the response body so the slot comes back."""
         info = current_call.get()
         session_id = info.session_id if info is not None else "-"
         body = await request.aread()
+        streamed = _asks_stream(request, body)
         lane = self.pick()
+        where = self.where(lane)
         headers: list[tuple[str, str]] = [
             (k, v) for k, v in request.headers.multi_items() if k.lower() != "host"
         ]
@@ -320,27 +437,48 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             self._target(request, lane.replica),
             headers=headers,
             content=body,
-            extensions=dict(request.extensions),
+            extensions=self._extensions(request),
         )
         slot = await lane.admission.acquire(session_id)
         loop = asyncio.get_running_loop()
         started_at = loop.time()
         deadline = started_at + self.request_timeout_s
+        bound_s = self.first_token_bound_s(lane) if streamed else None
+        first_chunk_by = None if bound_s is None else started_at + bound_s
+        answer_by = deadline if first_chunk_by is None else min(deadline, first_chunk_by)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with asyncio.timeout_at(answer_by):
                 response = await lane.transport.handle_async_request(outgoing)
         except TimeoutError:
+            if answer_by < deadline:
+                slot.release(Outcome("error"))
+                raise FirstTokenTimeout(
+                    f"{where}: no answer within {answer_by - started_at:.3g} s of sending "
+                    "(first_token_timeout_s)",
+                    request=request,
+                ) from None
             slot.release(Outcome("dropped"))
-            raise httpx.ReadTimeout("routing: request timeout", request=request) from None
-        except httpx.TimeoutException:
-            slot.release(Outcome("dropped"))
-            raise
+            raise httpx.ReadTimeout(
+                f"{where}: no answer within the request timeout "
+                f"({self.request_timeout_s:g} s, request_timeout_s)",
+                request=request,
+            ) from None
+        except httpx.TransportError as exc:
+            # A slow answer says the server is loaded; a refused or unopened connection does not.
+            overload = isinstance(exc, httpx.TimeoutException) and not isinstance(
+                exc, httpx.ConnectTimeout
+            )
+            slot.release(Outcome("dropped" if overload else "error"))
+            reason = _transport_reason(exc, self.connect_timeout_s)
+            raise type(exc)(f"{where}: {reason}", request=request) from exc
         except asyncio.CancelledError:
             slot.release(Outcome("cancelled"))
             raise
         except BaseException:
             slot.release(Outcome("error"))
             raise
+        if streamed and response.status_code == 200 and not _api_content(response):
+            raise await _not_an_event_stream(response, slot, where, request, answer_by)
         stream = MeteredStream(
             response,
             slot,
@@ -348,10 +486,65 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             deadline=deadline,
             abandon_after_s=self.abandon_after_s,
             on_ok=lane.latency.observe,
+            where=where,
+            first_chunk_by=first_chunk_by,
+            stream_idle_s=self.stream_idle_timeout_s if streamed else None,
         )
         return httpx.Response(
             response.status_code,
             headers=response.headers,
             stream=stream,
-            extensions=response.extensions,
+            extensions={**response.extensions, REPLICA_EXTENSION: where},
         )
+
+
+def _transport_reason(exc: httpx.TransportError, connect_timeout_s: float | None) -> str:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout):
+        within = "" if connect_timeout_s is None else f" within {connect_timeout_s:g} s"
+        return f"no connection{within} (connect_timeout_s; {detail})"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({detail})"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({detail})"
+    return f"failed before answering ({detail})"
+
+
+def _api_content(response: httpx.Response) -> bool:
+    """An event stream, or JSON (left to the client, which reads OpenAI errors from it)."""
+    content_type = str(response.headers.get("content-type", ""))
+    return content_type.startswith(("text/event-stream", "application/json"))
+
+
+def _asks_stream(request: httpx.Request, body: bytes) -> bool:
+    """True for a JSON request body with `"stream": true` (an OpenAI streamed call)."""
+    if request.method != "POST" or b'"stream"' not in body:
+        return False
+    try:
+        return json.loads(body).get("stream") is True
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _not_an_event_stream(
+    response: httpx.Response, slot: Slot, where: str, request: httpx.Request, read_by: float
+) -> NotAnEventStream:
+    """The error for a 200 answer to a streamed call that is not an event stream."""
+    slot.release(Outcome("error"))
+    head = b""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout_at(read_by):
+            if isinstance(response.stream, httpx.AsyncByteStream):
+                async for chunk in response.stream:
+                    head += chunk
+                    if len(head) >= _SHOWN_BODY_CHARS:
+                        break
+    with contextlib.suppress(Exception):
+        await response.aclose()
+    shown = " ".join(head.decode("utf-8", "replace").split())[:_SHOWN_BODY_CHARS]
+    content_type = response.headers.get("content-type") or "no content type"
+    return NotAnEventStream(
+        f"{where}: answered a streamed call with {content_type!r}, not an event stream; "
+        f"is this an OpenAI-compatible server? The body begins: {shown!r}",
+        request=request,
+    )

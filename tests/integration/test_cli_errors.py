@@ -200,3 +200,18 @@ def test_resume_of_a_failed_session_exits_1(
     assert asyncio.run(_finished_failed_session(workspace, "s-failed")) == "failed"
     assert tandem(["resume", "s-failed"]) == 1
     assert "already finished (failed)" in capsys.readouterr().out
+
+
+def test_servers_that_do_not_answer_are_named_before_anything_runs(
+    workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("TANDEM_REASONING_URL", f"http://127.0.0.1:{port}/v1")
+    monkeypatch.setenv("TANDEM_CODER_URL", f"http://user:hunter2@127.0.0.1:{port}/v1")
+    err = _fails(
+        capsys, ["run", "x", "--no-checkpoint"], 2, "not ready", f"127.0.0.1:{port}/v1", "coder"
+    )
+    assert "hunter2" not in err
+    assert not (workspace / "checkpoints.db").exists()

@@ -25,6 +25,7 @@ from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.sessions import SessionResult, run_many
 from graph.settings import Settings
+from nodes.context import ServerOptions
 from routing.calls import ROLES, Role
 from routing.endpoints import Replica
 from routing.fanout import FanoutPolicy
@@ -69,8 +70,9 @@ async def emulated_servers() -> AsyncIterator[dict[Role, str]]:
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
-            "-c",
-            "import sys; from serving.emulator.cli import main; sys.exit(main())",
+            "-m",
+            "cli",
+            "emulate",
             "--profile",
             PROFILES[role],
             "--port",
@@ -98,7 +100,8 @@ async def emulated_servers() -> AsyncIterator[dict[Role, str]]:
         yield urls
     finally:
         for proc in procs:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
         for proc in procs:
             await asyncio.wait_for(proc.wait(), timeout=10)
 
@@ -121,7 +124,12 @@ async def run_workload(workspace: Path, mix: FaultMix) -> Run:
             context = settings.run_context().merged({"max_tokens": CAPS})
             fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
             async with runtime.router:
-                graph = build_graph(runtime.models, defaults=context, fanout=fanout)
+                graph = build_graph(
+                    runtime.models,
+                    defaults=context,
+                    options=ServerOptions(workspace=workspace),
+                    fanout=fanout,
+                )
                 loop = asyncio.get_running_loop()
                 started = loop.time()
                 results = await run_many(
@@ -129,6 +137,7 @@ async def run_workload(workspace: Path, mix: FaultMix) -> Run:
                     [(f"s{i}", REQUEST) for i in range(SESSIONS)],
                     context=context,
                     fanout=fanout,
+                    workspace=workspace,
                 )
                 wall_s = loop.time() - started
                 in_flight = [s["in_flight"] for s in runtime.router.stats().values()]

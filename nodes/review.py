@@ -104,16 +104,22 @@ def review_schema(paths: Sequence[str]) -> type[Review]:
 def review_role(models: ChatModels | Any, ctx: RunContext) -> Role:
     """The model that reviews this call.
 
-    A fixed `review_on` is used as is. With "auto", models that can estimate (the router's
-    `RoutedModels.choose_role`) pick the role that would finish the review first; others
-    (fakes, `StaticModels`) get the reasoning model.
+    A fixed `review_on` is used as is. With "auto", the reasoning model reviews unless the
+    router estimates that the review would wait on it longer than `review_delay_budget_s`
+    before its first token and that the coder would finish it sooner
+    (`RoutedModels.choose_role`). Models that cannot estimate (fakes, `StaticModels`) get
+    the reasoning model.
     """
     if ctx.review_on != "auto":
         return ctx.review_on
     choose = getattr(models, "choose_role", None)
     if choose is None:
         return "reasoning"
-    role: Role = choose(REVIEW_CANDIDATES, ctx.max_tokens.get("review") or DEFAULT_REVIEW_TOKENS)
+    role: Role = choose(
+        REVIEW_CANDIDATES,
+        ctx.max_tokens.get("review") or DEFAULT_REVIEW_TOKENS,
+        delay_budget_s=ctx.review_delay_budget_s,
+    )
     return role
 
 

@@ -121,4 +121,6 @@ async def test_graph_reviews_where_auto_chose_and_records_it(
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert manifest["review_on"] == "auto"
     assert manifest["usage"]["review_role"] == {reviewer: 2}
+    assert manifest["review_calls"] == {reviewer: 2, other: 0}
+    assert manifest["review_share"] == {reviewer: 1.0, other: 0.0}
     assert manifest["usage"][reviewer]["calls"] >= 2

@@ -5,21 +5,30 @@ coder that would finish sooner."""
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from langchain_core.messages import BaseMessage
 
+from bench.policies import get_policy
+from bench.runner import PolicyRun
+from graph.graph import build_graph
+from graph.sessions import SessionResult
 from graph.settings import SettingsError, load_settings
-from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, RunContext, parse_context
+from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, RunContext, ServerOptions, parse_context
 from nodes.llm import RoutedModels, StaticModels
-from nodes.review import REVIEW_CANDIDATES, review_role
+from nodes.review import REVIEW_CANDIDATES, review_calls, review_role, review_share
 from routing.admission import Outcome
-from routing.calls import Role
+from routing.calls import CallInfo, Role, call_scope
 from routing.endpoints import Replica
+from routing.exporter import TandemMetrics
 from routing.router import Router
-from tests.fakes import standard_models
+from tests.fakes import ScriptedChatModel, schema_name, standard_models
 
 
 @dataclass
@@ -135,20 +144,35 @@ def test_budget_setting_and_context_field(monkeypatch: pytest.MonkeyPatch) -> No
     assert base.merged({"review_delay_budget_s": 5}).review_delay_budget_s == 5
 
 
+def pair_router(
+    handler: Callable[[httpx.Request], httpx.Response],
+    limit: str,
+    metrics: TandemMetrics | None = None,
+) -> Router:
+    """A real Router over one mocked replica per role."""
+    gpus: dict[Role, str] = {"reasoning": "gpu0", "coder": "gpu1"}
+    return Router(
+        {
+            role: [
+                Replica(
+                    url=f"http://{role}:8000/v1",
+                    model=f"m-{role}",
+                    gpu=gpu,
+                    transport=httpx.MockTransport(handler),
+                )
+            ]
+            for role, gpu in gpus.items()
+        },
+        limit=limit,
+        metrics=metrics,
+    )
+
+
 async def test_a_queue_on_the_real_router_counts_as_delay() -> None:
     def unused(request: httpx.Request) -> httpx.Response:
         raise AssertionError("no call is sent")
 
-    router = Router(
-        {
-            role: [Replica(url=f"http://{role}:8000/v1", model=f"m-{role}", gpu=gpu, transport=t)]
-            for role, gpu, t in (
-                ("reasoning", "gpu0", httpx.MockTransport(unused)),
-                ("coder", "gpu1", httpx.MockTransport(unused)),
-            )
-        },
-        limit="fixed-2",
-    )
+    router = pair_router(unused, "fixed-2")
     models = RoutedModels(router=router)
     assert models.choose_role(REVIEW_CANDIDATES, 1000, 0.0) == "reasoning"  # nothing measured
     # Measured answers: the reasoning model takes 1 s to its first token, 40 s per call.
@@ -170,3 +194,83 @@ async def test_a_queue_on_the_real_router_counts_as_delay() -> None:
     for slot in slots:
         slot.release(Outcome("cancelled"))
     await router.aclose()
+
+
+# The share of reviews each role served: manifest, metrics, bench record.
+
+
+async def test_manifest_counts_review_calls_per_role_retries_included(tmp_path: Path) -> None:
+    reasoning, coder = standard_models(["a.py", "b.py"])
+    scripted = reasoning.responder
+    malformed: list[int] = []
+
+    def once_malformed(messages: list[BaseMessage], kwargs: dict[str, Any]) -> str:
+        if schema_name(kwargs) == "Review" and not malformed:
+            malformed.append(1)
+            return "not a review"
+        text: str = scripted(messages, kwargs)
+        return text
+
+    reasoning = ScriptedChatModel(responder=once_malformed)
+    graph = build_graph(
+        StaticModels(reasoning, coder),
+        defaults=RunContext(review_on="reasoning"),
+        options=ServerOptions(workspace=tmp_path),
+    )
+    out = await graph.ainvoke({"request": "r", "session_id": "s1"})
+    assert out["status"] == "ok"
+    reviews = [c for c in reasoning.calls if schema_name(c["kwargs"]) == "Review"]
+    # The malformed answer, its retry (the fake finds no files in the error feedback, so it
+    # gives no verdicts), and the call that asks again for the files left out.
+    assert len(reviews) == 3
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["review_calls"] == {"reasoning": 3, "coder": 0}
+    assert manifest["review_share"] == {"reasoning": 1.0, "coder": 0.0}
+
+
+def test_review_share_of_no_calls_is_none_and_rounds() -> None:
+    assert review_share(review_calls({})) is None
+    assert review_calls({"review_role": {"coder": 2.0}}) == {"reasoning": 0, "coder": 2}
+    assert review_share({"reasoning": 1, "coder": 2}) == {"reasoning": 0.3333, "coder": 0.6667}
+
+
+async def test_metrics_count_review_calls_by_the_role_that_answered() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        status = 500 if request.url.path.endswith("/fail") else 200
+        return httpx.Response(status, json={})
+
+    metrics = TandemMetrics(gpu=False)
+    router = pair_router(answer, "fixed-4", metrics)
+
+    def counted(role: str) -> float | None:
+        return metrics.registry.get_sample_value("tandem_review_calls_total", {"role": role})
+
+    assert counted("reasoning") == 0.0 and counted("coder") == 0.0
+    sends: list[tuple[Role, str, str, str]] = [
+        ("coder", "review", "POST", "/chat/completions"),
+        ("coder", "review", "POST", "/chat/completions"),
+        ("reasoning", "review", "POST", "/chat/completions"),
+        ("reasoning", "plan", "POST", "/chat/completions"),  # not a review
+        ("reasoning", "review", "GET", "/models"),  # the context window lookup
+        ("reasoning", "review", "POST", "/fail"),  # not answered
+    ]
+    for role, stage, method, path in sends:
+        with call_scope(CallInfo(session_id="s", stage=stage, role=role)):
+            await router.client(role).request(method, router.base_url(role) + path)
+    await router.client("coder").post(router.base_url("coder") + "/chat/completions")  # no scope
+    assert counted("coder") == 2.0
+    assert counted("reasoning") == 1.0
+    await router.aclose()
+
+
+def test_bench_record_sums_review_calls_over_sessions() -> None:
+    sessions = [
+        SessionResult("s0", "ok", usage={"review_role": {"coder": 3}, "coder": {"calls": 9}}),
+        SessionResult("s1", "ok", usage={"review_role": {"reasoning": 1}}),
+        SessionResult("s2", "failed"),
+    ]
+    run = PolicyRun(get_policy("fixed-8+auto"), sessions, [0.0, 0.0, 0.0], t0=0.0, t_end=10.0)
+    record = run.result()
+    assert record["review_calls"] == {"reasoning": 1, "coder": 3}
+    assert record["review_share"] == {"reasoning": 0.25, "coder": 0.75}
+    assert record["review_on"] == "auto"

@@ -124,6 +124,7 @@ class PolicyRun:
             "review_on": self.policy.review_on,
             "review_share": review_share(calls),
             "review_calls": calls,
+            "engine_priority": self.policy.engine_priority,
             "lower_bound_own_s": own,
             "efficiency_own": own_efficiency,
             "gpu_saturation": self._saturation(makespan),

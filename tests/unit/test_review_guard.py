@@ -269,7 +269,7 @@ def test_bench_record_sums_review_calls_over_sessions() -> None:
         SessionResult("s1", "ok", usage={"review_role": {"reasoning": 1}}),
         SessionResult("s2", "failed"),
     ]
-    run = PolicyRun(get_policy("fixed-8+auto"), sessions, [0.0, 0.0, 0.0], t0=0.0, t_end=10.0)
+    run = PolicyRun(get_policy("adaptive+auto"), sessions, [0.0, 0.0, 0.0], t0=0.0, t_end=10.0)
     record = run.result()
     assert record["review_calls"] == {"reasoning": 1, "coder": 3}
     assert record["review_share"] == {"reasoning": 0.25, "coder": 0.75}

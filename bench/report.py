@@ -20,8 +20,8 @@ LANES = (("reasoning", "GPU 0 · reasoning"), ("coder", "GPU 1 · coder"))
 PER_SEED_FIELDS = (
     "makespan_s", "lower_bound_s", "efficiency", "lower_bound_own_s", "efficiency_own",
     "tasks_per_s", "session_latency_mean_s", "session_latency_p50_s", "session_latency_p95_s",
-    "gpu_busy", "gpu_saturation", "tokens_per_s", "review_share", "stage_s", "preemptions",
-    "requests", "sessions_ok", "sessions_failed", "files_ok",
+    "gpu_busy", "gpu_saturation", "tokens_per_s", "review_share", "review_calls", "stage_s",
+    "preemptions", "requests", "sessions_ok", "sessions_failed", "files_ok",
 )  # fmt: skip
 SPREAD_FIELDS = ("makespan_s", "session_latency_mean_s", "session_latency_p95_s")
 

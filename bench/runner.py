@@ -23,6 +23,7 @@ from graph.runtime import GPU_OF, build_runtime, emulator_apps, in_process_endpo
 from graph.sessions import SessionResult, run_many
 from graph.settings import Settings
 from nodes.context import RunContext, ServerOptions, TokenCaps
+from nodes.review import review_calls, review_share
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
 from serving.clock import now
@@ -92,6 +93,7 @@ class PolicyRun:
             for s, a in zip(self.sessions, self.arrivals_s, strict=True)
         )
         tasks = sum(s.files_ok for s in self.sessions)
+        calls = {role: sum(review_calls(s.usage)[role] for s in self.sessions) for role in ROLES}
         bound = self.lower_bound["lower_bound_s"] if self.lower_bound else None
         own = None if bound is None else round(bound, 3)
         own_efficiency = None if bound is None else round(bound / makespan, 4)
@@ -120,7 +122,9 @@ class PolicyRun:
             "router": self.router_stats,
             "description": self.policy.description,
             "review_on": self.policy.review_on,
-            "review_share": review_share(self.spans),
+            "review_share": review_share(calls),
+            "review_calls": calls,
+            "engine_priority": self.policy.engine_priority,
             "lower_bound_own_s": own,
             "efficiency_own": own_efficiency,
             "gpu_saturation": self._saturation(makespan),
@@ -183,14 +187,6 @@ def saturated_decode_tokens_per_s(profile: Profile, mean_context_tokens: float) 
     batch = max(1, min(profile.max_num_seqs, int(profile.kv_cache_tokens // context)))
     step_s = profile.step_s(0, batch, round(batch * context))
     return batch / step_s
-
-
-def review_share(spans: Sequence[RequestSpan]) -> dict[str, float] | None:
-    """Fraction of the review calls each role completed; None when none did (or no spans)."""
-    reviews = [s.role for s in spans if s.stage == "review" and not s.aborted]
-    if not reviews:
-        return None
-    return {role: round(reviews.count(role) / len(reviews), 4) for role in ROLES}
 
 
 def _stage_phases(items: Sequence[RequestSpan]) -> list[tuple[str, list[RequestSpan]]]:

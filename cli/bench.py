@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from bench.cli import DEFAULT_POLICIES, DEFAULT_PROFILES, BenchOptions
+from bench.policies import POLICY_NAMES
 from bench.workloads import WORKLOADS
 from cli.errors import CliError
 
@@ -31,9 +32,8 @@ def bench(
     policies: Annotated[
         str,
         typer.Option(
-            help="Comma-separated: seed-current, seed-phase1, seed-phase3, fixed-N, "
-            "fixed-N+auto, adaptive, adaptive-reasoning, adaptive-fifo; 'sweep' expands to "
-            "fixed-4 … fixed-256 ('sweep+auto': fixed-N+auto)."
+            help=f"Comma-separated: {POLICY_NAMES}; 'sweep' expands to fixed-4 … fixed-256 "
+            "('sweep+auto': fixed-N+auto)."
         ),
     ] = DEFAULT_POLICIES,
     clock: Annotated[

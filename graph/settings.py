@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nodes.context import RunContext
+from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, RunContext
 from routing.endpoints import redact
 from routing.limits import make_limit
 
@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     endpoints_file: Path | None = Field(None, description="YAML listing several replicas per role")
     max_parallel_agents: int = Field(25, ge=1, le=4096)
     review_on: Literal["reasoning", "coder", "auto"] = "reasoning"
+    review_delay_budget_s: float = Field(
+        DEFAULT_REVIEW_DELAY_BUDGET_S,
+        ge=0,
+        le=3600,
+        description="With review_on=auto: delay on the reasoning GPU before a review may move",
+    )
     max_review_rounds: int = Field(2, ge=0, le=20)
     max_files: int = Field(40, ge=1, le=500)
     max_output_retries: int = Field(2, ge=0, le=10)
@@ -123,6 +129,7 @@ class Settings(BaseSettings):
         """Default run context from these settings (the workspace is a server option)."""
         return RunContext(
             review_on=self.review_on,
+            review_delay_budget_s=self.review_delay_budget_s,
             max_parallel_agents=self.max_parallel_agents,
             max_review_rounds=self.max_review_rounds,
             max_files=self.max_files,

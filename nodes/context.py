@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 MAX_REQUEST_CHARS = 100_000
 # Largest output cap a caller may ask for one stage (the biggest served context windows).
 MAX_STAGE_TOKENS = 131_072
+# With review_on="auto", the delay before a review's first token on the reasoning GPU that a run
+# accepts before the coder may take the review: about what the 32B model takes to write a
+# 1k-token review on an idle H100 (26 s in the h100-nvl-reasoning-32b profile), so a review
+# moves only when load would at least double its time.
+DEFAULT_REVIEW_DELAY_BUDGET_S = 30.0
 
 Stage = Literal["plan", "code", "review"]
 
@@ -77,8 +82,17 @@ class RunContext(BaseModel):
 
     review_on: Literal["reasoning", "coder", "auto"] = Field(
         default="reasoning",
-        description="Model that reviews: reasoning, coder, or auto (the router picks, per "
-        "review call, the one that would finish first).",
+        description="Model that reviews: reasoning, coder, or auto (the reasoning model "
+        "unless its estimated delay exceeds review_delay_budget_s and the coder would finish "
+        "the review sooner).",
+    )
+    review_delay_budget_s: float = Field(
+        default=DEFAULT_REVIEW_DELAY_BUDGET_S,
+        ge=0,
+        le=3600,
+        description="With review_on=auto: seconds a review may wait on the reasoning GPU "
+        "before its first token (the router's queue wait plus the measured time to first "
+        "token) before it may move to the coder.",
     )
     max_parallel_agents: int = Field(
         default=25,

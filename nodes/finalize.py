@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from nodes.context import RunContext
 from nodes.paths import UnsafePathError, shown
 from nodes.plan import named_paths
-from nodes.review import UNREVIEWED, is_done
+from nodes.review import UNREVIEWED, is_done, review_calls, review_share
 from nodes.workspace import SessionDir
 
 # Roles whose models produce a session's files, in the order the manifest lists them.
@@ -216,6 +216,7 @@ def write_manifest(
         OSError: the session folder cannot be written.
     """
     written = sum(1 for e in per_file.values() if e["status"] == "written")
+    calls = review_calls(state.get("usage", {}))
     manifest: dict[str, Any] = {
         "session_id": session_dir.root.name,
         "status": status,
@@ -234,6 +235,8 @@ def write_manifest(
         "usage": state.get("usage", {}),
         "timings_s": state.get("timings_s", {}),
         "review_on": review_on,
+        "review_calls": calls,
+        "review_share": review_share(calls),
         "backend": backend,
         "produced_by": backend_line(backend) if backend else None,
         "warnings": warnings,

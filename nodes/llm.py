@@ -316,17 +316,30 @@ class RoutedModels:
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)
     _windows: dict[str, int | None] = field(default_factory=dict)
 
-    def choose_role(self, candidates: Sequence[Role], expected_output_tokens: int) -> Role:
-        """The candidate whose call would finish first by the router's estimate.
+    def choose_role(
+        self,
+        candidates: Sequence[Role],
+        expected_output_tokens: int,
+        delay_budget_s: float | None = None,
+    ) -> Role:
+        """The candidate whose call would finish first by the router's estimate, with a guard.
 
-        Candidates are in order of preference: ties, and any candidate the router cannot
-        estimate yet (no answers measured), go to the first one (the quality default).
+        Candidates are in order of preference. With `delay_budget_s`, the first one keeps the
+        call unless its estimated delay exceeds the budget; only then does another that would
+        finish sooner take it. The delay is the router's finish estimate for a call with no
+        output tokens: its wait for a slot plus the measured time to first token (the
+        server's queue and the prefill). Ties, and any candidate the router cannot estimate
+        yet (no answers measured), go to the first one (the quality default).
         """
         if not candidates:
             raise ValueError("choose_role needs at least one candidate role")
         estimate = getattr(self.router, "estimate_finish_s", None)
         if estimate is None:
             return candidates[0]
+        if delay_budget_s is not None:
+            delay_s = estimate(candidates[0], 0)
+            if delay_s is None or delay_s <= delay_budget_s:
+                return candidates[0]
         finish_s = [estimate(role, expected_output_tokens) for role in candidates]
         if any(f is None for f in finish_s):
             return candidates[0]

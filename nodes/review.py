@@ -14,7 +14,7 @@ from pydantic import Field, JsonValue, create_model
 from nodes.context import RunContext
 from nodes.llm import ChatModels, OutputError, Usage, complete_structured, dumps_compact
 from nodes.schemas import FileVerdict, Review
-from routing.calls import CallInfo, Role
+from routing.calls import ROLES, CallInfo, Role
 from serving.protocol import REVIEW_FILE_MARKER, REVIEW_SCHEMA
 
 # Review roles in order of preference: the reasoning model is the quality default.
@@ -51,6 +51,8 @@ Static checks: {checks}
 )
 
 
+# The usage entry that counts review calls by the role that answered them.
+REVIEW_ROLE_USAGE = "review_role"
 UNREVIEWED = "unreviewed"
 UNREVIEWED_COMMENT = "the reviewer gave no verdict for this file (asked twice)"
 NEEDS_FIX = "needs-fix"
@@ -66,6 +68,20 @@ def is_done(path: str, state: Mapping[str, Any]) -> bool:
     status = state.get("files", {}).get(path, {}).get("status")
     verdict = state.get("verdicts", {}).get(path, {}).get("verdict")
     return bool(status == "written" and verdict not in (NEEDS_FIX, UNREVIEWED))
+
+
+def review_calls(usage: Mapping[str, Mapping[str, float]]) -> dict[Role, int]:
+    """Review calls answered per role, from a session's usage (every role, zeros included)."""
+    counts = usage.get(REVIEW_ROLE_USAGE, {})
+    return {role: int(counts.get(role, 0)) for role in ROLES}
+
+
+def review_share(calls: Mapping[Role, int]) -> dict[Role, float] | None:
+    """Each role's share of the review calls, to 4 places; None when there were none."""
+    total = sum(calls.values())
+    if total <= 0:
+        return None
+    return {role: round(n / total, 4) for role, n in calls.items()}
 
 
 def merge_verdicts(
@@ -104,16 +120,22 @@ def review_schema(paths: Sequence[str]) -> type[Review]:
 def review_role(models: ChatModels | Any, ctx: RunContext) -> Role:
     """The model that reviews this call.
 
-    A fixed `review_on` is used as is. With "auto", models that can estimate (the router's
-    `RoutedModels.choose_role`) pick the role that would finish the review first; others
-    (fakes, `StaticModels`) get the reasoning model.
+    A fixed `review_on` is used as is. With "auto", the reasoning model reviews unless the
+    router estimates that the review would wait on it longer than `review_delay_budget_s`
+    before its first token and that the coder would finish it sooner
+    (`RoutedModels.choose_role`). Models that cannot estimate (fakes, `StaticModels`) get
+    the reasoning model.
     """
     if ctx.review_on != "auto":
         return ctx.review_on
     choose = getattr(models, "choose_role", None)
     if choose is None:
         return "reasoning"
-    role: Role = choose(REVIEW_CANDIDATES, ctx.max_tokens.get("review") or DEFAULT_REVIEW_TOKENS)
+    role: Role = choose(
+        REVIEW_CANDIDATES,
+        ctx.max_tokens.get("review") or DEFAULT_REVIEW_TOKENS,
+        delay_budget_s=ctx.review_delay_budget_s,
+    )
     return role
 
 
@@ -257,8 +279,11 @@ async def review_round(
             )
         except (OutputError, ModelInvalidRequestError) as exc:
             return {"error": f"review: {exc}", "pending": []}
-        # Usage per role, plus which role reviewed (review_on may be "auto").
-        usage_by_role: dict[str, dict[str, int]] = {role: usage, "review_role": {role: 1}}
+        # Usage per role, plus the review calls each role answered (review_on may be "auto").
+        usage_by_role: dict[str, dict[str, int]] = {
+            role: usage,
+            REVIEW_ROLE_USAGE: {role: usage["calls"]},
+        }
         given = {v.path: v for v in review.verdicts}
         missing = [p for p in to_review if p not in given]
         if missing:
@@ -266,7 +291,8 @@ async def review_round(
                 again, usage_again, role_again = await run_review(
                     models, session_id, dict(state), missing, ctx, batch_chars
                 )
-                for key, counts in ((role_again, usage_again), ("review_role", {role_again: 1})):
+                answered = {role_again: usage_again["calls"]}
+                for key, counts in ((role_again, usage_again), (REVIEW_ROLE_USAGE, answered)):
                     slot = usage_by_role.setdefault(key, {})
                     for name, value in counts.items():
                         slot[name] = slot.get(name, 0) + value

@@ -1,8 +1,9 @@
 """Tandem's own Prometheus series (`tandem_*`), in a registry of their own.
 
 Per endpoint: limit, in-flight, queue length, queue wait, admitted/failed calls, and the
-TTFT and ITL the router saw. Per workflow: stage latency, per-session progress, parallel
-task count. GPU utilisation and memory come from NVML at scrape time, only when present.
+TTFT and ITL the router saw. Per role: review calls answered (the review share). Per
+workflow: stage latency, per-session progress, parallel task count. GPU utilisation and
+memory come from NVML at scrape time, only when present.
 
 Names pass `promtool check metrics` (tests/integration/test_promtool.py): only counters end
 in `_total`, units are base units. Per-session series are removed when the session ends
@@ -29,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from routing.admission import Outcome
+from routing.calls import ROLES
 from routing.nvml import Nvml
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -146,6 +148,14 @@ class TandemMetrics:
             buckets=_ITL_BUCKETS,
             registry=r,
         )
+        self.review_calls = Counter(
+            "tandem_review_calls",
+            "Review calls answered, by the role of the model that answered",
+            ["role"],
+            registry=r,
+        )
+        for role in ROLES:  # both series from the start, so a share reads 0, not absent
+            self.review_calls.labels(role=role)
         self.stage = Histogram(
             "tandem_stage_latency_seconds",
             "Latency of a workflow stage",
@@ -174,6 +184,10 @@ class TandemMetrics:
     def endpoint(self, role: str, replica: str, gpu: str) -> EndpointMetrics:
         """The series of one replica, bound to its labels."""
         return EndpointMetrics(self, role, replica, gpu)
+
+    def review_answered(self, role: str) -> None:
+        """Count one review call answered by `role`'s model."""
+        self.review_calls.labels(role=role).inc()
 
     def stage_latency(self, stage: str, seconds: float) -> None:
         """Observe one stage's latency (plan, code, review, ...)."""

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from types import TracebackType
 from typing import Any
 
 import httpx
 
 from routing.admission import Admission, AdmissionObserver
-from routing.calls import Role
+from routing.calls import Role, current_call
 from routing.endpoints import Endpoints, Replica, redact
 from routing.exporter import TandemMetrics
 from routing.limits import KvBounded, ServerWatcher, make_limit
@@ -126,7 +127,15 @@ class Router:
             self._clients[role] = httpx.AsyncClient(
                 transport=transport,
                 timeout=httpx.Timeout(request_timeout_s, connect=connect_timeout_s),
+                event_hooks={"response": [functools.partial(self._count_review, role)]},
             )
+
+    async def _count_review(self, role: Role, response: httpx.Response) -> None:
+        """Count a review call `role` answered; the hook runs in the caller's call scope."""
+        info = current_call.get()
+        if self.metrics is not None and info is not None and info.stage == "review":
+            if response.request.method == "POST" and response.is_success:
+                self.metrics.review_answered(role)
 
     def _transport_for(self, replica: Replica) -> httpx.AsyncBaseTransport:
         if replica.transport is not None:

@@ -104,6 +104,14 @@ async def test_exporter_page_after_an_emulated_session_passes_promtool(tmp_path:
     found = _families(during)
     assert _registered_families(metrics) <= {name for name, n in found.items() if n > 0}
     assert 'tandem_session_progress_ratio{session="s-promtool"} 1.0' in during
+    # Review on the reasoning model (the default): its answered review calls, none on the coder.
+    reviews = {
+        s.labels["role"]: s.value
+        for f in text_string_to_metric_families(during)
+        if f.name == "tandem_review_calls"
+        for s in f.samples
+    }
+    assert reviews["reasoning"] >= 1 and reviews["coder"] == 0
     assert "_created" not in during
 
     checked = promtool_check_metrics(during)

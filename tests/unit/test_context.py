@@ -74,6 +74,7 @@ def test_context_schema_shows_the_given_defaults_and_only_public_fields() -> Non
     assert all(f["description"] for f in fields.values())
     assert set(fields) == {
         "review_on",
+        "review_delay_budget_s",
         "max_parallel_agents",
         "max_review_rounds",
         "max_files",

@@ -1,5 +1,6 @@
-"""review_on="auto": the router's finish estimates pick the reviewer per call; without an
-estimator (fakes, StaticModels) the reasoning model reviews. The choice is recorded."""
+"""review_on="auto": the router's finish estimates pick the reviewer per call once the
+reasoning model is past its delay budget; without an estimator (fakes, StaticModels) the
+reasoning model reviews. The choice is recorded. The budget itself: test_review_guard.py."""
 
 from __future__ import annotations
 
@@ -46,9 +47,13 @@ class ChoosingModels(StaticModels):
 
     router: EstimatingRouter | None = None
 
-    def choose_role(self, candidates: Any, expected_output_tokens: int) -> Role:
+    def choose_role(
+        self, candidates: Any, expected_output_tokens: int, delay_budget_s: float | None = None
+    ) -> Role:
         assert self.router is not None
-        return RoutedModels(router=self.router).choose_role(candidates, expected_output_tokens)
+        return RoutedModels(router=self.router).choose_role(
+            candidates, expected_output_tokens, delay_budget_s
+        )
 
 
 def test_choose_role_takes_the_earliest_finish() -> None:
@@ -76,7 +81,8 @@ def test_review_role_without_an_estimator_is_reasoning() -> None:
     assert review_role(static, RunContext(review_on="auto")) == "reasoning"
     assert review_role(static, RunContext(review_on="coder")) == "coder"
     models = ChoosingModels(reasoning, coder, router=EstimatingRouter({"reasoning": 9, "coder": 1}))
-    assert review_role(models, RunContext(review_on="auto", max_tokens={"review": 700})) == "coder"
+    unguarded = RunContext(review_on="auto", review_delay_budget_s=0, max_tokens={"review": 700})
+    assert review_role(models, unguarded) == "coder"
     assert models.router is not None and models.router.asked[-1] == ("coder", 700)
     assert review_role(models, RunContext(review_on="reasoning")) == "reasoning"
 
@@ -115,4 +121,6 @@ async def test_graph_reviews_where_auto_chose_and_records_it(
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert manifest["review_on"] == "auto"
     assert manifest["usage"]["review_role"] == {reviewer: 2}
+    assert manifest["review_calls"] == {reviewer: 2, other: 0}
+    assert manifest["review_share"] == {reviewer: 1.0, other: 0.0}
     assert manifest["usage"][reviewer]["calls"] >= 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from bench.sampler import MetricsSampler
+from routing.endpoints import Replica
 from routing.vllm_metrics import ServerSnapshot, parse_metrics, prefix_hit_rate_between
 
 _LOAD = (
@@ -107,3 +109,19 @@ def test_no_queries_failed_scrapes_or_a_restart_give_no_rate() -> None:
     restarted = parse_metrics(_v1_page(50, 10), 2.0)
     assert prefix_hit_rate_between([(idle, restarted)]) is None
     assert prefix_hit_rate_between([]) is None
+
+
+def test_the_real_server_bench_reads_each_roles_rate_from_its_first_and_last_samples() -> None:
+    replica = Replica(url="http://h/v1", model="m", gpu="gpu1")
+    sampler = MetricsSampler({"coder": [replica], "reasoning": [replica]})
+    sampler.samples["coder"] = [
+        [
+            ServerSnapshot.failed(0.0, "connection refused"),
+            parse_metrics(_v1_page(1000, 500), 1.0),
+            parse_metrics(_v1_page(1500, 600), 2.0),
+            parse_metrics(_v1_page(3000, 1700), 3.0),
+        ]
+    ]
+    sampler.samples["reasoning"] = [[parse_metrics(_v0_page(0.1), 0.0)]]
+    assert sampler.prefix_hit_rate("coder") == pytest.approx(1200 / 2000)
+    assert sampler.prefix_hit_rate("reasoning") == pytest.approx(0.1)

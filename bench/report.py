@@ -22,6 +22,7 @@ PER_SEED_FIELDS = (
     "tasks_per_s", "session_latency_mean_s", "session_latency_p50_s", "session_latency_p95_s",
     "gpu_busy", "gpu_saturation", "tokens_per_s", "review_share", "review_calls", "stage_s",
     "preemptions", "requests", "sessions_ok", "sessions_failed", "files_ok",
+    "prefix_cache_hit_rate", "prefix_shareable_hit_share",
 )  # fmt: skip
 SPREAD_FIELDS = ("makespan_s", "session_latency_mean_s", "session_latency_p95_s")
 
@@ -141,6 +142,7 @@ def _table(report: dict[str, Any]) -> Table:
         ("lat mean s", "right"), ("lat p95 s", "right"), ("plan/code/review s", "right"),
         ("busy g0/g1", "right"), ("sat g0/g1", "right"), ("tok/s g0/g1", "right"),
         ("preempt", "right"), ("ok/fail", "right"),
+        ("pfx hit g0/g1", "right"), ("pfx share g0/g1", "right"),
     )  # fmt: skip
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -163,6 +165,8 @@ def _table(report: dict[str, Any]) -> Table:
                 _pair(r["gpu_busy"], ".0%"), _pair(r.get("gpu_saturation"), ".0%"),
                 _pair(r["tokens_per_s"], ".0f"), f"{r['preemptions']:g}",
                 f"{r['sessions_ok']:g}/{r['sessions_failed']:g}",
+                _pair(r.get("prefix_cache_hit_rate"), ".0%"),
+                _pair(r.get("prefix_shareable_hit_share"), ".0%"),
             )  # fmt: skip
         table.add_section()
     return table
@@ -190,6 +194,10 @@ def _header(report: dict[str, Any]) -> list[str]:
     lines.append(
         "busy: share of time with at least one sequence running; sat: generated tokens / "
         "saturated decode capacity (docs/benchmark.md); ratio: group's first / makespan"
+    )
+    lines.append(
+        "pfx hit: servers' prefix-cache hit tokens / queried tokens; pfx share: share of the "
+        "shareable prefix tokens served from cache (bench/runner.py)"
     )
     return lines
 

@@ -3,6 +3,16 @@
 Virtual clock: the emulators, the router and every session share one looptime loop; the
 graph talks to the emulators through an in-process streaming transport. Real clock: the same
 over loopback HTTP, to emulators started here or to the servers in `TANDEM_*` settings.
+
+Prefix cache, two figures per role. `prefix_cache_hit_rate`: the servers' own counters over
+the run (hit tokens / queried tokens, from `/metrics`). `prefix_shareable_hit_share`: of the
+prompt tokens that a cache could have served, the share it did serve. A prompt's shareable
+prefix is the longest run of whole KV blocks it shares with an earlier prompt of the same
+session on the same role (earlier: submitted before it; only prompts the server admitted
+count, as sources and as queries), capped as the server caps a hit (never the prompt's last
+token). The served part is the prompt's cached tokens, at most its shareable prefix: tokens
+cached from another session's prompt count only where the session's own prompts could have
+supplied them too. Emulated servers only: real ones do not name their requests' blocks.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from nodes.context import RunContext, ServerOptions, TokenCaps
 from nodes.review import review_calls, review_share
 from routing.endpoints import Replica
 from routing.exporter import TandemMetrics
+from routing.vllm_metrics import ServerSnapshot, parse_metrics, prefix_hit_rate_between
 from serving.clock import now
 from serving.emulator.profiles import Profile, get_profile, saturated_time_s, solo_latency_s
 from serving.roles import ROLES, Role
@@ -51,6 +62,8 @@ class RequestSpan:
     cached_tokens: int
     # Ended by the client (a timeout) or the server: output_tokens is what it generated.
     aborted: bool = False
+    # Prompt tokens an earlier prompt of the session on this role could have cached.
+    shareable_tokens: int = 0
 
 
 @dataclass
@@ -76,6 +89,8 @@ class PolicyRun:
     profiles: dict[str, Profile] | None = None
     # Real servers only: (prompt tokens, requests) per role from /metrics, for saturation.
     served: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per role: the servers' prefix-cache hit rate over the run (None: nothing queried).
+    prefix_cache_hit_rate: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def makespan_s(self) -> float:
@@ -129,6 +144,10 @@ class PolicyRun:
             "efficiency_own": own_efficiency,
             "gpu_saturation": self._saturation(makespan),
             "stage_s": stage_times_s(self.spans),
+            "prefix_cache_hit_rate": {
+                r: _round(self.prefix_cache_hit_rate.get(r), 4) for r in ROLES
+            },
+            "prefix_shareable_hit_share": prefix_shareable_hit_share(self.spans),
         }
 
     def _bound_parts(self) -> dict[str, Any] | None:
@@ -187,6 +206,50 @@ def saturated_decode_tokens_per_s(profile: Profile, mean_context_tokens: float) 
     batch = max(1, min(profile.max_num_seqs, int(profile.kv_cache_tokens // context)))
     step_s = profile.step_s(0, batch, round(batch * context))
     return batch / step_s
+
+
+def shareable_prefix_tokens(
+    prompts: Sequence[tuple[str, Sequence[int], int]], block_size: int
+) -> list[int]:
+    """Each prompt's shareable prefix, in tokens (see the module docstring).
+
+    Args:
+        prompts: `(session_id, block hash chain, prompt tokens)` of one role's admitted
+            prompts, in submission order. The hashes chain, so a prompt's first n blocks
+            match an earlier prompt's exactly when its n-th hash was seen before.
+        block_size: Tokens per KV block.
+    """
+    seen: dict[str, set[int]] = {}
+    out: list[int] = []
+    for session_id, hashes, prompt_tokens in prompts:
+        earlier = seen.setdefault(session_id, set())
+        cap = min(len(hashes), max(0, (prompt_tokens - 1) // block_size))
+        blocks = 0
+        while blocks < cap and hashes[blocks] in earlier:
+            blocks += 1
+        out.append(blocks * block_size)
+        earlier.update(hashes)
+    return out
+
+
+def prefix_shareable_hit_share(spans: Sequence[RequestSpan]) -> dict[str, float | None] | None:
+    """Per role: cached tokens within shareable prefixes / shareable tokens (None: none).
+
+    None as a whole when no spans were recorded (real servers).
+    """
+    if not spans:
+        return None
+    out: dict[str, float | None] = {}
+    for role in ROLES:
+        mine = [s for s in spans if s.role == role]
+        shareable = sum(s.shareable_tokens for s in mine)
+        served = sum(min(s.cached_tokens, s.shareable_tokens) for s in mine)
+        out[role] = round(served / shareable, 4) if shareable else None
+    return out
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _stage_phases(items: Sequence[RequestSpan]) -> list[tuple[str, list[RequestSpan]]]:
@@ -341,6 +404,7 @@ async def run_policy_emulated(
             endpoints[role] = [Replica(url=url, model=models[role], gpu=GPU_OF[role])]
     else:
         endpoints = in_process_endpoints(apps, models)
+    before = {role: _scrape_app(apps[role]) for role in ROLES}
     try:
         run = await _run_with_router(workload, policy, endpoints, progress, metrics)
     finally:
@@ -350,10 +414,19 @@ async def run_policy_emulated(
             await app.state.engine.aclose()
     engines = {role: apps[role].state.engine for role in ROLES}
     for role, engine in engines.items():
+        run.prefix_cache_hit_rate[role] = prefix_hit_rate_between(
+            [(before[role], _scrape_app(apps[role]))]
+        )
         run.busy[role] = list(engine.busy_intervals)
         run.generation_tokens[role] = engine.stats.generation_tokens
         run.preemptions += engine.stats.preemptions
         run.requests += len(engine.records)
+        admitted = [rec for rec in engine.records if rec.first_scheduled_s is not None]
+        counts = shareable_prefix_tokens(
+            [(rec.session_id, rec.block_hashes, rec.prompt_tokens) for rec in admitted],
+            engine.profile.block_size,
+        )
+        shareable = {id(rec): n for rec, n in zip(admitted, counts, strict=True)}
         for rec in engine.records:
             if rec.finish_s is None:
                 continue
@@ -373,6 +446,7 @@ async def run_policy_emulated(
                     else rec.generated_tokens or rec.output_tokens,
                     cached_tokens=rec.cached_tokens,
                     aborted=rec.finish_reason == "abort",
+                    shareable_tokens=shareable.get(id(rec), 0),
                 )
             )
     arrivals = {workload.session_id(i): run.t0 + a for i, a in enumerate(run.arrivals_s)}
@@ -380,6 +454,13 @@ async def run_policy_emulated(
     run.lower_bound = lower_bound(run.spans, run.profiles, arrivals, run.t0)
     run.placement_bounds = placement_bounds(run.spans, run.profiles, arrivals, run.t0)
     return run
+
+
+def _scrape_app(app: Any) -> ServerSnapshot:
+    """The emulator's `/metrics` page, read from its registry (no request, no clock step)."""
+    from prometheus_client import generate_latest
+
+    return parse_metrics(generate_latest(app.state.registry).decode(), now())
 
 
 async def _run_with_router(
@@ -489,6 +570,7 @@ async def run_policy_env(
         run.generation_tokens[role] = int(sampler.delta(role, "generation_tokens"))
         run.served[role] = (sampler.delta(role, "prompt_tokens"), sampler.delta(role, "requests"))
     run.profiles = {str(r): p for r, p in profiles.items()} if profiles else None
+    run.prefix_cache_hit_rate = {role: sampler.prefix_hit_rate(role) for role in ROLES}
     run.preemptions = int(sum(sampler.delta(role, "preemptions") for role in ROLES))
     run.requests = int(sum(sampler.delta(role, "requests") for role in ROLES))
     return run

@@ -11,7 +11,7 @@ import httpx
 
 from routing.calls import Role
 from routing.endpoints import Replica
-from routing.vllm_metrics import ServerSnapshot, scrape
+from routing.vllm_metrics import ServerSnapshot, prefix_hit_rate_between, scrape
 from serving.clock import now
 
 _FIELDS = {
@@ -81,6 +81,15 @@ class MetricsSampler:
                 if cur.ok and cur.running > 0:
                     spans.append((prev.taken_at, cur.taken_at))
         return merge_intervals(spans)
+
+    def prefix_hit_rate(self, role: str) -> float | None:
+        """`role`'s prefix-cache hit rate between its first and last good samples."""
+        runs = []
+        for series in self.samples.get(role, []):
+            ok = [s for s in series if s.ok]
+            if ok:
+                runs.append((ok[0], ok[-1]))
+        return prefix_hit_rate_between(runs)
 
     def delta(self, role: str, name: str) -> float:
         """Increase of a counter over the run, summed over `role`'s replicas."""

@@ -3,6 +3,14 @@
 One `Admission` per replica, shared by every graph run in the process. The limit comes
 from a `routing.limits.Limit`; the order among waiters from a `routing.orders.WaitOrder`.
 Every slot is given back exactly once (`Slot.release` is idempotent).
+
+Prefix hold (`prefix_hold_s`): a session's calls share a long prompt prefix (the coders of
+one plan), and a server computes a shared prefix once only for requests admitted after the
+first one's prefill: requests scheduled in the same engine step each compute it. So while a
+session has a call on this replica whose first token has not come back (its prefix leader)
+and none past its first token, its other calls are held back, at most `prefix_hold_s` each,
+then queued in the usual order. Only the transport knows when a first token arrives: it
+calls `Slot.first_token`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,11 @@ from typing import Literal, Protocol
 from routing.limits import Limit, Sample, ServerWatcher
 from routing.orders import FifoOrder, ServiceLedger, Waiter, WaitOrder
 from routing.vllm_metrics import ServerSnapshot
+
+_HOT = "hot"
+_WARMING = "warming"
+# Longest wait behind a prefix leader: about one busy prefill, short of a decode phase.
+PREFIX_HOLD_S = 2.0
 
 OutcomeKind = Literal["ok", "error", "dropped", "cancelled"]
 
@@ -61,6 +74,7 @@ class Slot:
         "_admission",
         "_area_at_admit",
         "admitted_at",
+        "prefix",
         "released",
         "session_id",
         "waited_s",
@@ -80,6 +94,13 @@ class Slot:
         self.admitted_at = admitted_at
         self.waited_s = waited_s
         self.released = False
+        # Prefix hold: "warming" until the first token, then "hot"; None when not tracked.
+        self.prefix: str | None = None
+
+    def first_token(self) -> None:
+        """The server has computed this call's prompt: its first token arrived."""
+        if self.prefix == _WARMING and not self.released:
+            self._admission._first_token(self)
 
     def release(self, outcome: Outcome) -> bool:
         """Give the slot back. Returns False when it was already given back."""
@@ -99,6 +120,8 @@ class Admission:
         order: The order among waiters (FIFO by default).
         ledger: Service accounts shared with the LAS order.
         observer: Metrics sink.
+        prefix_hold_s: Longest a call waits behind its session's prefix leader (None: no
+            prefix hold; see the module docstring).
     """
 
     def __init__(
@@ -108,6 +131,7 @@ class Admission:
         order: WaitOrder | None = None,
         ledger: ServiceLedger | None = None,
         observer: AdmissionObserver | None = None,
+        prefix_hold_s: float | None = None,
     ) -> None:
         self.name = name
         self.limit_algorithm = limit
@@ -124,6 +148,12 @@ class Admission:
         self.failed = 0
         self.cancelled = 0
         self.peak_in_flight = 0
+        self.prefix_hold_s = prefix_hold_s
+        self.prefix_held = 0  # calls held behind a prefix leader, ever
+        self._prefix: dict[str, dict[str, int]] = {_WARMING: {}, _HOT: {}}  # session -> calls
+        self._held: dict[str, deque[Waiter]] = {}
+        self._held_count = 0
+        self._hold_timers: dict[str, asyncio.TimerHandle] = {}
 
     @property
     def limit(self) -> int:
@@ -137,26 +167,26 @@ class Admission:
 
     @property
     def queued(self) -> int:
-        """Calls waiting for a slot."""
-        return self._queued
+        """Calls waiting for a slot (held behind a prefix leader included)."""
+        return self._queued + self._held_count
 
     @property
     def outstanding(self) -> int:
         """In flight plus queued."""
-        return self._in_flight + self._queued
+        return self._in_flight + self.queued
 
     async def acquire(self, session_id: str = "-") -> Slot:
         """Wait for a slot; a caller cancelled while queued leaves the queue cleanly."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if self._queued == 0 and self._in_flight < self.limit:
+        hold = self._holds(session_id)
+        if not hold and self._queued == 0 and self._in_flight < self.limit:
             return self._admit(session_id, now, now)
         waiter = Waiter(session_id, now, next(self._seq), loop.create_future())
-        queue = self._queues.setdefault(session_id, deque())
-        queue.append(waiter)
-        if len(queue) == 1:
-            self.order.set_head(session_id, waiter)
-        self._queued += 1
+        if hold:
+            self._hold(waiter)
+        else:
+            self._enqueue(waiter)
         self._notify()
         try:
             slot: Slot = await waiter.future
@@ -189,7 +219,75 @@ class Admission:
             "peak_in_flight": self.peak_in_flight,
         }
 
+    def _enqueue(self, waiter: Waiter) -> None:
+        queue = self._queues.setdefault(waiter.session_id, deque())
+        queue.append(waiter)
+        if len(queue) == 1:
+            self.order.set_head(waiter.session_id, waiter)
+        self._queued += 1
+
+    def _holds(self, session_id: str) -> bool:
+        """Whether a call of `session_id` arriving now waits for its prefix leader."""
+        if self.prefix_hold_s is None:
+            return False
+        return session_id in self._prefix[_WARMING] and session_id not in self._prefix[_HOT]
+
+    def _hold(self, waiter: Waiter) -> None:
+        waiter.held = True
+        self.prefix_held += 1
+        session_id = waiter.session_id
+        self._held.setdefault(session_id, deque()).append(waiter)
+        self._held_count += 1
+        if session_id not in self._hold_timers and self.prefix_hold_s is not None:
+            self._hold_timers[session_id] = asyncio.get_running_loop().call_later(
+                self.prefix_hold_s, self._hold_expired, session_id
+            )
+
+    def _unhold(self, session_id: str) -> None:
+        """Queue `session_id`'s held calls in the usual order."""
+        timer = self._hold_timers.pop(session_id, None)
+        if timer is not None:
+            timer.cancel()
+        for waiter in self._held.pop(session_id, ()):
+            self._held_count -= 1
+            if not waiter.future.done():
+                self._enqueue(waiter)
+
+    def _hold_expired(self, session_id: str) -> None:
+        self._hold_timers.pop(session_id, None)
+        self._unhold(session_id)
+        self._dispatch()
+        self._notify()
+
+    def _count(self, state: str, session_id: str, delta: int) -> None:
+        counts = self._prefix[state]
+        n = counts.get(session_id, 0) + delta
+        if n > 0:
+            counts[session_id] = n
+        else:
+            counts.pop(session_id, None)
+
+    def _first_token(self, slot: Slot) -> None:
+        slot.prefix = _HOT
+        self._count(_WARMING, slot.session_id, -1)
+        self._count(_HOT, slot.session_id, +1)
+        if slot.session_id in self._held:
+            self._unhold(slot.session_id)
+            self._dispatch()
+            self._notify()
+
     def _forget(self, waiter: Waiter) -> None:
+        held = self._held.get(waiter.session_id)
+        if held is not None and waiter in held:
+            held.remove(waiter)
+            self._held_count -= 1
+            if not held:
+                self._held.pop(waiter.session_id)
+                timer = self._hold_timers.pop(waiter.session_id, None)
+                if timer is not None:
+                    timer.cancel()
+            self._notify()
+            return
         queue = self._queues.get(waiter.session_id)
         if queue is None:
             return
@@ -217,9 +315,12 @@ class Admission:
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self.ledger.begin(session_id, now)
         slot = Slot(self, session_id, now, now - enqueued_at, self._area)
+        if self.prefix_hold_s is not None:
+            slot.prefix = _WARMING
+            self._count(_WARMING, session_id, +1)
         if self.observer is not None:
             self.observer.on_admit(slot.waited_s)
-            self.observer.on_state(self.limit, self._in_flight, self._queued)
+            self.observer.on_state(self.limit, self._in_flight, self.queued)
         return slot
 
     def _release(self, slot: Slot, outcome: Outcome) -> None:
@@ -227,6 +328,10 @@ class Admission:
         self._account(now)
         self._in_flight -= 1
         self.ledger.end(slot.session_id, slot.admitted_at, now)
+        if slot.prefix is not None:
+            self._count(slot.prefix, slot.session_id, -1)
+            if not self._holds(slot.session_id):
+                self._unhold(slot.session_id)  # the leader ended without a first token
         if outcome.kind in ("error", "dropped"):
             self.failed += 1
         elif outcome.kind == "cancelled":
@@ -268,8 +373,11 @@ class Admission:
                 del self._queues[session_id]
             if waiter.future.done():  # cancelled but not yet forgotten
                 continue
+            if not waiter.held and self._holds(session_id):
+                self._hold(waiter)  # its session's leader was admitted ahead of it
+                continue
             waiter.future.set_result(self._admit(session_id, now, waiter.enqueued_at))
 
     def _notify(self) -> None:
         if self.observer is not None:
-            self.observer.on_state(self.limit, self._in_flight, self._queued)
+            self.observer.on_state(self.limit, self._in_flight, self.queued)

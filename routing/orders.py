@@ -31,6 +31,8 @@ class Waiter:
     enqueued_at: float
     seq: int
     future: asyncio.Future[Any] = field(repr=False)
+    # Held once already behind its session's prefix leader (see `Admission`): never again.
+    held: bool = False
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from routing.admission import Admission, AdmissionObserver
+from routing.admission import PREFIX_HOLD_S, Admission, AdmissionObserver
 from routing.calls import Role, current_call
 from routing.endpoints import Endpoints, Replica, redact
 from routing.exporter import TandemMetrics
@@ -53,7 +53,8 @@ class Router:
     Args:
         endpoints: Replicas per role.
         limit: "unlimited", "fixed-N" or "adaptive" (one limit per replica).
-        order: "fifo" or "las" (least attained service per session, with aging).
+        order: "fifo" or "las" (least attained service per session, with aging; "las" also
+            holds a session's calls behind its prefix leader, see `routing.admission`).
         metrics: Where to export `tandem_*` series.
         scrape_interval_s: How often adaptive limits read each server's `/metrics`.
         request_timeout_s: Bound on one call from admission to the end of its body.
@@ -109,6 +110,8 @@ class Router:
                     make_order(order, self.ledger),
                     self.ledger,
                     observer,
+                    # Program-aware orders keep a session's prefix computed once.
+                    prefix_hold_s=PREFIX_HOLD_S if order == "las" else None,
                 )
                 if observer is not None:
                     observer.on_state(admission.limit, 0, 0)

@@ -185,6 +185,8 @@ class MeteredStream(httpx.AsyncByteStream):
         now = self._loop.time()
         if self._first_at is None:
             self._first_at = now
+            if self._kind == "ok":
+                self._slot.first_token()  # the prompt is computed: its prefix is cached
         else:
             self._last_at = now
         if self._sse:

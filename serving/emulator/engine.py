@@ -148,6 +148,9 @@ class RequestRecord:
     generated_tokens: int = 0
     preemptions: int = 0
     finish_reason: FinishReason | None = None
+    # The prompt's full-block hash chain: two prompts share their first n blocks exactly
+    # when their first n hashes are equal (the benchmark's shareable-prefix count).
+    block_hashes: list[int] = field(default_factory=list, repr=False)
 
 
 class BlockPool:
@@ -507,8 +510,9 @@ class Engine:
             output_tokens=max(1, output_tokens),
             priority=priority,
         )
+        record.block_hashes = prompt_block_hashes(prompt_text, self.profile.block_size)
         self.records.append(record)
-        seq = _Seq(record, prompt_block_hashes(prompt_text, self.profile.block_size), self._counter)
+        seq = _Seq(record, record.block_hashes, self._counter)
         self._waiting.add(seq)
         if self._task is None:
             self._task = loop.create_task(self._run(), name=f"emulator-{self.profile.name}")

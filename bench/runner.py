@@ -394,14 +394,21 @@ async def run_policy_emulated(
     """One policy against fresh emulators (in-process, or over loopback HTTP on a real clock)."""
     models: dict[Role, str] = {role: f"tandem-{role}" for role in ROLES}
     prof = resolve_profiles(profiles, workload.tokens.min_output_frac)
-    apps = emulator_apps(prof, models, seed)
+    apps = emulator_apps(prof, models, seed, engine_priority=policy.engine_priority)
     servers: list[Any] = []
     if real_clock:
         endpoints: dict[Role, list[Replica]] = {}
         for role in ROLES:
             url, server = await _serve_loopback(apps[role])
             servers.append(server)
-            endpoints[role] = [Replica(url=url, model=models[role], gpu=GPU_OF[role])]
+            endpoints[role] = [
+                Replica(
+                    url=url,
+                    model=models[role],
+                    gpu=GPU_OF[role],
+                    priority=policy.engine_priority,
+                )
+            ]
     else:
         endpoints = in_process_endpoints(apps, models)
     before = {role: _scrape_app(apps[role]) for role in ROLES}
@@ -556,9 +563,18 @@ async def run_policy_env(
     `gpu_busy` is the fraction of /metrics samples (every `sample_interval_s`) that showed at
     least one running request; tokens and preemptions are counter deltas over the run.
     `gpu_saturation` needs `profiles` (the servers' declared profiles); else it is null.
+    A replica sends vLLM's `priority` only when it runs the priority policy (its `priority`
+    flag) and the policy asks for engine priority.
     """
     from bench.sampler import MetricsSampler
 
+    endpoints = {
+        role: [
+            dataclasses.replace(r, priority=r.priority and policy.engine_priority)
+            for r in replicas
+        ]
+        for role, replicas in endpoints.items()
+    }
     sampler = MetricsSampler(endpoints, interval_s=sample_interval_s)
     await sampler.start()
     try:

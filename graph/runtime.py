@@ -46,16 +46,25 @@ GPU_OF: dict[Role, str] = {"reasoning": "gpu0", "coder": "gpu1"}
 
 
 def emulator_apps(
-    profiles: Mapping[Role, Any], models: Mapping[Role, str], seed: int
+    profiles: Mapping[Role, Any],
+    models: Mapping[Role, str],
+    seed: int,
+    *,
+    engine_priority: bool = False,
 ) -> dict[Role, Any]:
     """One emulated vLLM server (an ASGI app with its engine) per role.
 
-    `profiles` maps each role to a profile name, a profile file path or a `Profile`.
+    `profiles` maps each role to a profile name, a profile file path or a `Profile`;
+    `engine_priority` starts them with vLLM's `--scheduling-policy priority`.
     """
     from serving.emulator.app import create_app
+    from serving.emulator.engine import SchedulingPolicy
 
+    policy: SchedulingPolicy = "priority" if engine_priority else "fcfs"
     return {
-        role: create_app(profiles[role], seed=seed, served_model_name=models[role])
+        role: create_app(
+            profiles[role], seed=seed, served_model_name=models[role], scheduling_policy=policy
+        )
         for role in GPU_OF
     }
 
@@ -63,7 +72,10 @@ def emulator_apps(
 def in_process_endpoints(
     apps: Mapping[Role, Any], models: Mapping[Role, str]
 ) -> dict[Role, list[Replica]]:
-    """Endpoints that reach `apps` through a streaming in-process transport (no sockets)."""
+    """Endpoints that reach `apps` through a streaming in-process transport (no sockets).
+
+    A replica sends vLLM's per-request `priority` when its app runs the priority policy.
+    """
     from serving.emulator.transport import InProcessTransport
 
     return {
@@ -73,6 +85,7 @@ def in_process_endpoints(
                 model=models[role],
                 gpu=GPU_OF[role],
                 transport=InProcessTransport(app),
+                priority=app.state.engine.scheduling_policy == "priority",
             )
         ]
         for role, app in apps.items()
@@ -89,7 +102,10 @@ def emulated_endpoints(settings: Settings) -> tuple[dict[Role, list[Replica]], d
         "reasoning": settings.reasoning_model,
         "coder": settings.coder_model,
     }
-    apps = emulator_apps(profiles, models, settings.emulator_seed)
+    # Under the LAS order the built-in emulator serves by the rank the router sends.
+    apps = emulator_apps(
+        profiles, models, settings.emulator_seed, engine_priority=settings.order == "las"
+    )
     return in_process_endpoints(apps, models), apps
 
 
@@ -101,10 +117,20 @@ def configured_endpoints(settings: Settings) -> dict[Role, list[Replica]]:
     return {
         "reasoning": [
             Replica(
-                url=settings.reasoning_url, model=settings.reasoning_model, gpu=GPU_OF["reasoning"]
+                url=settings.reasoning_url,
+                model=settings.reasoning_model,
+                gpu=GPU_OF["reasoning"],
+                priority=settings.engine_priority,
             )
         ],
-        "coder": [Replica(url=settings.coder_url, model=settings.coder_model, gpu=GPU_OF["coder"])],
+        "coder": [
+            Replica(
+                url=settings.coder_url,
+                model=settings.coder_model,
+                gpu=GPU_OF["coder"],
+                priority=settings.engine_priority,
+            )
+        ],
     }
 
 

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         "adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N"
     )
     order: Literal["fifo", "las"] = "las"
+    engine_priority: bool = Field(
+        False,
+        description="The vLLM servers at TANDEM_*_URL run with --scheduling-policy priority: "
+        "each call carries its session's rank as vLLM's per-request priority",
+    )
     metrics_port: int | None = Field(None, ge=0, le=65535)
     emulator_reasoning_profile: str = "h100-nvl-reasoning-32b"
     emulator_coder_profile: str = "h100-nvl-coder-8b"

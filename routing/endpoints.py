@@ -39,6 +39,9 @@ class Replica:
         gpu: A label for the GPU behind it, e.g. "gpu0".
         transport: An in-process transport (an emulator); None sends over the network.
         metrics_url: Its Prometheus page; None means the URL without `/v1` plus `/metrics`.
+        priority: The server runs with `--scheduling-policy priority`: the router sends each
+            call's program-level rank as vLLM's per-request `priority`. (Under vLLM's
+            default `fcfs` policy a non-zero priority is refused, so this must match.)
     """
 
     url: str
@@ -46,6 +49,7 @@ class Replica:
     gpu: str
     transport: httpx.AsyncBaseTransport | None = None
     metrics_url: str | None = None
+    priority: bool = False
 
     def scrape_url(self) -> str:
         """The URL of the server's `/metrics` page."""
@@ -65,8 +69,17 @@ class Replica:
 Endpoints = Mapping[Role, Sequence[Replica]]
 
 
+def _flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
 def load_endpoints_file(path: str | Path) -> dict[Role, list[Replica]]:
     """Read replicas from YAML: `reasoning: [{url, model, gpu}], coder: [...]`.
+
+    Optional per replica: `metrics_url`, and `priority: true` for a server started with
+    `--scheduling-policy priority`.
 
     Raises:
         ValueError: an unknown role, a missing field, or a role without replicas.
@@ -94,6 +107,7 @@ def load_endpoints_file(path: str | Path) -> dict[Role, list[Replica]]:
                     model=str(item["model"]),
                     gpu=str(item["gpu"]),
                     metrics_url=str(item["metrics_url"]) if item.get("metrics_url") else None,
+                    priority=_flag(item.get("priority", False), f"{path}: {role}[{i}].priority"),
                 )
             )
         out[role] = replicas

@@ -303,6 +303,23 @@ class MeteredStream(httpx.AsyncByteStream):
         await self._response.aclose()
 
 
+# Engine priority units per slot-second of attained service: vLLM's priority is an integer.
+PRIORITY_UNITS_PER_S = 10
+_MAX_PRIORITY = 2**31 - 1
+
+
+def engine_rank(attained_s: float, forgiven_s: float = 0.0) -> int:
+    """vLLM's per-request `priority` for a call: its session's least-attained-service rank.
+
+    A session that has held fewer GPU slot-seconds is served earlier inside the engine too
+    (lower is earlier), as the router's LAS order admits it earlier; `forgiven_s` is the
+    aging the call earned while it waited at the router. Tenths of a slot-second, so that
+    sessions a fraction of a second apart are told apart; ties go by arrival, as vLLM does.
+    """
+    rank = max(0.0, attained_s - forgiven_s) * PRIORITY_UNITS_PER_S
+    return min(int(rank), _MAX_PRIORITY)
+
+
 def stream_completion_tokens(tail: bytes) -> int | None:
     """`usage.completion_tokens` of the last SSE data event in `tail` that carries usage.
 
@@ -421,6 +438,35 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             extensions["timeout"] = timeout
         return extensions
 
+    def _with_priority(
+        self, outgoing: httpx.Request, body: bytes, lane: Lane, slot: Slot
+    ) -> httpx.Request:
+        """`outgoing` with vLLM's `priority` set to the call's session rank (see `engine_rank`).
+
+        A body that is not a JSON object is sent as it is.
+        """
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return outgoing
+        if not isinstance(payload, dict):
+            return outgoing
+        admission = lane.admission
+        now = asyncio.get_running_loop().time()
+        attained = admission.ledger.attained(slot.session_id, now)
+        aging = getattr(admission.order, "aging_rate", 0.0)
+        payload["priority"] = engine_rank(attained, aging * slot.waited_s)
+        headers = [
+            (k, v) for k, v in outgoing.headers.multi_items() if k.lower() != "content-length"
+        ]
+        return httpx.Request(
+            outgoing.method,
+            outgoing.url,
+            headers=headers,
+            content=json.dumps(payload, separators=(",", ":")).encode(),
+            extensions=outgoing.extensions,
+        )
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Admit, forward and wrap the response body so the slot comes back."""
         info = current_call.get()
@@ -442,6 +488,8 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             extensions=self._extensions(request),
         )
         slot = await lane.admission.acquire(session_id)
+        if lane.replica.priority and request.method == "POST":
+            outgoing = self._with_priority(outgoing, body, lane, slot)
         loop = asyncio.get_running_loop()
         started_at = loop.time()
         deadline = started_at + self.request_timeout_s

@@ -240,6 +240,10 @@ BASELINE_FLAGS = frozenset(
         "--override-generation-config",
         "--no-enable-prefix-caching",
         "--api-key",
+        # vllm-project/vllm PR #19057 implemented the priority policy in the V1 engine (the
+        # flag itself is older, V0); that it predates the 0.10.2 baseline is assumed here,
+        # not verified against a release note.
+        "--scheduling-policy",
     }
 )
 BASELINE_VLLM = (0, 10, 2)
@@ -285,6 +289,16 @@ def min_vllm_version(profile: Profile) -> VllmRequirement:
     return VllmRequirement(version, because)
 
 
+def priority_scheduling(args: Sequence[str]) -> bool:
+    """Whether vLLM arguments select `--scheduling-policy priority` (either spelling)."""
+    for i, arg in enumerate(args):
+        if arg == "--scheduling-policy" and i + 1 < len(args):
+            return args[i + 1] == "priority"
+        if arg.startswith("--scheduling-policy="):
+            return arg.split("=", 1)[1] == "priority"
+    return False
+
+
 def export_lines(profile: Profile, served_names: Mapping[Role, str]) -> list[str]:
     """`export` lines that point Tandem at the profile's servers.
 
@@ -305,6 +319,8 @@ def export_lines(profile: Profile, served_names: Mapping[Role, str]) -> list[str
         if server.top_p is not None:
             values[f"{prefix}_TOP_P"] = str(server.top_p)
         lines.append("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
+    if all(priority_scheduling(profile.server(role).extra_args) for role in ROLES):
+        lines.append("export TANDEM_ENGINE_PRIORITY=true")
     if profile.run_env:
         settings = " ".join(f"{k}={shlex.quote(v)}" for k, v in profile.run_env.items())
         lines.append(f"export {settings}")

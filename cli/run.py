@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 
 from cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError
-from graph.settings import Settings, load_settings
+from graph.settings import Settings, load_settings, redact
 from nodes.context import MAX_REQUEST_CHARS, ServerOptions
 
 if TYPE_CHECKING:
@@ -131,16 +131,26 @@ def _read_request_file(path: Path) -> str:
 def resolve_clock(clock: Clock | None, settings: Settings) -> bool:
     """True for the virtual clock: the default on the built-in emulator, refused elsewhere.
 
+    With shared stores configured the clock is real: other workers and the stores'
+    timeouts run on real time.
+
     Raises:
-        CliError: `--clock virtual` while real servers are configured.
+        CliError: `--clock virtual` while real servers or shared stores are configured.
     """
+    shared = settings.admission_url is not None or settings.checkpoint_url is not None
     if clock is None:
-        return settings.emulated
+        return settings.emulated and not shared
     if clock == "virtual" and not settings.emulated:
         raise CliError(
             "--clock virtual only works on the built-in emulator: real vLLM servers are "
             "configured (TANDEM_REASONING_URL / TANDEM_ENDPOINTS_FILE) and take real time, so "
             "virtual durations would be invented; use --clock real or unset them"
+        )
+    if clock == "virtual" and shared:
+        raise CliError(
+            "--clock virtual does not mix with shared stores (TANDEM_ADMISSION_URL / "
+            "TANDEM_CHECKPOINT_URL): other processes and the stores' timeouts run on real "
+            "time; use --clock real"
         )
     return clock == "virtual"
 
@@ -227,17 +237,32 @@ def serve_metrics(runtime: Runtime, port: int, console: Console) -> None:
 
 @contextlib.asynccontextmanager
 async def checkpointer(settings: Settings, enabled: bool) -> AsyncIterator[Any]:
-    """The SQLite checkpointer in the workspace (None when disabled)."""
+    """The checkpointer: Postgres at TANDEM_CHECKPOINT_URL, else SQLite in the workspace.
+
+    None when disabled. Opening raises `graph.checkpoints.CheckpointStoreUnavailable`,
+    naming the store (password redacted).
+    """
     if not enabled:
         yield None
         return
-    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+    from graph.checkpoints import open_checkpointer
 
     settings.workspace.mkdir(parents=True, exist_ok=True)
-    async with AsyncSqliteSaver.from_conn_string(
-        str(settings.workspace / "checkpoints.db")
-    ) as saver:
+    async with open_checkpointer(settings.checkpoint_store()) as saver:
         yield saver
+
+
+@contextlib.asynccontextmanager
+async def stores_or_explain(command: str) -> AsyncIterator[None]:
+    """Turn an unreachable shared store (Redis admission, Postgres checkpoints) into a usage
+    error naming it; their own messages redact passwords."""
+    from graph.checkpoints import CheckpointStoreUnavailable
+    from routing.shared_admission import AdmissionStoreUnavailable
+
+    try:
+        yield
+    except (AdmissionStoreUnavailable, CheckpointStoreUnavailable) as exc:
+        raise CliError(f"{command}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -432,7 +457,11 @@ async def _run_sessions(
             )
 
         board = SessionBoard(console, virtual=virtual, quiet=options.quiet)
-        async with checkpointer(settings, options.checkpoint) as saver, runtime.router:
+        async with (
+            stores_or_explain("run"),
+            checkpointer(settings, options.checkpoint) as saver,
+            runtime.router,
+        ):
             graph = build_graph(
                 runtime.models,
                 defaults=context,
@@ -495,9 +524,9 @@ def resume(
         check_session_id(session_id)
     except UnsafePathError as exc:
         raise CliError(f"resume: {exc}") from None
-    db = settings.workspace / "checkpoints.db"
-    if not db.exists():
-        raise CliError(f"resume: no checkpoints at {db} (is TANDEM_WORKSPACE the run's?)")
+    store = settings.checkpoint_store()
+    if isinstance(store, Path) and not store.exists():
+        raise CliError(f"resume: no checkpoints at {store} (is TANDEM_WORKSPACE the run's?)")
     virtual = resolve_clock(clock, settings)
     code = run_on_clock(_resume_session(session_id, settings, virtual, quiet), virtual=virtual)
     raise typer.Exit(code)
@@ -513,7 +542,8 @@ async def _resume_session(session_id: str, settings: Settings, virtual: bool, qu
     from routing.fanout import FanoutPolicy
 
     console = output_console()
-    db = settings.workspace / "checkpoints.db"
+    store = settings.checkpoint_store()
+    where = redact(str(store))
     runtime = build_runtime_or_explain(settings)
     try:
         await preflight_or_explain(runtime)
@@ -524,7 +554,7 @@ async def _resume_session(session_id: str, settings: Settings, virtual: bool, qu
     fanout = FanoutPolicy(max_parallel=context.max_parallel_agents)
     stop = asyncio.Event()
     try:
-        async with checkpointer(settings, True) as saver:
+        async with stores_or_explain("resume"), checkpointer(settings, True) as saver:
             graph = build_graph(
                 runtime.models,
                 defaults=context,
@@ -535,7 +565,7 @@ async def _resume_session(session_id: str, settings: Settings, virtual: bool, qu
             config: RunnableConfig = {"configurable": {"thread_id": session_id}}
             snapshot = await graph.aget_state(config)
             if not snapshot.values:
-                raise CliError(f"resume: no session {session_id} in {db}")
+                raise CliError(f"resume: no session {session_id} in {where}")
             if not snapshot.next:
                 status = str(snapshot.values.get("status"))
                 console.print(f"tandem resume: session {session_id} already finished ({status})",

@@ -171,6 +171,9 @@ def build_runtime(
         connect_timeout_s=settings.connect_timeout_s,
         first_token_timeout_s=None if in_process else settings.first_token_timeout_s,
         stream_idle_timeout_s=None if in_process else settings.stream_idle_timeout_s,
+        admission_url=(
+            settings.admission_url.get_secret_value() if settings.admission_url else None
+        ),
     )
     models = RoutedModels(
         router=router,

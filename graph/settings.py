@@ -17,7 +17,7 @@ from routing.limits import make_limit
 __all__ = ["Settings", "SettingsError", "check_url", "load_settings", "redact"]
 
 # Fields whose values are never shown, not even redacted.
-_SECRET_FIELDS = frozenset({"api_key"})
+_SECRET_FIELDS = frozenset({"api_key", "admission_url", "checkpoint_url"})
 
 
 class SettingsError(SystemExit):
@@ -81,6 +81,16 @@ class Settings(BaseSettings):
         "adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N"
     )
     order: Literal["fifo", "las"] = "las"
+    admission_url: SecretStr | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0) shared by every Tandem process: one "
+        "admission budget per GPU across them; unset: this process's own budget",
+    )
+    checkpoint_url: SecretStr | None = Field(
+        None,
+        description="Postgres URL (postgresql://user:pw@host/db) for checkpoints any worker "
+        "can resume from; unset: a SQLite file in the workspace",
+    )
     engine_priority: bool = Field(
         False,
         description="The vLLM servers at TANDEM_*_URL run with --scheduling-policy priority: "
@@ -98,6 +108,24 @@ class Settings(BaseSettings):
             return None
         check_url(value)
         return value.rstrip("/")
+
+    @field_validator("admission_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("checkpoint_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not value.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
 
     @field_validator("limit")
     @classmethod
@@ -129,6 +157,12 @@ class Settings(BaseSettings):
     def emulated(self) -> bool:
         """True when no real endpoint is configured: the built-in emulator serves both roles."""
         return self.reasoning_url is None and self.endpoints_file is None
+
+    def checkpoint_store(self) -> str | Path:
+        """Where checkpoints go: the Postgres URL, else the workspace's SQLite file."""
+        if self.checkpoint_url is not None:
+            return self.checkpoint_url.get_secret_value()
+        return self.workspace / "checkpoints.db"
 
     def run_context(self) -> RunContext:
         """Default run context from these settings (the workspace is a server option)."""

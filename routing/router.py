@@ -22,6 +22,7 @@ from routing.endpoints import Endpoints, Replica, redact
 from routing.exporter import TandemMetrics
 from routing.limits import KvBounded, ServerWatcher, make_limit
 from routing.orders import ServiceLedger, make_order
+from routing.shared_admission import SharedAdmission
 from routing.transport import Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
 
@@ -63,6 +64,8 @@ class Router:
             chunk (raised per replica with its measured TTFT); None: no such bound.
         stream_idle_timeout_s: Most silence between chunks of a streamed answer; None: no
             such bound.
+        admission_url: A Redis URL: every process whose router names it shares each
+            replica's admission budget (`routing.shared_admission`); None: this process only.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Router:
         connect_timeout_s: float = 5.0,
         first_token_timeout_s: float | None = None,
         stream_idle_timeout_s: float | None = None,
+        admission_url: str | None = None,
     ) -> None:
         make_limit(limit)  # fail fast on a bad policy string
         self.metrics = metrics
@@ -104,15 +108,27 @@ class Router:
                 observer: AdmissionObserver | None = (
                     metrics.endpoint(role, name, replica.gpu) if metrics is not None else None
                 )
-                admission = Admission(
-                    name,
-                    make_limit(limit),
-                    make_order(order, self.ledger),
-                    self.ledger,
-                    observer,
-                    # Program-aware orders keep a session's prefix computed once.
-                    prefix_hold_s=PREFIX_HOLD_S if order == "las" else None,
-                )
+                admission: Admission
+                if admission_url is not None:
+                    # One budget per replica across every process that names it the same.
+                    admission = SharedAdmission(
+                        name,
+                        make_limit(limit),
+                        url=admission_url,
+                        order=order,
+                        ledger=self.ledger,
+                        observer=observer,
+                    )
+                else:
+                    admission = Admission(
+                        name,
+                        make_limit(limit),
+                        make_order(order, self.ledger),
+                        self.ledger,
+                        observer,
+                        # Program-aware orders keep a session's prefix computed once.
+                        prefix_hold_s=PREFIX_HOLD_S if order == "las" else None,
+                    )
                 if observer is not None:
                     observer.on_state(admission.limit, 0, 0)
                 lanes.append(Lane(name, replica, admission, self._transport_for(replica)))
@@ -248,6 +264,10 @@ class Router:
         if self._started:
             return
         self._started = True
+        for lanes in self._lanes.values():
+            for lane in lanes:
+                if isinstance(lane.admission, SharedAdmission):
+                    await lane.admission.start()  # raises AdmissionStoreUnavailable
         now = asyncio.get_running_loop().time()
         stale_after_s = STALE_AFTER_INTERVALS * self.scrape_interval_s
         for lanes in self._lanes.values():
@@ -302,6 +322,10 @@ class Router:
                 await task
         self._scrapers.clear()
         self._started = False
+        for lanes in self._lanes.values():
+            for lane in lanes:
+                if isinstance(lane.admission, SharedAdmission):
+                    await lane.admission.aclose()
         for client in self._clients.values():
             await client.aclose()
         if self._network is not None:

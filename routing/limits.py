@@ -146,7 +146,8 @@ class AdaptiveLimit:
         min_limit: The limit never goes below this.
         max_limit: ... nor above this.
         itl_tolerance: Target ITL as a multiple of its floor (the knee).
-        ttft_tolerance: Target TTFT as a multiple of its floor (server-side queueing).
+        ttft_tolerance: Target TTFT as a multiple of its floor (server-side queueing); used
+            only when the server's own gauges are not read (see `_ttft_counts`).
         slow_start_itl_tolerance: Slow start ends once ITL passes this multiple of its floor.
         smoothing: Weight of each new estimate (Gradient2's smoothing).
         min_gradient: The most one sample may shrink the estimate by.
@@ -307,12 +308,23 @@ class AdaptiveLimit:
         for track, tolerance in (
             (self._itl, self.slow_start_itl_tolerance),
             (self._tpot, self.slow_start_itl_tolerance),
-            (self._ttft, self.ttft_tolerance),
+            (self._ttft, self.ttft_tolerance) if self._ttft_counts() else (self._ttft, math.inf),
         ):
             gradient = track.gradient(tolerance)
             if gradient is not None and gradient < 1.0:
                 return False
         return True
+
+    def _ttft_counts(self) -> bool:
+        """Whether router-seen TTFT steers the limit: only without the server's own gauges.
+
+        TTFT mixes queueing with prefill, and prefill grows with the prompt: a 20k-token
+        review prompt takes many times a short plan prompt's first token on an idle server,
+        which a TTFT floor would read as queueing. A server that reports its queue
+        (`vllm:num_requests_waiting`) says how much of the wait is queueing; the limit reads
+        that instead (`server_state`).
+        """
+        return self._watch_since is None
 
     def _grow_to(self, value: float) -> None:
         ceiling = self.max_limit if self._kv_bound is None else max(self._kv_bound, self.min_limit)
@@ -354,7 +366,9 @@ class AdaptiveLimit:
             for g in (
                 self._itl.gradient(self.itl_tolerance) if sample.itl_s is not None else None,
                 self._tpot.gradient(self.itl_tolerance) if sample.tpot_s is not None else None,
-                self._ttft.gradient(self.ttft_tolerance) if sample.ttft_s is not None else None,
+                self._ttft.gradient(self.ttft_tolerance)
+                if sample.ttft_s is not None and self._ttft_counts()
+                else None,
             )
             if g is not None
         ]

@@ -297,3 +297,29 @@ def test_new_cpu_fit_stops_at_max_num_seqs() -> None:
     assert max(history) <= 64  # slow start doubles at most once a second
     assert 16 <= limit.limit <= 48, limit.limit
     assert max(history[-500:]) <= 48
+
+
+def test_ttft_steers_the_limit_only_without_the_servers_queue_gauge() -> None:
+    # Long prompts take long to prefill on an idle server: TTFT forty times the floor of the
+    # short-prompt phase, with no queue at all. With the server's gauges read, that is not
+    # taken for queueing; without them the limit must assume it is.
+    def long_prompt_phase() -> ItlModel:
+        calls = itertools.count()
+        # Short plan prompts first, then a phase of 20k-token review prompts.
+        return lambda b: 0.05 if next(calls) < 1000 else 2.0
+
+    def idle_queue(b: float, t: float) -> ServerSnapshot:
+        return ServerSnapshot(taken_at=t, running=b, waiting=0, kv_usage=0.3)
+
+    watched = AdaptiveLimit()
+    watched.watch_server(0.0, stale_after_s=5.0)
+    _drive(
+        watched,
+        lambda b: 0.0046 + 0.00004 * b,
+        ttft_of=long_prompt_phase(),
+        snapshot_of=idle_queue,
+    )
+    blind = AdaptiveLimit()
+    _drive(blind, lambda b: 0.0046 + 0.00004 * b, ttft_of=long_prompt_phase())
+    assert watched.limit >= 120, watched.limit
+    assert blind.limit < watched.limit / 2, blind.limit

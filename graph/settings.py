@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nodes.context import RunContext
+from nodes.context import PromptStyle, RunContext
 from routing.limits import make_limit
 
 # `user:password@` in a URL, and query parameters that look like credentials.
@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     max_review_rounds: int = Field(2, ge=0, le=20)
     max_files: int = Field(40, ge=1, le=500)
     max_output_retries: int = Field(2, ge=0, le=10)
+    prompt_style: PromptStyle = "full"
     workspace: Path = Path("out")
     request_timeout_s: float = Field(600.0, gt=0)
     limit: str = Field(
@@ -102,6 +103,7 @@ class Settings(BaseSettings):
             max_review_rounds=self.max_review_rounds,
             max_files=self.max_files,
             max_output_retries=self.max_output_retries,
+            prompt_style=self.prompt_style,
         )
 
 

@@ -21,6 +21,10 @@ MAX_REQUEST_CHARS = 100_000
 MAX_STAGE_TOKENS = 131_072
 
 Stage = Literal["plan", "code", "review"]
+# How the coder is prompted: "full" for capable models; "small" is short, with one worked
+# example, for models such as SmolLM2-135M that copy an answer's shape better than they
+# follow instructions.
+PromptStyle = Literal["full", "small"]
 
 
 class RequestTooLargeError(ValueError):
@@ -99,6 +103,10 @@ class RunContext(BaseModel):
         default=2, ge=0, le=10, description="Retries of a malformed or empty model answer."
     )
     max_tokens: TokenCaps = Field(default=TokenCaps(), description="Output token caps per stage.")
+    prompt_style: PromptStyle = Field(
+        default="full",
+        description="Coder prompt: full, or small (short, one worked example) for small models.",
+    )
 
     def merged(self, override: RunContext | dict[str, Any] | None) -> RunContext:
         """This context with the fields that `override` sets explicitly.

@@ -213,9 +213,10 @@ def trim_to_compiling(path: str, content: str) -> tuple[str, str] | None:
     for keep in range(len(lines) - 1, 0, -1):
         prefix = "".join(lines[:keep]).rstrip() + "\n"
         if prefix.strip() and not check_file(path, prefix):
+            kept = prefix.count("\n")
             note = (
-                f"cut at max_tokens; kept the first {prefix.count(chr(10))} of {len(lines)} "
-                "lines, the longest prefix that compiles"
+                f"cut at max_tokens; kept the first {kept} of {len(lines)} lines, "
+                "the longest prefix that compiles"
             )
             return prefix, note
     return None

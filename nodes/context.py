@@ -21,9 +21,9 @@ MAX_REQUEST_CHARS = 100_000
 MAX_STAGE_TOKENS = 131_072
 
 Stage = Literal["plan", "code", "review"]
-# How the coder is prompted: "full" for capable models; "small" is short, with one worked
-# example, for models such as SmolLM2-135M that copy an answer's shape better than they
-# follow instructions.
+# How the agents are prompted: "full" for capable models; "small" for models such as
+# SmolLM2-135M that copy an answer's shape better than they follow instructions (a short
+# coder prompt with one worked example, plan and review text capped in the guided JSON).
 PromptStyle = Literal["full", "small"]
 
 
@@ -105,7 +105,8 @@ class RunContext(BaseModel):
     max_tokens: TokenCaps = Field(default=TokenCaps(), description="Output token caps per stage.")
     prompt_style: PromptStyle = Field(
         default="full",
-        description="Coder prompt: full, or small (short, one worked example) for small models.",
+        description="Prompts: full, or small for small models (a short coder prompt with one "
+        "worked example; plan and review text capped).",
     )
 
     def merged(self, override: RunContext | dict[str, Any] | None) -> RunContext:

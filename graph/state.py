@@ -21,6 +21,7 @@ class FileResult(TypedDict, total=False):
     error: str
     round: int
     attempts: int
+    trimmed: str
 
 
 def merge_files(left: dict[str, FileResult], right: dict[str, FileResult]) -> dict[str, FileResult]:

@@ -5,12 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.exceptions import ModelInvalidRequestError
-from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from nodes.context import RunContext
-from nodes.llm import ChatModels, Usage, complete_text, dumps_compact, strip_code_fence
+from nodes.check import check_file
+from nodes.context import PromptStyle, RunContext
+from nodes.llm import (
+    ChatModels,
+    Usage,
+    complete_answer,
+    dumps_compact,
+    finish_reason,
+    split_reasoning,
+    strip_code_fence,
+)
 from routing.calls import CallInfo
 from serving.protocol import CODER_FILE_MARKER
+
+# Longest answer, in lines, that is trimmed back to a compiling prefix (each try compiles the
+# prefix again, so the work grows with the square of the length).
+MAX_TRIM_LINES = 1000
 
 # Largest file a coder may write, in characters; a longer answer fails that file only (the
 # static checks and the reviewer would only see its first part anyway).
@@ -49,8 +62,49 @@ Previous version:
 ```"""
 
 
-def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
-    """Messages for one coder: the shared prefix first, the file's own task last."""
+# The "small" prompt style (`RunContext.prompt_style`), for models of a few hundred million
+# parameters: a short system prompt, one worked example as a prior turn (such a model copies
+# the shape and length of an answer it has seen), then the request and this file's task only.
+# The whole plan is left out: a 135M model echoes its JSON instead of writing code.
+CODER_SMALL_SYSTEM = """You write one Python file of a small project. Answer with the file's \
+code only, in one ```python block.
+Keep it short and simple: one class or a few functions, each method a few lines. \
+Use only the Python standard library. No example usage, no tests, no comments."""
+
+CODER_SMALL_EXAMPLE_TASK = (
+    "Request: a calculator: calc/ops.py with add and sub, and calc/main.py that uses it\n"
+    + CODER_FILE_MARKER
+    + """calc/ops.py
+Purpose: The operations add and sub.
+Depends on: nothing
+Public interface: class Calculator: def add(self, a: float, b: float) -> float; \
+def sub(self, a: float, b: float) -> float
+Write calc/ops.py."""
+)
+CODER_SMALL_EXAMPLE_ANSWER = """```python
+class Calculator:
+    def add(self, a: float, b: float) -> float:
+        return a + b
+
+    def sub(self, a: float, b: float) -> float:
+        return a - b
+```"""
+
+CODER_SMALL_FIX = """
+The reviewer asked for changes to your previous version: {comments}
+Previous version:
+```python
+{previous}
+```"""
+CODER_SMALL_WRITE = """
+Write {path}."""
+
+
+def coder_messages(task: dict[str, Any], style: PromptStyle = "full") -> list[BaseMessage]:
+    """Messages for one coder: the shared prefix first, the file's own task last.
+
+    With `style="small"`, a short prompt with one worked example instead (no shared prefix).
+    """
     plan = task["plan"]
     spec = next((f for f in plan.get("files", []) if f["path"] == task["path"]), None) or {}
     own = CODER_TASK.format(
@@ -59,6 +113,8 @@ def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
         depends_on=", ".join(spec.get("depends_on", [])) or "nothing",
         interface=spec.get("interface", "") or "(none given)",
     )
+    if style == "small":
+        return _small_coder_messages(task, own)
     if task.get("comments"):
         own += CODER_FIX.format(comments=task["comments"], previous=task.get("previous", ""))
     own += CODER_WRITE.format(path=task["path"])
@@ -67,6 +123,21 @@ def coder_messages(task: dict[str, Any]) -> list[BaseMessage]:
         HumanMessage(
             content=CODER_SHARED.format(request=task["request"], plan=dumps_compact(plan))
         ),
+        HumanMessage(content=own),
+    ]
+
+
+def _small_coder_messages(task: dict[str, Any], own: str) -> list[BaseMessage]:
+    own = f"Request: {task['request']}\n{own}"
+    if task.get("comments"):
+        own += CODER_SMALL_FIX.format(
+            comments=task["comments"], previous=str(task.get("previous", "")).rstrip("\n")
+        )
+    own += CODER_SMALL_WRITE.format(path=task["path"])
+    return [
+        SystemMessage(content=CODER_SMALL_SYSTEM),
+        HumanMessage(content=CODER_SMALL_EXAMPLE_TASK),
+        AIMessage(content=CODER_SMALL_EXAMPLE_ANSWER),
         HumanMessage(content=own),
     ]
 
@@ -81,13 +152,14 @@ async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) ->
     usage = Usage()
     path = task["path"]
     info = CallInfo(session_id=task["session_id"], stage="code", role="coder", file=path)
-    messages = coder_messages(task)
+    messages = coder_messages(task, ctx.prompt_style)
     content = ""
     attempts = 0
     refused = ""
+    cut = False
     for attempts in range(1, ctx.max_output_retries + 2):  # noqa: B007
         try:
-            text, _ = await complete_text(
+            answer = await complete_answer(
                 models.for_role("coder"),
                 messages,
                 info,
@@ -99,7 +171,9 @@ async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) ->
             # refuse it again, so the file fails and the other files go on.
             refused = f"the coder server refused the request: {exc}"
             break
+        text, _ = split_reasoning(answer)
         content = strip_code_fence(text) if text.strip() else ""
+        cut = finish_reason(answer) == "length"
         if content.strip():
             break
         messages = [*messages, HumanMessage(content="Your answer was empty. Write the file.")]
@@ -108,8 +182,41 @@ async def run_code(models: ChatModels, task: dict[str, Any], ctx: RunContext) ->
         error = f"file is {len(content):,} characters; the limit is {MAX_FILE_CHARS:,}"
         result.update(content="", status="failed", error=error)
     elif content.strip():
+        trimmed = trim_to_compiling(path, content) if cut else None
+        if trimmed is not None:
+            content, note = trimmed
+            result["trimmed"] = note
         result.update(content=content, status="written")
     else:
         error = refused or f"empty code after {attempts} attempts"
         result.update(content="", status="failed", error=error)
     return {"files": {path: result}, "usage": {"coder": usage.as_dict()}}
+
+
+def trim_to_compiling(path: str, content: str) -> tuple[str, str] | None:
+    """Cut a Python answer that ended at max_tokens back to its longest compiling prefix.
+
+    A model stopped by max_tokens leaves an unfinished tail (an open string or bracket, half
+    a statement) after code that may be whole. Only the tail is dropped: whole lines are
+    removed from the end until the rest passes the same check the reviewer sees.
+
+    Returns:
+        (the prefix, a note for the manifest saying how much was cut), or None when `path`
+        is not Python, already passes its check, is over `MAX_TRIM_LINES`, or no non-empty
+        prefix compiles.
+    """
+    if not path.endswith(".py") or not check_file(path, content):
+        return None
+    lines = content.splitlines(keepends=True)
+    if len(lines) > MAX_TRIM_LINES:
+        return None
+    for keep in range(len(lines) - 1, 0, -1):
+        prefix = "".join(lines[:keep]).rstrip() + "\n"
+        if prefix.strip() and not check_file(path, prefix):
+            kept = prefix.count("\n")
+            note = (
+                f"cut at max_tokens; kept the first {kept} of {len(lines)} lines, "
+                "the longest prefix that compiles"
+            )
+            return prefix, note
+    return None

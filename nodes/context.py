@@ -26,6 +26,10 @@ MAX_STAGE_TOKENS = 131_072
 DEFAULT_REVIEW_DELAY_BUDGET_S = 30.0
 
 Stage = Literal["plan", "code", "review"]
+# How the agents are prompted: "full" for capable models; "small" for models such as
+# SmolLM2-135M that copy an answer's shape better than they follow instructions (a short
+# coder prompt with one worked example, plan and review text capped in the guided JSON).
+PromptStyle = Literal["full", "small"]
 
 
 class RequestTooLargeError(ValueError):
@@ -113,6 +117,11 @@ class RunContext(BaseModel):
         default=2, ge=0, le=10, description="Retries of a malformed or empty model answer."
     )
     max_tokens: TokenCaps = Field(default=TokenCaps(), description="Output token caps per stage.")
+    prompt_style: PromptStyle = Field(
+        default="full",
+        description="Prompts: full, or small for small models (a short coder prompt with one "
+        "worked example; plan and review text capped).",
+    )
 
     def merged(self, override: RunContext | dict[str, Any] | None) -> RunContext:
         """This context with the fields that `override` sets explicitly.

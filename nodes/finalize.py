@@ -124,7 +124,9 @@ def run_finalize(
     if not per_file and status != "failed":
         status = "failed"
     backend = backend or describe_backend(None)
-    warnings = plan_warnings(state)
+    warnings = plan_warnings(state) + [
+        f"{shown(p)} trimmed: {e['trimmed']}" for p, e in per_file.items() if e.get("trimmed")
+    ]
     out: dict[str, Any] = {
         "status": status,
         "output_dir": str(session_dir.root),
@@ -268,6 +270,8 @@ def _write_files(
         }
         if result.get("error"):
             entry["error"] = result["error"]
+        if result.get("trimmed"):
+            entry["trimmed"] = result["trimmed"]
         if entry["status"] == "written" and not write_all and not is_done(path, state):
             # Kept in the checkpoint for `tandem resume`, not on disk yet.
             entry["status"] = "checkpointed"

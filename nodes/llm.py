@@ -421,12 +421,38 @@ async def complete_text(
     Raises:
         ModelCallError: the call failed in transport or on the server after its retries.
     """
+    answer = await complete_answer(
+        model, messages, info, usage, max_tokens=max_tokens, config=config
+    )
+    return split_reasoning(answer)
+
+
+async def complete_answer(
+    model: BaseChatModel,
+    messages: Sequence[BaseMessage],
+    info: CallInfo,
+    usage: Usage,
+    *,
+    max_tokens: int | None = None,
+    config: RunnableConfig | None = None,
+) -> BaseMessage:
+    """One free-text call; the whole answer, for callers that need its `finish_reason`.
+
+    Raises:
+        ModelCallError: the call failed in transport or on the server after its retries.
+    """
     kwargs: dict[str, Any] = {}
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
     answer = await invoke_with_retry(model, messages, info, config, **kwargs)
     usage.add(answer)
-    return split_reasoning(answer)
+    return answer
+
+
+def finish_reason(message: BaseMessage) -> str | None:
+    """Why the server stopped this answer: "stop", "length" (hit max_tokens), or None."""
+    reason = message.response_metadata.get("finish_reason")
+    return reason if isinstance(reason, str) else None
 
 
 def response_format_for(schema: type[BaseModel]) -> dict[str, Any]:

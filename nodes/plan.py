@@ -12,7 +12,7 @@ from pydantic import Field, JsonValue, create_model
 from nodes.context import RunContext
 from nodes.llm import ChatModels, OutputError, Usage, complete_structured
 from nodes.paths import partition_paths
-from nodes.schemas import FileTask, Plan
+from nodes.schemas import FileTask, Plan, bounded_text
 from routing.calls import CallInfo
 from serving.protocol import PLAN_SCHEMA
 
@@ -45,6 +45,10 @@ PLAN_EXAMPLE_ANSWER = (
     '{"path":"calc/main.py","purpose":"Command line: reads two numbers, prints their sum and '
     'difference using calc.ops.","depends_on":["calc/ops.py"],"interface":"def main() -> None"}]}'
 )
+# With the "small" prompt style (`RunContext.prompt_style`), the most characters of the
+# summary and of each purpose and interface (guided decoding): a small model's plan whose
+# text starts looping ("a todo list: todo store.py, a todo list: ...") still ends as JSON.
+SMALL_PLAN_TEXT_CHARS = 160
 
 # A file path as a request names it: relative, with a known extension, not part of a longer
 # path (an absolute or `~/` path is left out whole, never cut into a relative one).
@@ -59,8 +63,9 @@ def named_paths(request: str) -> list[str]:
     return list(dict.fromkeys(m.group(1) for m in NAMED_PATH_RE.finditer(request)))
 
 
-def plan_schema(max_files: int, named: int) -> type[Plan]:
-    """`Plan` whose JSON schema asks for between `named` and `max_files` files.
+def plan_schema(max_files: int, named: int, text_chars: int | None = None) -> type[Plan]:
+    """`Plan` whose JSON schema asks for between `named` and `max_files` files, and with
+    `text_chars` ends the summary and each purpose and interface within that many characters.
 
     The bounds guide decoding only (json_schema_extra): a longer plan is still cut to
     `max_files` with a reason per dropped path, as for any other model.
@@ -68,10 +73,19 @@ def plan_schema(max_files: int, named: int) -> type[Plan]:
     bounds: dict[str, JsonValue] = {"maxItems": max_files}
     if named:
         bounds["minItems"] = min(named, max_files)
+    task: type[FileTask] = FileTask
+    if text_chars is not None:
+        task = create_model(
+            "FileTask",
+            __base__=FileTask,
+            __doc__=FileTask.__doc__,
+            **bounded_text(FileTask, ("purpose", "interface"), text_chars),
+        )
     bounded: type[Plan] = create_model(
         PLAN_SCHEMA,
         __base__=Plan,
-        files=(list[FileTask], Field(min_length=1, max_length=200, json_schema_extra=bounds)),
+        files=(list[task], Field(min_length=1, max_length=200, json_schema_extra=bounds)),  # type: ignore[valid-type]
+        **bounded_text(Plan, ("summary",), text_chars),
     )
     return bounded
 
@@ -101,10 +115,11 @@ async def run_plan(
     info = CallInfo(session_id=session_id, stage="plan", role="reasoning")
     named = named_paths(request)
     messages = plan_messages(request, ctx.max_files, named)
+    small = ctx.prompt_style == "small"
     try:
         plan = await complete_structured(
             models.for_role("reasoning"),
-            plan_schema(ctx.max_files, len(named)),
+            plan_schema(ctx.max_files, len(named), SMALL_PLAN_TEXT_CHARS if small else None),
             messages,
             info,
             usage,

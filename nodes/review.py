@@ -13,7 +13,7 @@ from pydantic import Field, JsonValue, create_model
 
 from nodes.context import RunContext
 from nodes.llm import ChatModels, OutputError, Usage, complete_structured, dumps_compact
-from nodes.schemas import FileVerdict, Review
+from nodes.schemas import FileVerdict, Review, bounded_text
 from routing.calls import ROLES, CallInfo, Role
 from serving.protocol import REVIEW_FILE_MARKER, REVIEW_SCHEMA
 
@@ -26,6 +26,10 @@ DEFAULT_REVIEW_TOKENS = 1024
 CHARS_PER_TOKEN = 3
 PROMPT_RESERVE_TOKENS = 512
 MIN_REVIEW_CHARS = 2000
+# With the "small" prompt style, the most characters of each review comment and of the
+# summary (guided decoding): a small model that starts repeating itself inside a string would
+# otherwise run to max_tokens and leave the JSON unterminated.
+SMALL_REVIEW_TEXT_CHARS = 200
 
 REVIEW_SYSTEM = """You are the review agent of a code-generation team. Check each file below
 against the request and the plan: correctness, consistency with the interfaces other files
@@ -96,10 +100,11 @@ def merge_verdicts(
     }
 
 
-def review_schema(paths: Sequence[str]) -> type[Review]:
+def review_schema(paths: Sequence[str], text_chars: int | None = None) -> type[Review]:
     """`Review` whose JSON schema asks for one verdict per path of `paths`, by name.
 
-    Guided decoding then cannot skip a file or invent a path (small models do both). The
+    Guided decoding then cannot skip a file or invent a path (small models do both), and
+    with `text_chars` each comment and the summary end within that many characters. The
     bounds guide decoding only: validation stays as lenient as `Review`'s, and a path
     without a verdict is the caller's to handle.
     """
@@ -107,12 +112,14 @@ def review_schema(paths: Sequence[str]) -> type[Review]:
         "FileVerdict",
         __base__=FileVerdict,
         path=(str, Field(max_length=400, json_schema_extra={"enum": list(paths)})),
+        **bounded_text(FileVerdict, ("comments",), text_chars),
     )
     count: dict[str, JsonValue] = {"minItems": len(paths), "maxItems": len(paths)}
     bounded: type[Review] = create_model(
         REVIEW_SCHEMA,
         __base__=Review,
         verdicts=(list[verdict], Field(json_schema_extra=count)),  # type: ignore[valid-type]
+        **bounded_text(Review, ("summary",), text_chars),
     )
     return bounded
 
@@ -232,7 +239,7 @@ async def run_review(
         ]
         return await complete_structured(
             models.for_role(role),
-            review_schema(batch),
+            review_schema(batch, SMALL_REVIEW_TEXT_CHARS if ctx.prompt_style == "small" else None),
             messages,
             info,
             usage,

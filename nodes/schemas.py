@@ -6,7 +6,7 @@ The schemas are deliberately lenient about paths: path safety is checked in code
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -48,3 +48,26 @@ class Review(BaseModel):
 
     verdicts: list[FileVerdict]
     summary: str = Field(max_length=4000)
+
+
+def bounded_text(model: type[BaseModel], names: tuple[str, ...], max_chars: int | None) -> Any:
+    """`create_model` field arguments that cap `model`'s text fields `names` at `max_chars`
+    in the JSON schema only (guided decoding); validation keeps the model's own bounds.
+
+    A small model that starts repeating itself inside a string otherwise runs to max_tokens
+    and leaves the JSON unterminated. None: no arguments (the schema is unchanged).
+    """
+    if max_chars is None:
+        return {}
+    fields = {}
+    for name in names:
+        info = model.model_fields[name]
+        limits = [m.max_length for m in info.metadata if hasattr(m, "max_length")]
+        field = Field(
+            default=info.default,
+            description=info.description,
+            max_length=limits[0] if limits else None,
+            json_schema_extra={"maxLength": max_chars},
+        )
+        fields[name] = (str, field)
+    return fields

@@ -58,9 +58,14 @@ class ScriptedChatModel(BaseChatModel):
         text = self.responder(messages, kwargs)
         if isinstance(text, BaseException):
             raise text
-        message = AIMessage(
-            content=text,
-            usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+        # A responder may give a whole message, e.g. with `response_metadata.finish_reason`.
+        message = (
+            text
+            if isinstance(text, AIMessage)
+            else AIMessage(
+                content=text,
+                usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+            )
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 

@@ -80,6 +80,7 @@ def test_context_schema_shows_the_given_defaults_and_only_public_fields() -> Non
         "max_files",
         "max_output_retries",
         "max_tokens",
+        "prompt_style",
     }
     # What LangGraph builds from a context dict: bounds hold, only given fields count as set.
     ctx = schema_class(max_review_rounds=0)

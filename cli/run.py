@@ -366,7 +366,7 @@ def run(
     ] = None,
     no_checkpoint: Annotated[
         bool,
-        typer.Option("--no-checkpoint", help="Keep no SQLite checkpoints (no resume)."),
+        typer.Option("--no-checkpoint", help="Keep no checkpoints (no resume)."),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Print the summary only.")] = False,
     max_tokens: Annotated[

@@ -264,19 +264,28 @@ def build_graph(
 def make_graph() -> CompiledStateGraph[Any, Any, Any, Any]:
     """The server's graph (`langgraph.json`), built from `TANDEM_*` settings on first use.
 
+    Its router and models are built on the first run; from then on its `tandem_` metrics are
+    on the server's HTTP app at /tandem/metrics, and on `TANDEM_METRICS_PORT` when set.
+
     Raises:
         ValueError: a `TANDEM_*` setting is invalid, naming it (the server answers with it
             instead of exiting).
     """
-    from graph.runtime import build_runtime
+    from graph.runtime import build_runtime, serve_runtime
     from graph.settings import SettingsError, load_settings
 
     try:
         settings = load_settings()
     except SettingsError as exc:
         raise ValueError(str(exc)) from None
+
+    def server_models() -> Any:
+        runtime = build_runtime(settings)
+        serve_runtime(runtime)
+        return runtime.models
+
     return build_graph(
-        lambda: build_runtime(settings).models,
+        server_models,
         defaults=settings.run_context(),
         options=ServerOptions(workspace=settings.workspace),
         name="tandem",

@@ -188,3 +188,26 @@ def build_runtime(
         ),
     )
     return Runtime(settings=settings, router=router, models=models, metrics=metrics, emulators=apps)
+
+
+# The server graph's runtime (`graph.graph.make_graph`), once its first run built it. It lives
+# here, in a module imported by name: LangGraph Server loads graph/graph.py from its path as a
+# module of another name, and its HTTP app (`graph/submission.py`) must find the same runtime.
+_SERVER_RUNTIMES: list[Runtime] = []
+
+
+def serve_runtime(runtime: Runtime) -> None:
+    """Make `runtime` the server's: its `tandem_` metrics on the HTTP app and, when
+    `TANDEM_METRICS_PORT` is set, on that port."""
+    _SERVER_RUNTIMES.append(runtime)
+    if runtime.settings.metrics_port is not None:
+        runtime.metrics.serve(runtime.settings.metrics_port)
+
+
+def server_metrics_page() -> bytes | None:
+    """The server runtime's `tandem_` metrics in Prometheus text; None before its first run."""
+    if not _SERVER_RUNTIMES:
+        return None
+    from prometheus_client import generate_latest
+
+    return generate_latest(_SERVER_RUNTIMES[0].metrics.registry)

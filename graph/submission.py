@@ -6,6 +6,8 @@ middleware reads every request that creates a run, a cron or an assistant and an
 `422 {"detail": "..."}` naming the field when the `context` is not a valid `RunContext`, or
 when the input's `request` is longer than `MAX_REQUEST_CHARS`. langgraph-sdk raises that as
 `UnprocessableEntityError` with the message; nothing of a refused request is stored.
+
+The same app serves the graph's `tandem_` metrics at GET /tandem/metrics for Prometheus.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import json
 import re
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nodes.context import MAX_REQUEST_CHARS, check_request, parse_context
@@ -116,4 +122,17 @@ async def _refuse(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": content})
 
 
-app = Starlette(middleware=[Middleware(ValidateSubmission)])
+async def tandem_metrics(request: Request) -> Response:
+    """GET /tandem/metrics: the server graph's `tandem_` metrics (503 before its first run)."""
+    from graph.runtime import server_metrics_page
+
+    page = server_metrics_page()
+    if page is None:
+        return Response("no run has started yet\n", status_code=503, media_type="text/plain")
+    return Response(page, media_type=CONTENT_TYPE_LATEST)
+
+
+app = Starlette(
+    routes=[Route("/tandem/metrics", tandem_metrics, methods=["GET"])],
+    middleware=[Middleware(ValidateSubmission)],
+)

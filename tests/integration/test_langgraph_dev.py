@@ -320,3 +320,8 @@ async def test_a_good_context_runs_and_streams_progress_events(dev_server: DevSe
     assert stages[0] == "plan" and stages[-1] == "finalize" and "review" in stages
     values = (await client.threads.get_state(thread["thread_id"]))["values"]
     _assert_session_written(dev_server, values, PATHS)
+    # The server's own tandem_ metrics, mounted on its HTTP app.
+    async with httpx.AsyncClient() as http:
+        page = await http.get(f"{dev_server.url}/tandem/metrics")
+    assert page.status_code == 200, page.text
+    assert "tandem_endpoint_admitted_total{" in page.text and 'role="coder"' in page.text

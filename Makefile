@@ -4,13 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean prometheus redis postgresql vllm-cpu bench bench-cpu demo-real
+.PHONY: run test unit lint typecheck clean lock prometheus redis postgresql vllm-cpu bench bench-cpu demo-real
 
-$(STAMP): pyproject.toml
+# The locked set (requirements.lock), then the project itself without resolving again.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e '.[dev]'
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a fresh virtualenv and write the lock from it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q -e '.[dev]'
+	{ echo "# The exact set of packages Tandem is tested with (Python 3.11, Linux x86-64): \`make\`"; \
+	  echo "# installs these, then the project without dependencies. Regenerate with \`make lock\`."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^#'; } > requirements.lock
+	rm -rf .venv-lock
 
 run: $(STAMP)
 	$(BIN)/tandem run --demo --sessions 3

@@ -94,6 +94,8 @@ class Router:
         self._scrapers: list[asyncio.Task[None]] = []
         self._scrape_client: httpx.AsyncClient | None = None
         self._started = False
+        self._start_lock = asyncio.Lock()
+        self._transports: list[RoutingTransport] = []
         names: set[str] = set()
         for role, replicas in endpoints.items():
             if not replicas:
@@ -142,6 +144,8 @@ class Router:
                 first_token_timeout_s=first_token_timeout_s,
                 stream_idle_timeout_s=stream_idle_timeout_s,
             )
+            transport.before_first_call = self._start_on_first_call
+            self._transports.append(transport)
             # The routing transport owns the timeouts; httpx's own covers connect/IO only.
             self._clients[role] = httpx.AsyncClient(
                 transport=transport,
@@ -259,15 +263,25 @@ class Router:
             return f"{where}: model {replica.model!r} is not served (served: {listed})"
         return None
 
+    async def _start_on_first_call(self) -> None:
+        """Start on the first call when nobody did (a graph under LangGraph Server, whose
+        runs never enter `async with router`): scrapers and shared admission then run too."""
+        if self._started:
+            for transport in self._transports:
+                transport.before_first_call = None
+            return
+        async with self._start_lock:
+            await self.start()
+
     async def start(self) -> None:
         """Start a `/metrics` scraper for each replica whose limit reads the server (idempotent)."""
         if self._started:
             return
-        self._started = True
         for lanes in self._lanes.values():
             for lane in lanes:
                 if isinstance(lane.admission, SharedAdmission):
                     await lane.admission.start()  # raises AdmissionStoreUnavailable
+        self._started = True
         now = asyncio.get_running_loop().time()
         stale_after_s = STALE_AFTER_INTERVALS * self.scrape_interval_s
         for lanes in self._lanes.values():

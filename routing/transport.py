@@ -35,7 +35,7 @@ import itertools
 import json
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -388,6 +388,8 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         self.connect_timeout_s = connect_timeout_s
         self.first_token_timeout_s = first_token_timeout_s
         self.stream_idle_timeout_s = stream_idle_timeout_s
+        # Awaited before each call until it has run once (the router's lazy start).
+        self.before_first_call: Callable[[], Awaitable[None]] | None = None
         self._rr = itertools.count()
 
     def pick(self) -> Lane:
@@ -469,6 +471,8 @@ class RoutingTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Admit, forward and wrap the response body so the slot comes back."""
+        if self.before_first_call is not None:
+            await self.before_first_call()
         info = current_call.get()
         session_id = info.session_id if info is not None else "-"
         body = await request.aread()

@@ -408,3 +408,38 @@ async def test_finish_estimate_from_measured_latency_and_queue() -> None:
     for slot in slots:
         slot.release(Outcome("cancelled"))
     await router.aclose()
+
+
+@pytest.mark.looptime
+async def test_a_router_nobody_started_starts_on_its_first_call() -> None:
+    # Under LangGraph Server the graph's router is never entered with `async with`: its
+    # first call starts it, so the adaptive limit's /metrics scrapers run there too.
+    page = (FIXTURES / "vllm_metrics_v1.txt").read_text()
+    scraped: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            scraped.append(asyncio.get_running_loop().time())
+            return httpx.Response(200, text=page)
+        return httpx.Response(200, json={"choices": [], "usage": {"completion_tokens": 1}})
+
+    transport = httpx.MockTransport(handler)
+    router = Router(
+        {
+            "reasoning": [_replica("http://a:8001/v1", "gpu0", transport)],
+            "coder": [_replica("http://b:8002/v1", "gpu1", transport)],
+        },
+        limit="adaptive",
+        scrape_interval_s=1.0,
+    )
+    await asyncio.sleep(5.0)
+    assert not scraped  # nothing runs before a call
+    client = router.client("coder")
+    calls = [
+        client.post(f"{router.base_url('coder')}/chat/completions", json=CHAT) for _ in range(3)
+    ]
+    answers = await asyncio.gather(*calls)
+    assert all(a.status_code == 200 for a in answers)
+    await asyncio.sleep(3.5)
+    assert len(scraped) >= 6  # both replicas, every second since the first call
+    await router.aclose()

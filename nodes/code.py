@@ -115,8 +115,8 @@ def coder_messages(task: dict[str, Any], style: PromptStyle = "full") -> list[Ba
     )
     if style == "small":
         return _small_coder_messages(task, own)
-    if task.get("comments"):
-        own += CODER_FIX.format(comments=task["comments"], previous=task.get("previous", ""))
+    if _fixing(task):
+        own += CODER_FIX.format(comments=_fix_reason(task), previous=task.get("previous", ""))
     own += CODER_WRITE.format(path=task["path"])
     return [
         SystemMessage(content=CODER_SYSTEM),
@@ -127,11 +127,20 @@ def coder_messages(task: dict[str, Any], style: PromptStyle = "full") -> list[Ba
     ]
 
 
+def _fixing(task: dict[str, Any]) -> bool:
+    """A fix round: the file comes back with comments or with a previous version."""
+    return bool(task.get("comments") or task.get("previous"))
+
+
+def _fix_reason(task: dict[str, Any]) -> str:
+    return str(task.get("comments") or "") or "(no comments given; improve the file)"
+
+
 def _small_coder_messages(task: dict[str, Any], own: str) -> list[BaseMessage]:
     own = f"Request: {task['request']}\n{own}"
-    if task.get("comments"):
+    if _fixing(task):
         own += CODER_SMALL_FIX.format(
-            comments=task["comments"], previous=str(task.get("previous", "")).rstrip("\n")
+            comments=_fix_reason(task), previous=str(task.get("previous", "")).rstrip("\n")
         )
     own += CODER_SMALL_WRITE.format(path=task["path"])
     return [

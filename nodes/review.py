@@ -312,8 +312,14 @@ async def review_round(
         if files.get(path, {}).get("status") != "written":
             comments = files.get(path, {}).get("error", "not written")
             verdicts[path] = {"verdict": NEEDS_FIX, "comments": comments}
-        elif problems and verdicts.get(path, {}).get("verdict") != NEEDS_FIX:
-            verdicts[path] = {"verdict": NEEDS_FIX, "comments": "; ".join(problems)}
+        elif problems:
+            # The check's findings always reach the coder, with the reviewer's comments
+            # (which a small model may leave empty) when it asked for a fix too.
+            found = "; ".join(problems)
+            said = verdicts.get(path, {})
+            said_text = str(said.get("comments") or "") if said.get("verdict") == NEEDS_FIX else ""
+            comments = f"{said_text}; {found}" if said_text and found not in said_text else found
+            verdicts[path] = {"verdict": NEEDS_FIX, "comments": comments}
     update["verdicts"] = verdicts
     needs_fix = [p for p in pending if verdicts.get(p, {}).get("verdict") == NEEDS_FIX]
     rounds_done = int(state.get("round", 0))

@@ -111,3 +111,34 @@ def test_the_emulator_is_named_and_its_content_called_placeholder() -> None:
     assert backend["kind"] == "emulator" and backend["placeholder_content"]
     assert backend["roles"]["coder"] == [{"model": settings.coder_model, "host": "emulator"}]
     assert "placeholder content" in backend_line(backend)
+
+
+async def test_a_fix_round_carries_the_failed_check_and_the_previous_version(
+    tmp_path: Path,
+) -> None:
+    # A small reviewer asks for a fix with no comment; the check also finds a syntax error.
+    # The coder's fix prompt must still say what failed and show the previous version.
+    def reasoning(messages: list[BaseMessage], kwargs: dict[str, Any]) -> str:
+        if schema_name(kwargs) == "Plan":
+            return plan_json(["a.py"])
+        files = reviewed_paths(messages)
+        verdicts = [{"path": p, "verdict": "needs-fix", "comments": ""} for p in files]
+        return json.dumps({"verdicts": verdicts, "summary": ""})
+
+    prompts: list[str] = []
+
+    def coder(messages: list[BaseMessage], kwargs: dict[str, Any]) -> str:
+        prompts.append(str(messages[-1].content))
+        return "```python\ndef broken(:\n```" if len(prompts) == 1 else python_file("a.py")
+
+    await _run(
+        tmp_path,
+        ScriptedChatModel(responder=reasoning),
+        ScriptedChatModel(responder=coder),
+        "build a.py",
+    )
+    assert len(prompts) >= 2
+    fix = prompts[1]
+    assert "The reviewer asked for changes" in fix
+    assert "def broken(:" in fix  # the previous version
+    assert "syntax" in fix.lower() or "compile" in fix.lower(), fix

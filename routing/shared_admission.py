@@ -776,6 +776,10 @@ class SharedAdmission(Admission):
         if self.on_degraded is not None:
             self.on_degraded(False)
 
+    def is_local(self, slot: Slot) -> bool:
+        """True for a slot the local fallback granted (not a lease in the shared budget)."""
+        return slot not in self._leases
+
     def _local_admissions(self) -> list[Admission]:
         self._draining = [a for a in self._draining if a.outstanding]
         return [*self._draining, *([self._fallback] if self._fallback is not None else [])]

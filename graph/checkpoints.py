@@ -14,7 +14,7 @@ from typing import Final
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
-from routing.shared_admission import redact_url
+from routing.endpoints import redact_url
 
 POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
 # Any 64-bit number, the same in every worker: it serialises the schema migrations.

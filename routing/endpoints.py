@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import yaml
@@ -112,3 +113,15 @@ def load_endpoints_file(path: str | Path) -> dict[Role, list[Replica]]:
             )
         out[role] = replicas
     return out
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***` (user names kept, they help debugging)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -22,7 +22,9 @@ from routing.endpoints import Endpoints, Replica, redact
 from routing.exporter import TandemMetrics
 from routing.limits import KvBounded, ServerWatcher, make_limit
 from routing.orders import ServiceLedger, make_order
-from routing.shared_admission import SharedAdmission
+
+if TYPE_CHECKING:
+    from routing.shared_admission import SharedAdmission
 from routing.transport import Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
 
@@ -96,6 +98,7 @@ class Router:
         self._started = False
         self._start_lock = asyncio.Lock()
         self._transports: list[RoutingTransport] = []
+        self._shared: list[SharedAdmission] = []  # admissions whose budget lives in Redis
         names: set[str] = set()
         for role, replicas in endpoints.items():
             if not replicas:
@@ -112,7 +115,10 @@ class Router:
                 )
                 admission: Admission
                 if admission_url is not None:
-                    # One budget per replica across every process that names it the same.
+                    # One budget per replica across every process that names it the same
+                    # (imported here: redis is needed only then).
+                    from routing.shared_admission import SharedAdmission
+
                     admission = SharedAdmission(
                         name,
                         make_limit(limit),
@@ -121,6 +127,7 @@ class Router:
                         ledger=self.ledger,
                         observer=observer,
                     )
+                    self._shared.append(admission)
                 else:
                     admission = Admission(
                         name,
@@ -277,10 +284,8 @@ class Router:
         """Start a `/metrics` scraper for each replica whose limit reads the server (idempotent)."""
         if self._started:
             return
-        for lanes in self._lanes.values():
-            for lane in lanes:
-                if isinstance(lane.admission, SharedAdmission):
-                    await lane.admission.start()  # raises AdmissionStoreUnavailable
+        for shared in self._shared:
+            await shared.start()  # raises AdmissionStoreUnavailable
         self._started = True
         now = asyncio.get_running_loop().time()
         stale_after_s = STALE_AFTER_INTERVALS * self.scrape_interval_s
@@ -336,10 +341,8 @@ class Router:
                 await task
         self._scrapers.clear()
         self._started = False
-        for lanes in self._lanes.values():
-            for lane in lanes:
-                if isinstance(lane.admission, SharedAdmission):
-                    await lane.admission.aclose()
+        for shared in self._shared:
+            await shared.aclose()
         for client in self._clients.values():
             await client.aclose()
         if self._network is not None:

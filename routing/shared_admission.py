@@ -47,7 +47,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -55,6 +54,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from routing.admission import Admission, AdmissionObserver, Outcome, Slot
+from routing.endpoints import redact_url
 from routing.limits import FixedLimit, Limit, Sample, ServerWatcher
 from routing.orders import ServiceLedger, make_order
 from routing.vllm_metrics import ServerSnapshot
@@ -267,18 +267,6 @@ _FALLBACK: Final = object()  # a waiter's future result: Redis went away, admit 
 
 class AdmissionStoreUnavailable(RuntimeError):
     """Redis could not be reached when a shared admission started."""
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***` (user names kept, they help debugging)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclass(frozen=True)

@@ -441,18 +441,10 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         return extensions
 
     def _with_priority(
-        self, outgoing: httpx.Request, body: bytes, lane: Lane, slot: Slot
+        self, outgoing: httpx.Request, payload: dict[str, Any], lane: Lane, slot: Slot
     ) -> httpx.Request:
-        """`outgoing` with vLLM's `priority` set to the call's session rank (see `engine_rank`).
-
-        A body that is not a JSON object is sent as it is.
-        """
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            return outgoing
-        if not isinstance(payload, dict):
-            return outgoing
+        """`outgoing` with vLLM's `priority` set to the call's session rank (see `engine_rank`);
+        `payload` is its JSON body, parsed once by the caller."""
         admission = lane.admission
         now = asyncio.get_running_loop().time()
         attained = admission.ledger.attained(slot.session_id, now)
@@ -476,7 +468,10 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         info = current_call.get()
         session_id = info.session_id if info is not None else "-"
         body = await request.aread()
-        streamed = _asks_stream(request, body)
+        # Parsed once, and only when something reads it: the stream flag, or a priority field.
+        wanted = b'"stream"' in body or any(lane.replica.priority for lane in self.lanes)
+        payload = _json_object(body) if request.method == "POST" and wanted else None
+        streamed = payload is not None and payload.get("stream") is True
         lane = self.pick()
         where = self.where(lane)
         headers: list[tuple[str, str]] = [
@@ -492,8 +487,8 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             extensions=self._extensions(request),
         )
         slot = await lane.admission.acquire(session_id)
-        if lane.replica.priority and request.method == "POST":
-            outgoing = self._with_priority(outgoing, body, lane, slot)
+        if lane.replica.priority and payload is not None:
+            outgoing = self._with_priority(outgoing, payload, lane, slot)
         loop = asyncio.get_running_loop()
         started_at = loop.time()
         deadline = started_at + self.request_timeout_s
@@ -570,14 +565,13 @@ def _api_content(response: httpx.Response) -> bool:
     return content_type.startswith(("text/event-stream", "application/json"))
 
 
-def _asks_stream(request: httpx.Request, body: bytes) -> bool:
-    """True for a JSON request body with `"stream": true` (an OpenAI streamed call)."""
-    if request.method != "POST" or b'"stream"' not in body:
-        return False
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The request body as a JSON object; None for anything else (sent as it is)."""
     try:
-        return json.loads(body).get("stream") is True
-    except (ValueError, AttributeError):
-        return False
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 async def _not_an_event_stream(

@@ -130,3 +130,22 @@ def test_a_bad_file_names_the_file_and_the_field(tmp_path: Path) -> None:
 def test_a_good_file_round_trips() -> None:
     cal = CALIBRATIONS["h100-sxm-coder-8b"]
     assert Calibration.model_validate(cal.model_dump()) == cal
+
+
+GPU_CHECK = Path(__file__).parents[2] / "bench" / "results" / "gpu-check-h100-sxm.json"
+
+
+@pytest.mark.parametrize("name", H100_PROFILES)
+def test_batch1_decode_is_not_faster_than_the_measured_card(name: str) -> None:
+    """`python -m bench.gpu_check` on an H100 SXM: a batch-1 GEMV chain over 16.4 GB of bf16
+    weights reached 2.73 TB/s, 81% of the nominal 3.35. No profile's batch-1 step may beat its
+    weight bytes read at that fraction of its own card's nominal bandwidth."""
+    import json
+
+    check = json.loads(GPU_CHECK.read_text(encoding="utf-8"))
+    assert "H100" in check["device"]
+    efficiency = check["bandwidth"]["gemv_batch1_tb_s"] / 3.35
+    assert 0.6 < efficiency <= 1.0
+    cal = CALIBRATIONS[name]
+    floor = cal.weight_bytes / (cal.hbm_bandwidth_tb_s * efficiency * 1e12)
+    assert PROFILES[name].step_s(0, 1, 0) >= floor

@@ -13,7 +13,8 @@ under the router) and replayed on emulated engines (`replay_makespan`):
   run had there (graph and client time between the answer and the next request), and its calls
   are submitted at their recorded offsets within the phase;
 - each call has its recorded prompt and completion token counts (from the server's `usage`),
-  with a prompt unique to the call (no prefix-cache hits: the real run's are not known).
+  with a prompt unique to the call (no prefix-cache hits: the real run's are not known), and
+  is guided on the emulator when it asked the real server for structured output.
 
 The replay's makespan is then compared with the real one.
 """
@@ -31,7 +32,7 @@ import httpx
 from routing.calls import Role
 from serving.emulator.engine import CHARS_PER_TOKEN, Engine
 from serving.emulator.profiles import Profile
-from serving.protocol import SESSION_HEADER, STAGE_HEADER
+from serving.protocol import SESSION_HEADER, STAGE_HEADER, is_guided
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class CallRecord:
     end_s: float
     prompt_tokens: int
     completion_tokens: int
+    guided: bool = False
 
 
 def usage_of(body: bytes) -> tuple[int, int] | None:
@@ -98,11 +100,18 @@ class RecordingTransport(httpx.AsyncBaseTransport):
             return response
         session = request.headers.get(SESSION_HEADER, "-")
         stage = request.headers.get(STAGE_HEADER, "-")
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            body = {}
+        guided = isinstance(body, dict) and is_guided(body)
 
         def on_end(body: bytes) -> None:
             usage = usage_of(body)
             if usage is not None:
-                record = CallRecord(self.role, session, stage, start, loop.time(), *usage)
+                record = CallRecord(
+                    self.role, session, stage, start, loop.time(), *usage, guided=guided
+                )
                 self.records.append(record)
 
         stream = response.stream
@@ -134,12 +143,22 @@ def phases(calls: Sequence[CallRecord]) -> list[_Phase]:
     return out
 
 
-async def replay_makespan(calls: Sequence[CallRecord], profiles: Mapping[Role, Profile]) -> float:
-    """Seconds the emulator takes for `calls`, issued as the real run issued them."""
+async def replay_makespan(
+    calls: Sequence[CallRecord], profiles: Mapping[Role, Profile], *, one_server: bool = False
+) -> float:
+    """Seconds the emulator takes for `calls`, issued as the real run issued them.
+
+    `one_server`: every role was served by the same server, so one engine (the first
+    profile's) serves them all, their calls batched together as the real server batched them.
+    """
     if not calls:
         return 0.0
     loop = asyncio.get_running_loop()
-    engines = {role: Engine(profile) for role, profile in profiles.items()}
+    if one_server:
+        shared = Engine(next(iter(profiles.values())))
+        engines = dict.fromkeys(profiles, shared)
+    else:
+        engines = {role: Engine(profile) for role, profile in profiles.items()}
     t0_real = min(c.start_s for c in calls)
     by_session: dict[str, list[CallRecord]] = {}
     for call in calls:
@@ -155,7 +174,11 @@ async def replay_makespan(calls: Sequence[CallRecord], profiles: Mapping[Role, P
         prompt = f"{counter}:{call.session_id}:" + "x" * chars
         engine = engines[call.role]
         handle = engine.submit(
-            prompt[:chars], call.completion_tokens, session_id=call.session_id, stage=call.stage
+            prompt[:chars],
+            call.completion_tokens,
+            session_id=call.session_id,
+            stage=call.stage,
+            guided=call.guided,
         )
         await handle.result()
 
@@ -169,6 +192,6 @@ async def replay_makespan(calls: Sequence[CallRecord], profiles: Mapping[Role, P
     try:
         await asyncio.gather(*(session(items) for items in by_session.values()))
     finally:
-        for engine in engines.values():
+        for engine in {id(e): e for e in engines.values()}.values():
             await engine.aclose()
     return loop.time() - t0

@@ -77,6 +77,13 @@ def calibrate(
     ] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Measurements per point.")] = 3,
     quick: Annotated[bool, typer.Option("--quick", help="2 rounds, 3 TTFT lengths.")] = False,
+    guided: Annotated[
+        bool,
+        typer.Option(
+            help="Also time lone requests guided by Tandem's plan schema (structured output's "
+            "per-step cost, `guided_seq_s`)."
+        ),
+    ] = True,
     api_key: Annotated[
         str,
         typer.Option(
@@ -90,6 +97,8 @@ def calibrate(
 
     Exit 0 when the profile was written, 1 when the server could not be measured.
     """
+    from nodes.llm import response_format_for
+    from nodes.schemas import Plan
     from serving.calibrate import CalibrateOptions
     from serving.calibrate import calibrate as run_calibration
 
@@ -109,5 +118,6 @@ def calibrate(
         rounds=rounds,
         quick=quick,
         api_key=api_key,
+        guided_format=response_format_for(Plan) if guided else None,
     )
     raise typer.Exit(run_calibration(options))

@@ -36,9 +36,9 @@ import itertools
 import math
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 
@@ -52,7 +52,13 @@ from serving.roles import Role
 Kind = Literal["ttft", "itl"]
 Progress = Callable[[str], None]
 
-TERMS: tuple[str, ...] = ("base_s", "prefill_token_s", "decode_seq_s", "context_token_s")
+TERMS: tuple[str, ...] = (
+    "base_s",
+    "prefill_token_s",
+    "decode_seq_s",
+    "context_token_s",
+    "guided_seq_s",
+)
 DEFAULT_LEVELS = (1, 4, 16, 64)
 DEFAULT_OUTPUT_TOKENS = 128
 # vLLM's API-server default on GPUs below H100 class (H100/H200: 1024; CPU build: 128).
@@ -145,25 +151,34 @@ class StreamTiming:
 
 
 async def stream_completion(
-    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    response_format: Mapping[str, Any] | None = None,
 ) -> StreamTiming:
     """Send one streamed chat completion of exactly `max_tokens` tokens and time it.
 
     The first event that carries a choice marks the first token; the last such event (the one
-    with `finish_reason`) the last token. Token counts come from the usage chunk.
+    with `finish_reason`) the last token. Token counts come from the usage chunk. With a
+    `response_format` the answer is guided and ends where its grammar does (at most
+    `max_tokens`): `ignore_eos` would run past the end of the JSON.
 
     Raises:
         ValueError: the stream ended without a usage chunk.
     """
-    body = {
+    body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
-        "ignore_eos": True,
+        "ignore_eos": response_format is None,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if response_format is not None:
+        body["response_format"] = dict(response_format)
     import json
 
     start = now()
@@ -248,20 +263,25 @@ class PointSpec:
         kind: "ttft" (one request, one output token) or "itl" (a wave).
         prompt_tokens: Target prompt length, server tokens.
         concurrency: Requests sent together (1 for ttft).
-        output_tokens: Tokens each request generates (1 for ttft).
+        output_tokens: Tokens each request generates (1 for ttft); at most this many for a
+            guided point, whose grammar may end the answer sooner.
+        guided: Lone requests under structured output (`measure_points`' `guided_format`):
+            their decode time per token, which carries the grammar's per-step cost.
     """
 
     kind: Kind
     prompt_tokens: int
     concurrency: int = 1
     output_tokens: int = 1
+    guided: bool = False
 
     @property
     def label(self) -> str:
         """Short human name."""
         if self.kind == "ttft":
             return f"ttft p={self.prompt_tokens}"
-        return f"itl c={self.concurrency} p={self.prompt_tokens}"
+        guided = " guided" if self.guided else ""
+        return f"itl c={self.concurrency} p={self.prompt_tokens}{guided}"
 
 
 @dataclass(frozen=True)
@@ -382,8 +402,22 @@ async def _streamed(
 
 
 def wave_step_s(first_token_s: float, last_token_s: float, output_tokens: int) -> float:
-    """A wave's time per generation step: (last token - the wave's first token) / (n - 1)."""
+    """A wave's time per generation step: (last token - the wave's first token) / (n - 1).
+
+    For a lone request the first argument is when it was sent instead (`lone_step_s`).
+    """
     return (last_token_s - first_token_s) / max(1, output_tokens - 1)
+
+
+def lone_step_s(sent_s: float, last_token_s: float, output_tokens: int) -> float:
+    """A lone request's (last token - sent) / (n - 1): its prefill step, its decode steps
+    and the HTTP server's per-request time (the fit's overhead term, weighted 1 / (n - 1)).
+
+    Timed from the send, not from the first token: an API process short of CPU may deliver
+    a lone answer in one burst, its first and last events together, while the end of an
+    answer cannot arrive before the engine made it.
+    """
+    return wave_step_s(sent_s, last_token_s, output_tokens)
 
 
 async def measure_wave(
@@ -392,6 +426,7 @@ async def measure_wave(
     model: str,
     builder: PromptBuilder,
     spec: PointSpec,
+    blocker_tokens: int = 0,
 ) -> WaveSample:
     """Closed-loop time per step of `spec.concurrency` streamed requests sent together.
 
@@ -400,11 +435,25 @@ async def measure_wave(
     / (output tokens - 1), with token counts from `usage`. The engine's step count over the
     wave (`/metrics`, if reported) tells whether the wave reached the engine together.
 
+    With `blocker_tokens`, a wave of several requests is sent just behind `blockers_for`
+    one-token requests of that prompt length: the engine is busy with their prefill while
+    the API server hands the wave over, so the wave is admitted together at the next step
+    boundary instead of one request at a time (an API process short of CPU hands requests
+    over slower than a small model decodes them).
+
     Raises:
         ValueError: a request generated other than `spec.output_tokens` tokens (the server
             ignored `ignore_eos` or capped `max_tokens`).
     """
     before = await read_counters(client, base_url)
+    blockers = []
+    for _ in range(blockers_for(spec, blocker_tokens)):
+        prompt = builder.text(blocker_tokens)
+        blockers.append(
+            asyncio.ensure_future(stream_completion(client, base_url, model, prompt, 1))
+        )
+    if blockers:
+        await asyncio.sleep(BLOCKER_LEAD_S)
     start = now()
     streams = await asyncio.gather(
         *(
@@ -413,6 +462,7 @@ async def measure_wave(
         )
     )
     wall_s = now() - start
+    await asyncio.gather(*blockers)
     after = await read_counters(client, base_url)
     short = [s.completion_tokens for s in streams if s.completion_tokens != spec.output_tokens]
     if short:
@@ -424,6 +474,8 @@ async def measure_wave(
         iterations = after.iterations - before.iterations
     first = min(s.first_s for s in streams)
     last = max(s.last_s for s in streams)
+    if spec.concurrency == 1:
+        first = start  # a lone request: see `lone_step_s`
     return WaveSample(
         value_s=wave_step_s(first, last, spec.output_tokens),
         prompt_tokens=round(statistics.median(s.prompt_tokens for s in streams)),
@@ -433,12 +485,36 @@ async def measure_wave(
     )
 
 
-def expected_steps(spec: PointSpec, prompt_tokens: int, limits: EngineLimits) -> int:
-    """Engine steps a wave takes when its requests reach the engine together."""
+# How long after its blocker a wave is sent (for the blocker to reach the engine first).
+BLOCKER_LEAD_S = 0.02
+
+
+def blockers_for(spec: PointSpec, blocker_tokens: int) -> int:
+    """One-token long-prompt requests sent ahead of a wave: one, none for a lone request.
+
+    One only: its prefill fits in one step, so the step after it holds the wave alone (a
+    blocker chunked over several steps would share its last step with part of the wave).
+    """
+    if blocker_tokens <= 0 or spec.kind != "itl" or spec.concurrency < 2:
+        return 0
+    return 1
+
+
+def blocker_tokens_for(limits: EngineLimits) -> int:
+    """A blocker's prompt: nearly one step's token budget (one long prefill step)."""
+    return max(0, min(limits.max_num_batched_tokens, limits.max_model_len // 2) - 64)
+
+
+def expected_steps(
+    spec: PointSpec, prompt_tokens: int, limits: EngineLimits, blocker_tokens: int = 0
+) -> int:
+    """Engine steps a wave (and its blockers) takes when its requests reach the engine together."""
     batch = min(spec.concurrency, limits.max_num_seqs)
     waves = -(-spec.concurrency // batch)
     prefill_steps = -(-batch * prompt_tokens // limits.max_num_batched_tokens)
-    return waves * (prefill_steps + spec.output_tokens - 1)
+    blocked = blockers_for(spec, blocker_tokens) * blocker_tokens
+    blocker_steps = -(-blocked // limits.max_num_batched_tokens)
+    return blocker_steps + waves * (prefill_steps + spec.output_tokens - 1)
 
 
 async def measure_points(
@@ -453,6 +529,8 @@ async def measure_points(
     limits: EngineLimits | None = None,
     max_attempts: int = 3,
     progress: Progress | None = None,
+    guided_format: Mapping[str, Any] | None = None,
+    blockers: bool = True,
 ) -> list[Point]:
     """Measure every spec once per round, `rounds` times, after a warm-up.
 
@@ -474,9 +552,18 @@ async def measure_points(
         limits: The server's scheduler limits, for the wave check.
         max_attempts: Tries per wave and round.
         progress: Called with a spec's label after each measurement.
+        guided_format: The `response_format` of guided points (a JSON schema the workload
+            uses); needed when a spec is guided.
+        blockers: Send waves behind blockers (`measure_wave`); needs `limits`.
+
+    Raises:
+        ValueError: a guided spec without `guided_format`.
     """
+    if guided_format is None and any(s.guided for s in specs):
+        raise ValueError("guided points need the response_format to guide them with")
     builder = builder or await probe_prompt_builder(client, base_url, model)
-    await _warm_up(client, base_url, model, builder, specs)
+    blocker_tokens = blocker_tokens_for(limits) if (blockers and limits is not None) else 0
+    await _warm_up(client, base_url, model, builder, specs, guided_format)
     samples: dict[PointSpec, list[Sample]] = {spec: [] for spec in specs}
     retries: dict[PointSpec, int] = dict.fromkeys(specs, 0)
     for _ in range(rounds):
@@ -486,9 +573,14 @@ async def measure_points(
                 sample = await measure_ttft(
                     client, base_url, model, builder, spec.prompt_tokens, ttft_repeats
                 )
+            elif spec.guided:
+                assert guided_format is not None
+                sample = await measure_guided(
+                    client, base_url, model, builder, spec, guided_format, ttft_repeats
+                )
             else:
                 sample = await _formed_wave(
-                    client, base_url, model, builder, spec, limits, max_attempts
+                    client, base_url, model, builder, spec, limits, max_attempts, blocker_tokens
                 )
                 retries[spec] += getattr(sample, "attempts", 1) - 1
             samples[spec].append(sample)
@@ -510,15 +602,16 @@ async def _formed_wave(
     spec: PointSpec,
     limits: EngineLimits | None,
     max_attempts: int,
+    blocker_tokens: int = 0,
 ) -> _Attempted:
     """The first wave that reached the engine together, else the best-formed of the tries."""
     tries: list[WaveSample] = []
     for _ in range(max_attempts):
-        sample = await measure_wave(client, base_url, model, builder, spec)
+        sample = await measure_wave(client, base_url, model, builder, spec, blocker_tokens)
         tries.append(sample)
         if limits is None or sample.iterations is None:
             break
-        expected = expected_steps(spec, sample.prompt_tokens, limits)
+        expected = expected_steps(spec, sample.prompt_tokens, limits, blocker_tokens)
         if sample.iterations <= 1.1 * expected + 2:
             break
     best = min(tries, key=lambda s: s.iterations if s.iterations is not None else 0.0)
@@ -538,13 +631,55 @@ async def _warm_up(
     model: str,
     builder: PromptBuilder,
     specs: Sequence[PointSpec],
+    guided_format: Mapping[str, Any] | None = None,
 ) -> None:
-    """One wave at the widest batch and longest prompt, so first-use costs are not measured."""
+    """One wave at the widest batch and longest prompt, so first-use costs are not measured;
+    one guided request, so the grammar is compiled (and cached) before it is timed."""
     waves = [s for s in specs if s.kind == "itl"] or [PointSpec("itl", SHORT_PROMPT_TOKENS, 1, 8)]
     widest = max(s.concurrency for s in waves)
     longest = max(s.prompt_tokens for s in specs)
     await measure_wave(client, base_url, model, builder, PointSpec("itl", longest, widest, 8))
     await measure_ttft(client, base_url, model, builder, longest, 1)
+    if guided_format is not None:
+        prompt = builder.text(SHORT_PROMPT_TOKENS)
+        await stream_completion(client, base_url, model, prompt, 8, guided_format)
+
+
+async def measure_guided(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    builder: PromptBuilder,
+    spec: PointSpec,
+    response_format: Mapping[str, Any],
+    repeats: int = 3,
+) -> Sample:
+    """Median `lone_step_s` of `repeats` lone guided requests (fresh prompts).
+
+    Raises:
+        ValueError: no request generated two tokens or more (nothing to time).
+    """
+    timings = []
+    for _ in range(repeats):
+        prompt = builder.text(spec.prompt_tokens)
+        timings.append(
+            await stream_completion(
+                client, base_url, model, prompt, spec.output_tokens, response_format
+            )
+        )
+    per_token = [
+        lone_step_s(0.0, t.ttft_s + t.decode_s, t.completion_tokens)
+        for t in timings
+        if t.completion_tokens > 1
+    ]
+    if not per_token:
+        raise ValueError(f"{spec.label}: the guided answers had fewer than two tokens")
+    return Sample(
+        value_s=statistics.median(per_token),
+        prompt_tokens=round(statistics.median(t.prompt_tokens for t in timings)),
+        completion_tokens=round(statistics.median(t.completion_tokens for t in timings)),
+        wall_s=sum(t.ttft_s + t.decode_s for t in timings),
+    )
 
 
 def _point(spec: PointSpec, samples: Sequence[Sample], retries: int) -> Point:
@@ -569,8 +704,10 @@ def calibration_specs(
     output_tokens: int = DEFAULT_OUTPUT_TOKENS,
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
     ttft_lengths: int = 5,
+    guided: bool = False,
 ) -> list[PointSpec]:
-    """The default points: TTFT up to half of max_model_len, waves at two context lengths.
+    """The default points: TTFT up to half of max_model_len, waves at two context lengths,
+    and (with `guided`) lone guided requests at the short context, for the grammar's cost.
 
     The long context is a quarter of max_model_len, capped so the widest wave fits in half
     the KV cache (preemption would change the schedule the fit assumes).
@@ -589,6 +726,8 @@ def calibration_specs(
         contexts.append(long_prompt)
     for prompt in contexts:
         specs.extend(PointSpec("itl", prompt, c, output_tokens) for c in levels)
+    if guided:
+        specs.append(PointSpec("itl", SHORT_PROMPT_TOKENS, 1, output_tokens, guided=True))
     return specs
 
 
@@ -615,6 +754,7 @@ def _probe_profile(limits: EngineLimits, terms: Sequence[float]) -> Profile:
         prefill_token_s=terms[1],
         decode_seq_s=terms[2],
         context_token_s=terms[3],
+        guided_seq_s=terms[4],
         max_num_seqs=limits.max_num_seqs,
         max_num_batched_tokens=limits.max_num_batched_tokens,
         kv_cache_tokens=limits.kv_cache_tokens,
@@ -636,7 +776,7 @@ async def _engine_value(profile: Profile, point: Point) -> float:
     chars = point.prompt_tokens * CHARS_PER_TOKEN
     # Every request is queued before the engine's first step, as a wave sent together.
     handles = [
-        engine.submit((f"{i:08d}|" + "x" * chars)[:chars], point.output_tokens)
+        engine.submit((f"{i:08d}|" + "x" * chars)[:chars], point.output_tokens, guided=spec.guided)
         for i in range(count)
     ]
     records = [await h.result() for h in handles]
@@ -648,12 +788,14 @@ async def _engine_value(profile: Profile, point: Point) -> float:
     firsts = [r.first_token_s for r in records if r.first_token_s is not None]
     lasts = [r.finish_s for r in records if r.finish_s is not None]
     assert len(firsts) == len(lasts) == len(records)
+    if count == 1:
+        return lone_step_s(records[0].arrival_s, lasts[0], point.output_tokens)
     return wave_step_s(min(firsts), max(lasts), point.output_tokens)
 
 
 # Probe terms of typical magnitude; the probes are this vector with one term doubled each, so
 # the 4x4 system is (ones + identity) after scaling: well conditioned.
-_PROBE_TERMS = (1e-3, 1e-5, 1e-5, 1e-8)
+_PROBE_TERMS = (1e-3, 1e-5, 1e-5, 1e-8, 1e-3)
 
 
 def point_features(points: Sequence[Point], limits: EngineLimits) -> list[list[float]]:
@@ -712,12 +854,16 @@ def nnls(rows: Sequence[Sequence[float]], targets: Sequence[float]) -> list[floa
     against nanoseconds per token) condition alike.
     """
     n = len(rows[0])
-    norms = [math.sqrt(sum(r[k] ** 2 for r in rows)) or 1.0 for k in range(n)]
+    norms = [math.sqrt(sum(r[k] ** 2 for r in rows)) for k in range(n)]
+    # A term no row depends on (a guided term without guided points: its features are
+    # rounding noise) stays 0.
+    live = [k for k in range(n) if norms[k] > 1e-6 * max(norms)]
+    norms = [v or 1.0 for v in norms]
     a = [[r[k] / norms[k] for k in range(n)] for r in rows]
     best: list[float] = [0.0] * n
     best_err = sum(t * t for t in targets)
-    for size in range(1, n + 1):
-        for support in itertools.combinations(range(n), size):
+    for size in range(1, len(live) + 1):
+        for support in itertools.combinations(live, size):
             ata = [[sum(r[i] * r[j] for r in a) for j in support] for i in support]
             atb = [sum(r[i] * t for r, t in zip(a, targets, strict=True)) for i in support]
             sol = _solve(ata, atb)
@@ -762,6 +908,15 @@ class Fit:
         )
 
 
+def _overhead_weight(point: Point) -> float:
+    """How much of the HTTP server's per-request time a point's value carries."""
+    if point.spec.kind == "ttft":
+        return 1.0
+    if point.spec.concurrency == 1:
+        return 1.0 / max(1, point.output_tokens - 1)  # `lone_step_s`
+    return 0.0
+
+
 def fit_step_model(points: Sequence[Point], limits: EngineLimits) -> Fit:
     """Fit the step terms (and the TTFT overhead) to `points`, minimising relative error.
 
@@ -775,10 +930,8 @@ def fit_step_model(points: Sequence[Point], limits: EngineLimits) -> Fit:
     if any(p.value_s <= 0 for p in points):
         raise ValueError("every point needs a positive measured time")
     features = point_features(points, limits)
-    rows = [
-        [*f, 1.0 if p.spec.kind == "ttft" else 0.0] for f, p in zip(features, points, strict=True)
-    ]
-    if all(p.spec.kind != "ttft" for p in points):
+    rows = [[*f, _overhead_weight(p)] for f, p in zip(features, points, strict=True)]
+    if all(_overhead_weight(p) == 0.0 for p in points):
         rows = [r[:-1] for r in rows]
     weighted = [[v / p.value_s for v in r] for r, p in zip(rows, points, strict=True)]
     x = nnls(weighted, [1.0] * len(points))
@@ -811,6 +964,7 @@ def build_profile(
         prefill_token_s=fit.terms["prefill_token_s"],
         decode_seq_s=fit.terms["decode_seq_s"],
         context_token_s=fit.terms["context_token_s"],
+        guided_seq_s=fit.terms["guided_seq_s"],
         max_num_seqs=limits.max_num_seqs,
         max_num_batched_tokens=limits.max_num_batched_tokens,
         kv_cache_tokens=limits.kv_cache_tokens,
@@ -871,11 +1025,19 @@ def limits_for(
     )
 
 
-def emulate_points(profile: Profile, specs: Sequence[PointSpec], *, rounds: int = 1) -> list[Point]:
+def emulate_points(
+    profile: Profile,
+    specs: Sequence[PointSpec],
+    *,
+    rounds: int = 1,
+    guided_format: Mapping[str, Any] | None = None,
+) -> list[Point]:
     """Measure `specs` on the emulator serving `profile`, on a virtual clock.
 
     The emulator has no `ignore_eos`: it is served with `min_output_frac` 1, so every
-    request generates its `max_tokens`, as the real server does with `ignore_eos`.
+    request generates its `max_tokens`, as the real server does with `ignore_eos` (a guided
+    point's answers too: the emulator's JSON is padded to the length asked for). Its waves
+    reach the engine together without blockers (its requests arrive in the same instant).
     Must be called outside a running event loop.
     """
     from serving.emulator.app import create_app
@@ -889,7 +1051,8 @@ def emulate_points(profile: Profile, specs: Sequence[PointSpec], *, rounds: int 
             async with httpx.AsyncClient(transport=transport, timeout=None) as client:
                 return await measure_points(
                     client, base, profile.served_model_name, specs, rounds=rounds,
-                    ttft_repeats=1, limits=_limits_of(profile),
+                    ttft_repeats=1, limits=_limits_of(profile), guided_format=guided_format,
+                    blockers=False,
                 )  # fmt: skip
         finally:
             await app.state.engine.aclose()
@@ -929,6 +1092,8 @@ class CalibrateOptions:
     rounds: int = 3
     quick: bool = False
     api_key: str = "EMPTY"
+    # The `response_format` of the guided points (the workflow's own schema); None: none.
+    guided_format: Mapping[str, Any] | None = None
 
 
 def calibrate(args: CalibrateOptions) -> int:
@@ -966,6 +1131,7 @@ def calibrate(args: CalibrateOptions) -> int:
                 output_tokens=args.output_tokens,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 ttft_lengths=3 if args.quick else 5,
+                guided=args.guided_format is not None,
             )
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -984,6 +1150,7 @@ def calibrate(args: CalibrateOptions) -> int:
                     rounds=rounds,
                     limits=limits,
                     progress=advance,
+                    guided_format=args.guided_format,
                 )
             return limits, points
 

@@ -8,6 +8,8 @@ cannot silently change what the emulator answers (and the benchmark figures with
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 # Who made a call, set by the routing transport from `routing.calls.CallInfo`.
 SESSION_HEADER = "x-tandem-session"
@@ -31,3 +33,20 @@ def _marker_line(marker: str) -> re.Pattern[str]:
 
 REVIEW_FILE_RE = _marker_line(REVIEW_FILE_MARKER)
 CODER_FILE_RE = _marker_line(CODER_FILE_MARKER)
+
+
+# Request fields that put a chat completion under structured output in vLLM: the OpenAI
+# `response_format` (json_schema, json_object) and vLLM's own `structured_outputs` and the
+# older `guided_*` parameters.
+_GUIDED_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice")
+
+
+def is_guided(body: Mapping[str, Any]) -> bool:
+    """True when a chat-completion request body asks for structured (guided) output."""
+    response_format = body.get("response_format")
+    if isinstance(response_format, Mapping) and response_format.get("type") in (
+        "json_schema",
+        "json_object",
+    ):
+        return True
+    return any(body.get(name) for name in _GUIDED_FIELDS)

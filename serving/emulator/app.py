@@ -37,7 +37,7 @@ from serving.emulator.engine import (
     count_tokens,
 )
 from serving.emulator.profiles import Profile, get_profile
-from serving.protocol import FILE_HEADER, SESSION_HEADER, STAGE_HEADER
+from serving.protocol import FILE_HEADER, SESSION_HEADER, STAGE_HEADER, is_guided
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -210,6 +210,7 @@ class _Server:
             stage=request.headers.get(STAGE_HEADER, "-"),
             request_id=request_id,
             priority=priority,
+            guided=is_guided(body),
         )
         created = int(asyncio.get_running_loop().time())
         if body.get("stream"):

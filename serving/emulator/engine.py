@@ -141,6 +141,7 @@ class RequestRecord:
     prompt_tokens: int
     output_tokens: int
     priority: int = 0
+    guided: bool = False
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -392,6 +393,7 @@ class _Step:
     context_tokens: int
     stable: bool
     preempted: bool
+    guided_seqs: int = 0
 
 
 _TIMER = "timer"
@@ -474,6 +476,7 @@ class Engine:
         stage: str = "-",
         request_id: str | None = None,
         priority: int = 0,
+        guided: bool = False,
     ) -> RequestHandle:
         """Queue a request; it is admitted at the next step boundary.
 
@@ -486,6 +489,8 @@ class Engine:
             request_id: Defaults to a counter.
             priority: vLLM's per-request priority (lower is served earlier); must be 0
                 under the `fcfs` policy.
+            guided: Under structured output: each of its decode steps costs the profile's
+                `guided_seq_s` more.
 
         Raises:
             ValueError: the prompt does not fit in the KV cache, or a non-zero priority
@@ -509,6 +514,7 @@ class Engine:
             prompt_tokens=prompt_tokens,
             output_tokens=max(1, output_tokens),
             priority=priority,
+            guided=guided,
         )
         record.block_hashes = prompt_block_hashes(prompt_text, self.profile.block_size)
         self.records.append(record)
@@ -579,7 +585,9 @@ class Engine:
 
     async def _execute(self, step: _Step, loop: asyncio.AbstractEventLoop) -> None:
         profile = self.profile
-        first = profile.step_s(step.prefill_tokens, step.decode_seqs, step.context_tokens)
+        first = profile.step_s(
+            step.prefill_tokens, step.decode_seqs, step.context_tokens, step.guided_seqs
+        )
         t0 = next_step_start_s(loop.time(), self._step_end, first)
         k = self._coalescible_steps(step) if step.stable else 1
         if k == 1:
@@ -661,16 +669,20 @@ class Engine:
                 admitted = True
         prefill_tokens = 0
         decode_seqs = 0
+        guided_seqs = 0
         context = 0
         for seq, num_new in scheduled:
             if seq.prefill_done:
                 decode_seqs += 1
+                guided_seqs += seq.record.guided
             else:
                 prefill_tokens += num_new
             context += seq.computed + num_new
         stable = bool(scheduled) and all_running and prefill_tokens == 0
         stable = stable and not preempted and not admitted
-        return _Step(scheduled, prefill_tokens, decode_seqs, context, stable, preempted)
+        return _Step(
+            scheduled, prefill_tokens, decode_seqs, context, stable, preempted, guided_seqs
+        )
 
     def _allocate(self, seq: _Seq, total_tokens: int) -> bool:
         need = -(-total_tokens // self.profile.block_size) - len(seq.blocks)

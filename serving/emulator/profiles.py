@@ -68,6 +68,10 @@ class Profile:
     reasoning: bool = False
     reasoning_frac: float = 0.0
     source: str = ""
+    # Extra time per step for each sequence under structured output (guided JSON): the
+    # grammar's token mask is computed on the CPU for every such sequence every step. Fitted
+    # by `tandem calibrate`; 0 where it was not measured (the H100 profiles).
+    guided_seq_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_model_len > self.kv_cache_tokens:
@@ -80,13 +84,16 @@ class Profile:
         """KV cache blocks, as vLLM reports in `cache_config_info`."""
         return self.kv_cache_tokens // self.block_size
 
-    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
-        """Duration of one engine step with this batch."""
+    def step_s(
+        self, prefill_tokens: int, decode_seqs: int, context_tokens: int, guided_seqs: int = 0
+    ) -> float:
+        """Duration of one engine step with this batch (`guided_seqs` of the decodes guided)."""
         return (
             self.base_s
             + self.prefill_token_s * prefill_tokens
             + self.decode_seq_s * decode_seqs
             + self.context_token_s * context_tokens
+            + self.guided_seq_s * guided_seqs
         )
 
 

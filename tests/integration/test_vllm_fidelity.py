@@ -31,6 +31,8 @@ from bench.policies import get_policy
 from bench.runner import run_policy_env
 from bench.trace import CallRecord, RecordingTransport, replay_makespan
 from bench.workloads import TokenSpec, Workload
+from nodes.llm import response_format_for
+from nodes.schemas import Plan
 from routing.calls import Role
 from routing.endpoints import Replica
 from serving.calibrate import (
@@ -75,7 +77,11 @@ CALIBRATION = [
     # context: 1 and 64 (the prefill chunks absorb the staggered arrival).
     *(PointSpec("itl", SHORT, c, OUTPUT_TOKENS) for c in (1, 8)),
     *(PointSpec("itl", LONG, c, OUTPUT_TOKENS) for c in (1, 64)),
+    # Lone requests guided by the plan schema: structured output's per-step cost, which the
+    # workflow's plan and review calls pay.
+    PointSpec("itl", SHORT, 1, OUTPUT_TOKENS, guided=True),
 ]
+GUIDED_FORMAT = response_format_for(Plan)
 HELD_OUT = [PointSpec("itl", SHORT, c, OUTPUT_TOKENS) for c in (4, 16, 32)]
 # vLLM's CPU API-server default (the launch profile does not set it).
 MAX_NUM_BATCHED_TOKENS = 2048
@@ -120,7 +126,7 @@ async def _measure_round(
         builder = builder or await probe_prompt_builder(client, url, model)
         points = await measure_points(
             client, url, model, [*CALIBRATION, *HELD_OUT], rounds=1, limits=limits,
-            builder=builder,
+            builder=builder, guided_format=GUIDED_FORMAT,
         )  # fmt: skip
         return points, builder
 
@@ -185,20 +191,24 @@ def _calibrate(
 
 
 async def _real_run(servers: VllmServers) -> tuple[float, list[CallRecord]]:
-    """The workflow on both real servers; its makespan and the calls it made."""
+    """The workflow with both roles on the calibrated (coder) server; makespan and calls.
+
+    One engine serves every call, as in the calibration: on two cores a second busy engine
+    takes the API processes' and the client's CPU, a different machine from the one measured.
+    """
     recorders = {
         role: RecordingTransport(role, httpx.AsyncHTTPTransport(limits=_POOL)) for role in ROLES
     }
     endpoints: dict[Role, list[Replica]] = {
         role: [
             Replica(
-                url=servers.base_url[role],
-                model=servers.model[role],
-                gpu=f"cpu{i}",
+                url=servers.base_url["coder"],
+                model=servers.model["coder"],
+                gpu="cpu1",
                 transport=recorders[role],
             )
         ]
-        for i, role in enumerate(ROLES)
+        for role in ROLES
     }
     run = await run_policy_env(WORKLOAD, get_policy(POLICY), endpoints)
     return run.makespan_s, [c for r in recorders.values() for c in r.records]
@@ -219,7 +229,7 @@ class Calibrated:
 def calibrated(vllm_servers: VllmServers) -> Calibrated:
     """Calibrate the tiny model's profile on the coder server (about a minute on 2 cores)."""
     profile, calibration, held_out, workflows, report = _calibrate(vllm_servers)
-    fitted = emulate_points(profile, [p.spec for p in calibration])
+    fitted = emulate_points(profile, [p.spec for p in calibration], guided_format=GUIDED_FORMAT)
     # The emulator's TTFT has no HTTP server in it: the fitted overhead is in the report.
     print(f"\n{report}\ncalibration points (emulator TTFT without overhead):")
     print(_curve(calibration, fitted))
@@ -253,7 +263,7 @@ def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated)
     emulator is for: how long the servers take. One run per calibration round (interleaved
     with the points); the median run's replay must be within `TOLERANCE`.
     """
-    # Both servers run the same engine and model with the same flags: one fit serves both.
+    # Every call went to the calibrated server: one engine with its profile serves them all.
     profiles: dict[Role, Profile] = {
         "coder": calibrated.profile,
         "reasoning": replace(calibrated.profile, role="reasoning", name="cpu-tiny-here-r"),
@@ -261,13 +271,15 @@ def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated)
     runs = []
     for real_s, calls in calibrated.workflows:
         assert calls, "the real run recorded no calls (no usage in the answers?)"
-        replayed_s = run_clock(replay_makespan(calls, profiles), virtual=True)
+        replay = replay_makespan(calls, profiles, one_server=True)
+        replayed_s = run_clock(replay, virtual=True)
         runs.append((replayed_s / real_s - 1, real_s, replayed_s, calls))
     lines = []
     for i, (off, real_s, replayed_s, calls) in enumerate(runs):
         t0 = min(c.start_s for c in calls)
         per_call = "\n".join(
-            f"    {c.session_id} {c.stage:7s} {c.role:9s} prompt {c.prompt_tokens:5d} out "
+            f"    {c.session_id} {c.stage:7s} {c.role:9s}{' guided' if c.guided else '       '} "
+            f"prompt {c.prompt_tokens:5d} out "
             f"{c.completion_tokens:4d}  start {c.start_s - t0:6.3f} s  took "
             f"{c.end_s - c.start_s:6.3f} s "
             f"({(c.end_s - c.start_s) / max(1, c.completion_tokens) * 1e3:5.2f} ms/token)"

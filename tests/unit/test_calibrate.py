@@ -14,6 +14,7 @@ from serving.calibrate import (
     Point,
     PointSpec,
     ServerInfo,
+    blocker_tokens_for,
     build_profile,
     calibration_specs,
     emulate_points,
@@ -25,7 +26,18 @@ from serving.calibrate import (
 )
 from serving.emulator.profiles import PROFILES, Profile, get_profile
 
-# A server whose four step terms all matter at the measured points.
+# A server whose five step terms all matter at the measured points.
+GUIDED = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "Probe",
+        "schema": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}},
+            "required": ["text"],
+        },
+    },
+}
 KNOWN = replace(
     PROFILES["cpu-tiny"],
     name="known",
@@ -33,6 +45,7 @@ KNOWN = replace(
     prefill_token_s=8.0e-6,
     decode_seq_s=40e-6,
     context_token_s=30e-9,
+    guided_seq_s=1.5e-3,
     max_num_seqs=32,
     max_num_batched_tokens=2048,
     min_output_frac=1.0,
@@ -60,10 +73,12 @@ def test_calibrating_an_emulator_recovers_its_step_terms_and_writes_a_profile(
         output_tokens=64,
         max_num_batched_tokens=KNOWN.max_num_batched_tokens,
         ttft_lengths=4,
+        guided=True,
     )
     assert {s.kind for s in specs} == {"ttft", "itl"}
     assert len({s.prompt_tokens for s in specs if s.kind == "itl"}) == 2  # two contexts
-    points = emulate_points(KNOWN, specs)
+    assert sum(s.guided for s in specs) == 1
+    points = emulate_points(KNOWN, specs, guided_format=GUIDED)
     # Every wave reached the engine together: no wave was measured again.
     assert all(p.retries == 0 for p in points)
     fit = fit_step_model(points, _limits(KNOWN))
@@ -101,20 +116,35 @@ def test_features_are_the_coefficients_of_each_step_term() -> None:
     points = [
         Point(PointSpec("ttft", 500), 500, 1, 1.0, (1.0,), 0.0),
         Point(PointSpec("itl", 100, 8, 16), 100, 16, 1.0, (1.0,), 0.0),
+        Point(PointSpec("itl", 100, 1, 16, guided=True), 100, 16, 1.0, (1.0,), 0.0),
     ]
-    ttft, wave = point_features(points, _limits(KNOWN))
+    ttft, wave, guided = point_features(points, _limits(KNOWN))
     # A lone prompt: one step that prefills 500 tokens holding 500 tokens of context.
-    assert ttft == pytest.approx([1.0, 500.0, 0.0, 500.0], rel=1e-6)
+    assert ttft == pytest.approx([1.0, 500.0, 0.0, 500.0, 0.0], rel=1e-6, abs=1e-6)
     # Decode steps: each token after the first costs a step of 8 decodes; context grows.
     assert wave[0] > 0.99 and wave[1] == pytest.approx(0.0, abs=1e-6)
     assert wave[2] == pytest.approx(8.0, rel=0.01)
     assert 8 * 101 < wave[3] < 8 * 117
+    assert wave[4] == pytest.approx(0.0, abs=1e-6)  # nothing guided in a plain wave
+    # A lone guided request: every decode step carries one guided sequence.
+    assert guided[2] == pytest.approx(1.0, rel=0.01) and guided[4] == pytest.approx(1.0, rel=0.01)
 
 
 def test_expected_steps_match_the_emulator_for_waves_sent_together() -> None:
     spec = PointSpec("itl", 1000, 64, 16)
     # 32 seats: two waves of 32, each 32 x 1000 prompt tokens in 2048-token chunks.
     assert expected_steps(spec, 1000, _limits(KNOWN)) == 2 * (16 + 15)
+    # Behind a blocker of 1,984 tokens: one more step.
+    limits = _limits(KNOWN)
+    assert blocker_tokens_for(limits) == 1984
+    assert expected_steps(spec, 1000, limits, 1984) == 1 + 2 * (16 + 15)
+    assert expected_steps(PointSpec("itl", 1000, 1, 16), 1000, limits, 1984) == 1 + 15
+
+
+def test_without_guided_points_the_guided_term_stays_zero() -> None:
+    specs = [PointSpec("ttft", 32), *(PointSpec("itl", 32, c, 32) for c in (1, 8))]
+    fit = fit_step_model(emulate_points(KNOWN, specs), _limits(KNOWN))
+    assert fit.terms["guided_seq_s"] == 0.0
 
 
 def _brute_nnls(rows: list[list[float]], b: list[float]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 
 from bench.policies import get_policy
 from bench.runner import _run_with_router
@@ -87,3 +88,58 @@ def test_replaying_an_emulated_run_gives_back_its_makespan() -> None:
     assert {c.stage for c in calls} >= {"plan", "code", "review"}
     assert len({c.session_id for c in calls}) == 2
     assert makespan * 0.98 <= replayed <= makespan * 1.10, (makespan, replayed)
+
+
+def test_guided_calls_pay_the_guided_cost_and_one_server_batches_every_role() -> None:
+    profile = dataclasses.replace(get_profile("h100-nvl-coder-8b"), guided_seq_s=2e-3)
+    plain = CallRecord("coder", "s", "code", 0.0, 1.0, 400, 300)
+    guided = dataclasses.replace(plain, guided=True)
+    took_plain = run(replay_makespan([plain], {"coder": profile}), virtual=True)
+    took_guided = run(replay_makespan([guided], {"coder": profile}), virtual=True)
+    # Every decode step after the prefill step carries one guided sequence.
+    assert abs((took_guided - took_plain) - 299 * 2e-3) < 1e-6
+
+    both = [
+        CallRecord("reasoning", "a", "plan", 0.0, 1.0, 400, 300),
+        CallRecord("coder", "b", "code", 0.0, 1.0, 400, 300),
+    ]
+    profiles: dict[Role, object] = {"reasoning": profile, "coder": profile}
+    apart = run(replay_makespan(both, profiles), virtual=True)  # type: ignore[arg-type]
+    together = run(
+        replay_makespan(both, profiles, one_server=True),  # type: ignore[arg-type]
+        virtual=True,
+    )
+    assert abs(apart - took_plain) < 1e-6
+    # On one server both calls share every step: each step holds two sequences.
+    assert together > apart + 299 * profile.decode_seq_s * 0.9
+
+
+def test_the_recorder_marks_calls_that_asked_for_structured_output() -> None:
+    import httpx
+
+    sse = (
+        b'data: {"choices": [{"delta": {"content": "{}"}}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def events() -> AsyncIterator[bytes]:
+        yield sse
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        # A streamed body, as a server's: the recorder reads it as it passes.
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    recorder = RecordingTransport("reasoning", httpx.MockTransport(answer))
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=recorder) as client:
+            for body in (
+                {"messages": [], "stream": True},
+                {"messages": [], "stream": True, "response_format": {"type": "json_schema"}},
+            ):
+                response = await client.post("http://s/v1/chat/completions", json=body)
+                await response.aread()
+
+    run(main(), virtual=False)
+    assert [c.guided for c in recorder.records] == [False, True]

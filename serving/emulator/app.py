@@ -187,8 +187,14 @@ class _Server:
                 f"Got priority {priority} but Priority scheduling is not enabled.",
                 "BadRequestError",
             )
-        target = content.output_token_count(
-            self.seed, messages, max_tokens, self.profile.min_output_frac
+        # vLLM's `ignore_eos`: exactly max_tokens tokens (what benchmarks and calibration ask).
+        ignore_eos = body.get("ignore_eos") is True
+        target = (
+            max_tokens
+            if ignore_eos
+            else content.output_token_count(
+                self.seed, messages, max_tokens, self.profile.min_output_frac
+            )
         )
         # The answer is built first and the engine charged its real size (the token spec).
         answer = content.build_answer(
@@ -198,7 +204,7 @@ class _Server:
             file_header=request.headers.get(FILE_HEADER),
             target_tokens=target,
             reasoning_frac=self.profile.reasoning_frac if self.profile.reasoning else 0.0,
-            context_tokens=limit - prompt_tokens,
+            context_tokens=(max_tokens if ignore_eos else limit - prompt_tokens),
         )
 
         self._requests += 1

@@ -323,3 +323,29 @@ def test_an_answer_longer_than_the_context_is_cut_with_length() -> None:
     assert choice["message"]["reasoning"] is None  # reasoning gave way first
     assert body["usage"]["completion_tokens"] == room == record.output_tokens
     assert len(choice["message"]["content"]) == 4 * room
+
+
+def test_ignore_eos_gives_exactly_max_tokens_as_vllm_does() -> None:
+    """vLLM's `ignore_eos` runs every request to `max_tokens` (what calibration relies on),
+    even where the emulator's content model would end sooner or, for 1 token, later."""
+
+    async def scenario(client: httpx.AsyncClient, engine: Engine) -> list[int]:
+        counts = []
+        for max_tokens in (1, 8, 300):
+            for extra in ({}, {"response_format": content_format()}):
+                body = _chat("coder", max_tokens=max_tokens, ignore_eos=True, **extra)
+                response = await client.post("/v1/chat/completions", json=body)
+                counts.append(response.json()["usage"]["completion_tokens"])
+        plain = await client.post("/v1/chat/completions", json=_chat("coder", max_tokens=300))
+        counts.append(plain.json()["usage"]["completion_tokens"])
+        return counts
+
+    def content_format() -> dict[str, Any]:
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "Plan", "schema": Plan.model_json_schema()},
+        }
+
+    counts = _with_client("h100-nvl-coder-8b", scenario, served_model_name="coder")
+    assert counts[:6] == [1, 1, 8, 8, 300, 300]
+    assert counts[6] < 300  # without it, answers end where the content model ends them

@@ -37,7 +37,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import httpx
@@ -306,6 +306,7 @@ class Point:
         rounds_s: Each round's value.
         tokens_per_s: Median over rounds of the wave's output tokens per second of wall time.
         retries: Waves measured again because they reached the engine staggered.
+        samples: Each round's sample (a `WaveSample` for a wave).
     """
 
     spec: PointSpec
@@ -315,6 +316,7 @@ class Point:
     rounds_s: tuple[float, ...]
     tokens_per_s: float
     retries: int = 0
+    samples: tuple[Sample, ...] = ()
 
 
 async def measure_ttft(
@@ -377,9 +379,18 @@ async def read_counters(client: httpx.AsyncClient, base_url: str) -> EngineCount
 
 @dataclass(frozen=True)
 class WaveSample(Sample):
-    """A wave's sample, with the engine steps it took (None if the server does not say)."""
+    """A wave's sample, with the engine steps it took (None if the server does not say).
+
+    Attributes:
+        iterations: Engine steps from the wave's first send to its end (blocker included).
+        span_s: Seconds from the first send (the blocker's, if any) to the wave's last token:
+            the engine is busy all along, so this is the time of those `iterations` steps.
+        blocker_prompt_tokens: The blocker's prompt, server tokens (0: none).
+    """
 
     iterations: float | None = None
+    span_s: float = 0.0
+    blocker_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -446,6 +457,7 @@ async def measure_wave(
             ignored `ignore_eos` or capped `max_tokens`).
     """
     before = await read_counters(client, base_url)
+    sent = now()
     blockers = []
     for _ in range(blockers_for(spec, blocker_tokens)):
         prompt = builder.text(blocker_tokens)
@@ -462,7 +474,7 @@ async def measure_wave(
         )
     )
     wall_s = now() - start
-    await asyncio.gather(*blockers)
+    blocked = await asyncio.gather(*blockers)
     after = await read_counters(client, base_url)
     short = [s.completion_tokens for s in streams if s.completion_tokens != spec.output_tokens]
     if short:
@@ -482,7 +494,29 @@ async def measure_wave(
         completion_tokens=spec.output_tokens,
         wall_s=wall_s,
         iterations=iterations,
+        span_s=last - sent,
+        blocker_prompt_tokens=sum(b.prompt_tokens for b in blocked),
     )
+
+
+def wave_time_s(profile: Profile, spec: PointSpec, sample: WaveSample) -> float | None:
+    """What `profile`'s step model gives for the engine steps `sample` took, as it took them.
+
+    A wave that reached the engine staggered ran more, smaller steps than one sent together,
+    and `measure_wave`'s per-step statistic then measures a different schedule from the
+    emulator's. This sums the step model over the schedule the engine actually ran instead,
+    which its counters give in totals: steps (`iterations`), prompt tokens (the wave's and
+    the blocker's, each computed once), decode sequence-steps (each request's tokens after
+    its first), and context tokens (a prefill step holds the prompt, decode step i of a
+    request p + i tokens). Compare it with `sample.span_s`. None without a step count.
+    """
+    if sample.iterations is None:
+        return None
+    c, p, n = spec.concurrency, sample.prompt_tokens, sample.completion_tokens
+    prefill = c * p + sample.blocker_prompt_tokens
+    decodes = c * (n - 1)
+    context = sample.blocker_prompt_tokens + c * (n * p + n * (n - 1) // 2)
+    return profile.step_s(prefill, decodes, context) + profile.base_s * (sample.iterations - 1)
 
 
 # How long after its blocker a wave is sent (for the blocker to reach the engine first).
@@ -615,14 +649,7 @@ async def _formed_wave(
         if sample.iterations <= 1.1 * expected + 2:
             break
     best = min(tries, key=lambda s: s.iterations if s.iterations is not None else 0.0)
-    return _Attempted(
-        value_s=best.value_s,
-        prompt_tokens=best.prompt_tokens,
-        completion_tokens=best.completion_tokens,
-        wall_s=best.wall_s,
-        iterations=best.iterations,
-        attempts=len(tries),
-    )
+    return _Attempted(**{f.name: getattr(best, f.name) for f in fields(best)}, attempts=len(tries))
 
 
 async def _warm_up(
@@ -694,6 +721,7 @@ def _point(spec: PointSpec, samples: Sequence[Sample], retries: int) -> Point:
             for s in samples
         ),
         retries=retries,
+        samples=tuple(samples),
     )
 
 

@@ -107,6 +107,8 @@ class _VllmCollector(Collector):
                         stats.e2e)  # fmt: skip
         yield histogram("vllm:request_queue_time_seconds", "Time spent waiting in the queue.",
                         stats.queue)  # fmt: skip
+        yield histogram("vllm:iteration_tokens_total", "Number of tokens per engine step.",
+                        stats.iteration_tokens)  # fmt: skip
         info = GaugeMetricFamily(
             "vllm:cache_config_info", "Information of the LLMEngine CacheConfig.",
             labels=["engine", "num_gpu_blocks", "block_size", "enable_prefix_caching"],

@@ -60,6 +60,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+# vLLM's buckets for tokens per engine step (its CUDA-graph capture sizes and beyond).
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
@@ -128,6 +130,9 @@ class EngineStats:
     itl: Histogram = field(default_factory=lambda: Histogram(ITL_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_BUCKETS))
     queue: Histogram = field(default_factory=lambda: Histogram(REQUEST_BUCKETS))
+    # Tokens per engine step (prefill and decode), vLLM's `vllm:iteration_tokens_total`: its
+    # count is the number of steps the engine ran.
+    iteration_tokens: Histogram = field(default_factory=lambda: Histogram(ITERATION_TOKEN_BUCKETS))
 
 
 @dataclass
@@ -757,6 +762,7 @@ class Engine:
     def _apply_single(self, step: _Step, t0: float, t1: float) -> None:
         """Account one step of any kind that ended at `t1`."""
         self.steps += 1
+        self.stats.iteration_tokens.observe(step.prefill_tokens + step.decode_seqs)
         bs = self.profile.block_size
         dt = t1 - t0
         for seq, num_new in step.seqs:
@@ -782,6 +788,7 @@ class Engine:
     def _apply_decodes(self, step: _Step, done: int, t0: float, bounds: list[float]) -> None:
         """Account `done` coalesced decode steps."""
         self.steps += done
+        self.stats.iteration_tokens.observe(step.decode_seqs, done)
         prev = t0
         n = sum(1 for seq, _ in step.seqs if not seq.aborted)
         for t in bounds[:done]:

@@ -14,6 +14,7 @@ from serving.calibrate import (
     Point,
     PointSpec,
     ServerInfo,
+    WaveSample,
     blocker_tokens_for,
     build_profile,
     calibration_specs,
@@ -23,6 +24,7 @@ from serving.calibrate import (
     limits_for,
     nnls,
     point_features,
+    wave_time_s,
 )
 from serving.emulator.profiles import PROFILES, Profile, get_profile
 
@@ -185,3 +187,17 @@ def test_limits_need_a_kv_capacity() -> None:
     with pytest.raises(ValueError, match="kv-cache-tokens"):
         limits_for(info)
     assert limits_for(info, kv_cache_tokens=65536).kv_cache_tokens == 65536
+
+
+def test_the_step_model_over_the_engines_own_steps_gives_the_waves_time() -> None:
+    """`wave_time_s` sums the step model over the steps the engine counted; on the emulator
+    (whose /metrics counts its steps as vLLM's `vllm:iteration_tokens_total` does) it gives
+    each wave's span."""
+    specs = [PointSpec("itl", 32, c, 32) for c in (4, 64)]
+    for point in emulate_points(KNOWN, specs):
+        [sample] = point.samples
+        assert isinstance(sample, WaveSample) and sample.iterations is not None
+        predicted = wave_time_s(KNOWN, point.spec, sample)
+        assert predicted == pytest.approx(sample.span_s, rel=0.005)
+        # 32 seats: 64 requests are two waves, twice the steps.
+        assert sample.iterations == (32 if point.spec.concurrency == 4 else 64)

@@ -23,10 +23,11 @@ says so::
                  prefill_token_s * (scheduled_prefill_tokens + decode_seqs))
            + decode_seq_s * decode_seqs
 
-A decode batch is read-bound until it holds `base_s / prefill_token_s` sequences (about 250
-on an H100), so it costs the same under both; a step with a 1,024-token prefill chunk is
-compute-bound and no longer pays the weight read on top. `tandem calibrate` fits the
-additive model (its linear least squares); the H100 profiles use the roofline.
+A decode batch is read-bound until it holds at least `base_s / prefill_token_s` sequences
+(about 250 on an H100, more with context to read), so it costs the same under both; a step
+with a 1,024-token prefill chunk is compute-bound and no longer pays the weight read on top.
+`tandem calibrate` fits the additive model (its linear least squares); the H100 profiles
+use the roofline.
 """
 
 from __future__ import annotations
@@ -195,10 +196,11 @@ def _kv_tokens(
 # from the slope of step time over batch at two context lengths (128/1024 and 2048/2048
 # closed loops, c=1..256); 45.7 ns is the raw KV read of a token (147,456 B / 3.35 TB/s = 44 ns).
 # Roofline step model: a step pays the larger of its reads and its matmuls (2 x 8.19e9 FLOPs
-# a token, prefill or decode), so a 1,024-token prefill chunk hides the weight read. Its
-# prefill_token_s, 27.7 us (60% of 989 TFLOP/s, the most the calibration test allows), is the
-# least that keeps the 8,192-token TTFT within 8% (it implies 30 us with attention) and the
-# most that keeps the prefill-heavy closed loops (1,024 in / 128 out, c=64 and 256) within 9%.
+# a token, prefill or decode), so a 1,024-token prefill chunk hides the weight read.
+# prefill_token_s 27.7 us is 60% of 989 TFLOP/s, the fastest the calibration test allows. The
+# two kinds of point pull it apart: the 8,192-token TTFT implies 30 us (attention included)
+# and reads 8% low at 27.7; the prefill-heavy closed loops (1,024 in / 128 out, c=64 and 256)
+# read 9% low at 27.7 and would fit a faster prefill.
 
 _CODER_SOURCE = (
     "Qwen3-8B, BF16, vLLM V1 defaults (max_num_seqs 1024, max_num_batched_tokens 8192 on "

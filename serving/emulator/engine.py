@@ -598,10 +598,9 @@ class Engine:
         if k == 1:
             bounds = [t0 + first]
         else:
-            # Step m (1-based) holds m - 1 more context tokens per sequence than step 1.
-            n = step.decode_seqs
-            grow = profile.context_token_s * n
-            bounds = [t0 + m * first + grow * (m * (m - 1) // 2) for m in range(1, k + 1)]
+            bounds = profile.decode_step_ends_s(
+                t0, step.decode_seqs, step.context_tokens, step.guided_seqs, k
+            )
         self._wake = loop.create_future()
         timer = loop.call_at(bounds[-1], _resolve, self._wake, _TIMER)
         how = await self._wake

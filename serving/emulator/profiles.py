@@ -6,7 +6,7 @@ and the output-length model. Each profile's `source` says where its numbers come
 H100 profiles' data points are in serving/emulator/calibration/ (one YAML file per profile),
 and `python -m serving.emulator.calibration` compares them with what the engine does.
 
-Step-time model (one engine step = one forward pass over the scheduled batch)::
+Step-time model (one engine step = one forward pass over the scheduled batch), "additive"::
 
     step_s = base_s
            + prefill_token_s * scheduled_prefill_tokens
@@ -15,7 +15,19 @@ Step-time model (one engine step = one forward pass over the scheduled batch)::
 
 `base_s` is the weight read (memory-bandwidth bound), `prefill_token_s` the compute per new
 prompt token, `decode_seq_s` the per-sequence cost of a decode, `context_token_s` the KV read
-of attention per token already in the cache.
+of attention per token already in the cache. On a GPU the reads and the matmuls of one step
+run at the same time, and a step is as long as the slower of the two; the "roofline" model
+says so::
+
+    step_s = max(base_s + context_token_s * context_tokens,
+                 prefill_token_s * (scheduled_prefill_tokens + decode_seqs))
+           + decode_seq_s * decode_seqs
+
+A decode batch is read-bound until it holds at least `base_s / prefill_token_s` sequences
+(about 250 on an H100, more with context to read), so it costs the same under both; a step
+with a 1,024-token prefill chunk is compute-bound and no longer pays the weight read on top.
+`tandem calibrate` fits the additive model (its linear least squares); the H100 profiles
+use the roofline.
 """
 
 from __future__ import annotations
@@ -25,11 +37,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 from serving.roles import Role
+
+StepModel = Literal["additive", "roofline"]
+STEP_MODELS: tuple[StepModel, ...] = get_args(StepModel)
 
 GB = 1e9
 GiB = 2**30
@@ -72,12 +87,20 @@ class Profile:
     # grammar's token mask is computed on the CPU for every such sequence every step. Fitted
     # by `tandem calibrate`; 0 where it was not measured (the H100 profiles).
     guided_seq_s: float = 0.0
+    # How the step's terms combine: "additive" sums them (the model `tandem calibrate`
+    # fits); "roofline" overlaps the reads with the matmul compute (see `step_s`).
+    step_model: StepModel = "additive"
 
     def __post_init__(self) -> None:
         if self.max_model_len > self.kv_cache_tokens:
             raise ValueError(f"{self.name}: max_model_len exceeds the KV cache")
         if not 0.0 < self.min_output_frac <= 1.0:
             raise ValueError(f"{self.name}: min_output_frac must be in (0, 1]")
+        if self.step_model not in STEP_MODELS:
+            raise ValueError(
+                f"{self.name}: step_model must be one of {list(STEP_MODELS)}, "
+                f"not {self.step_model!r}"
+            )
 
     @property
     def num_gpu_blocks(self) -> int:
@@ -87,14 +110,44 @@ class Profile:
     def step_s(
         self, prefill_tokens: int, decode_seqs: int, context_tokens: int, guided_seqs: int = 0
     ) -> float:
-        """Duration of one engine step with this batch (`guided_seqs` of the decodes guided)."""
-        return (
-            self.base_s
-            + self.prefill_token_s * prefill_tokens
-            + self.decode_seq_s * decode_seqs
-            + self.context_token_s * context_tokens
-            + self.guided_seq_s * guided_seqs
-        )
+        """Duration of one engine step with this batch (`guided_seqs` of the decodes guided).
+
+        Additive: every term is paid in turn. Roofline: the reads (`base_s` for the weights,
+        `context_token_s` per token of KV) and the matmul compute of every token in the
+        batch (`prefill_token_s` each, prefill or decode) run at the same time, so the step
+        pays the larger; `decode_seq_s` and `guided_seq_s` are added either way. A decode
+        batch smaller than `base_s / prefill_token_s` is read-bound, so it costs the same
+        under both models.
+        """
+        reads_s = self.base_s + self.context_token_s * context_tokens
+        if self.step_model == "roofline":
+            compute_s = self.prefill_token_s * (prefill_tokens + decode_seqs)
+            overlapped_s = max(reads_s, compute_s)
+        else:
+            overlapped_s = reads_s + self.prefill_token_s * prefill_tokens
+        return overlapped_s + self.decode_seq_s * decode_seqs + self.guided_seq_s * guided_seqs
+
+    def decode_step_ends_s(
+        self, start_s: float, decode_seqs: int, context_tokens: int, guided_seqs: int, steps: int
+    ) -> list[float]:
+        """When each of `steps` back-to-back decode-only steps from `start_s` ends.
+
+        The first step holds `context_tokens` of context and each later one `decode_seqs`
+        more (every sequence gained a token). Exact under both step models, in closed form
+        while the steps are read-bound (each is the last plus the new tokens' KV read).
+        """
+        first = self.step_s(0, decode_seqs, context_tokens, guided_seqs)
+        grow = self.context_token_s * decode_seqs
+        compute_s = self.prefill_token_s * decode_seqs
+        reads_s = self.base_s + self.context_token_s * context_tokens
+        if self.step_model == "roofline" and compute_s > reads_s:
+            ends: list[float] = []
+            end = start_s
+            for m in range(steps):
+                end += self.step_s(0, decode_seqs, context_tokens + decode_seqs * m, guided_seqs)
+                ends.append(end)
+            return ends
+        return [start_s + m * first + grow * (m * (m - 1) // 2) for m in range(1, steps + 1)]
 
 
 # -- H100 profiles ---------------------------------------------------------------------------
@@ -142,8 +195,12 @@ def _kv_tokens(
 # at 3.35 TB/s, so 72% of peak bandwidth); context_token_s 45.7 ns and decode_seq_s 14.4 us
 # from the slope of step time over batch at two context lengths (128/1024 and 2048/2048
 # closed loops, c=1..256); 45.7 ns is the raw KV read of a token (147,456 B / 3.35 TB/s = 44 ns).
-# prefill_token_s 28 us: 2 x 8.19e9 FLOPs at 59% of 989 TFLOP/s; the 8,192-token TTFT (254 ms
-# at c=1) implies 30 us including attention, the 1,024-token one 22 us.
+# Roofline step model: a step pays the larger of its reads and its matmuls (2 x 8.19e9 FLOPs
+# a token, prefill or decode), so a 1,024-token prefill chunk hides the weight read.
+# prefill_token_s 27.7 us is 60% of 989 TFLOP/s, the fastest the calibration test allows. The
+# two kinds of point pull it apart: the 8,192-token TTFT implies 30 us (attention included)
+# and reads 8% low at 27.7; the prefill-heavy closed loops (1,024 in / 128 out, c=64 and 256)
+# read 9% low at 27.7 and would fit a faster prefill.
 
 _CODER_SOURCE = (
     "Qwen3-8B, BF16, vLLM V1 defaults (max_num_seqs 1024, max_num_batched_tokens 8192 on "
@@ -153,8 +210,10 @@ _CODER_SOURCE = (
     "perf_points.csv): base_s 6.81 ms = batch-1 ITL 6.86 ms at 640 tokens of context (72% of "
     "3.35 TB/s for 16.38 GB of weights); decode_seq_s 14.4 us and context_token_s 45.7 ns "
     "from the step time's slope over batch at 640 and 3,072 tokens of mean context (45.7 ns "
-    "= the raw KV read, 147,456 B / 3.35 TB/s); prefill_token_s 28 us = 2 x 8.19e9 FLOPs at "
-    "59% of 989 TFLOP/s (the 8k-token TTFT implies 30 us). {card}"
+    "= the raw KV read, 147,456 B / 3.35 TB/s); prefill_token_s 27.7 us = 2 x 8.19e9 FLOPs at "
+    "60% of 989 TFLOP/s (the 8k-token TTFT implies 30 us). Roofline steps: the weight and KV "
+    "reads overlap the matmuls of every scheduled token, so a prefill chunk hides the weight "
+    "read and a decode batch is read-bound below ~250 sequences. {card}"
     "KV: 36 x 8 x 128 x 2 x 2 B = 147,456 B/token; {mib:,} MiB x 0.95 - 16.38 GB weights - "
     "4.65 GiB reserve (measured: the SXM run logged 377,024 tokens at 0.9) -> {kv:,} tokens."
 )
@@ -171,7 +230,7 @@ _SXM_CODER_8B = Profile(
     served_model_name="Qwen/Qwen3-8B",
     role="coder",
     base_s=6.81e-3,
-    prefill_token_s=28e-6,
+    prefill_token_s=27.7e-6,
     decode_seq_s=14.4e-6,
     context_token_s=45.7e-9,
     max_num_seqs=1024,
@@ -180,6 +239,7 @@ _SXM_CODER_8B = Profile(
     max_model_len=32768,
     min_output_frac=0.5,
     default_max_tokens=2048,
+    step_model="roofline",
     source=_CODER_SOURCE.format(
         name="h100-sxm-coder-8b",
         card="One H100 SXM 80GB. ",
@@ -223,7 +283,7 @@ _NVL_CODER_8B = _scaled(
         card=(
             "One H100 NVL 94GB (no published NVL sweep): base_s and context_token_s x 3.35/3.9 "
             "(bandwidth), prefill_token_s and decode_seq_s x 989/835 (dense BF16 peak), so "
-            "prefill stays at 59% of peak. "
+            "prefill stays at 60% of peak. "
         ),
         mib=_NVL_MEMORY_MIB,
         kv=_NVL_CODER_8B_KV_TOKENS,
@@ -239,7 +299,7 @@ _REASONING_SOURCE = (
     "(32.76e9 vs 8.19e9 parameters: 4x the weight bytes per step and FLOPs per token), "
     "context_token_s x1.78 (262,144 vs 147,456 KV bytes per token). base_s {base_ms:.1f} ms "
     "is above the weight read (65.52 GB / {tb_s} TB/s = {floor_ms:.1f} ms) by the 8B's "
-    "measured 72% bandwidth efficiency; prefill runs at 59% of peak. KV: 64 x 8 x 128 x 2 x "
+    "measured 72% bandwidth efficiency; prefill runs at 60% of peak. KV: 64 x 8 x 128 x 2 x "
     "2 B = 262,144 B/token; {mib:,} MiB x 0.9 - 65.52 GB weights - 5.5 GiB reserve (the 8B's "
     "measured 4.65 GiB plus wider activations and 64 layers of CUDA graphs) -> {kv:,} tokens."
     "{extra}"
@@ -461,6 +521,12 @@ def solo_latency_s(profile: Profile, prompt_tokens: int, output_tokens: int) -> 
         if done >= prompt_tokens:
             break
     decodes = output_tokens - 1
+    if decodes == 0:
+        return total
+    first_reads_s = profile.base_s + profile.context_token_s * (prompt_tokens + 1)
+    if profile.step_model == "roofline" and profile.prefill_token_s > first_reads_s:
+        # One token's matmuls outlast the reads (only a toy profile): step by step.
+        return total + profile.decode_step_ends_s(0.0, 1, prompt_tokens + 1, 0, decodes)[-1]
     # Decode j (1-based) holds prompt_tokens + j tokens of context.
     context = decodes * prompt_tokens + decodes * (decodes + 1) // 2
     total += decodes * (profile.base_s + profile.decode_seq_s) + profile.context_token_s * context
@@ -490,7 +556,10 @@ def saturated_time_s(profile: Profile, requests: Sequence[tuple[int, int, int]])
       request i holds `p_i - c_i + j - 1` tokens no other request accounts for.
 
     Preemption, chunking, imperfect packing and arrival gaps only add to each term, so the
-    sum never exceeds what the engine achieves.
+    sum never exceeds what the engine achieves. Under the roofline step model a step pays
+    the larger of its reads and its matmul compute, so the bound is the larger of the summed
+    reads (`base_s` per step, the context term) and the summed compute (`prefill_token_s`
+    per prefill token and per decode), plus the decode term.
 
     Args:
         profile: The server.
@@ -524,8 +593,15 @@ def saturated_time_s(profile: Profile, requests: Sequence[tuple[int, int, int]])
         math.ceil((prefill + decodes) / profile.max_num_batched_tokens),
         math.ceil(held_kv / profile.kv_cache_tokens),
     )
+    preemption = blocks > profile.num_gpu_blocks
+    reads_s = steps * profile.base_s + profile.context_token_s * context
+    if profile.step_model == "roofline":
+        # Each step pays max(reads, compute) >= either, so the sums bound it; a token
+        # recomputed after preemption instead of decoded costs compute but no decode_seq_s.
+        compute_s = profile.prefill_token_s * (prefill + decodes)
+        return max(reads_s, compute_s) + (0.0 if preemption else profile.decode_seq_s * decodes)
     decode_s = profile.decode_seq_s
-    if blocks > profile.num_gpu_blocks:  # preemption possible
+    if preemption:
         decode_s = min(decode_s, profile.prefill_token_s)
     return (
         steps * profile.base_s

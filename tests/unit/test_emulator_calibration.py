@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,12 +10,14 @@ import pytest
 from serving.emulator.calibration import (
     Calibration,
     ItlBatch1,
+    Prefill,
     load_all,
     load_calibration,
     markdown_table,
     measured,
     predict,
     rows,
+    worst_error,
 )
 from serving.emulator.profiles import PROFILE_ALIASES, PROFILES, get_profile
 
@@ -45,14 +48,33 @@ def test_profile_reproduces_its_point(name: str, index: int) -> None:
     if point.engine_gap:
         # A known gap stays flagged only while it is real: unflag it once the engine fits it.
         assert abs(predicted / measured(point) - 1) > 0.10
+        assert not point.derived
     else:
         assert predicted == pytest.approx(measured(point), rel=0.10)
 
 
-def test_published_points_outnumber_known_gaps() -> None:
+def test_one_published_point_is_a_known_gap_and_no_derived_point_is() -> None:
     published = [p for cal in CALIBRATIONS.values() for p in cal.points if not p.derived]
     assert len(published) >= 15
-    assert sum(1 for p in published if p.engine_gap) <= 3
+    gaps = [p for p in published if p.engine_gap]
+    assert [
+        (g.kind, getattr(g, "concurrency", None), getattr(g, "input_tokens", None)) for g in gaps
+    ] == [("throughput", 16, 1024)]
+    assert not any(p.engine_gap for cal in CALIBRATIONS.values() for p in cal.points if p.derived)
+    assert worst_error(rows(PROFILES, CALIBRATIONS)) <= 0.10
+
+
+@pytest.mark.parametrize("name", H100_PROFILES)
+def test_h100_profiles_overlap_reads_and_compute(name: str) -> None:
+    profile = PROFILES[name]
+    assert profile.step_model == "roofline"
+    additive = dataclasses.replace(profile, step_model="additive")
+    # Decode batches up to ~250 sequences are read-bound: batch-1 ITL is the additive one.
+    for batch, context in [(1, 640), (16, 16 * 1088), (128, 128 * 640)]:
+        assert profile.step_s(0, batch, context) == additive.step_s(0, batch, context)
+    # A 1,024-token chunk is compute-bound: its step no longer pays the weight read on top.
+    assert profile.step_s(1024, 0, 1024) == pytest.approx(profile.prefill_token_s * 1024)
+    assert additive.step_s(1024, 0, 1024) - profile.step_s(1024, 0, 1024) > profile.base_s
 
 
 @pytest.mark.parametrize("name", H100_PROFILES)
@@ -149,3 +171,15 @@ def test_batch1_decode_is_not_faster_than_the_measured_card(name: str) -> None:
     cal = CALIBRATIONS[name]
     floor = cal.weight_bytes / (cal.hbm_bandwidth_tb_s * efficiency * 1e12)
     assert PROFILES[name].step_s(0, 1, 0) >= floor
+
+
+def test_a_prefill_point_adds_the_frontend_time_the_engine_does_not_model() -> None:
+    point = next(p for p in CALIBRATIONS["h100-sxm-coder-8b"].points if isinstance(p, Prefill))
+    assert point.frontend_ms > 0
+    bare = point.model_copy(update={"frontend_ms": 0.0})
+    profile = PROFILES["h100-sxm-coder-8b"]
+    assert predict(profile, point) == pytest.approx(predict(profile, bare) + point.frontend_ms)
+    with pytest.raises(ValueError, match="frontend_ms"):
+        Prefill.model_validate(
+            {"kind": "prefill", "input_tokens": 8, "ttft_ms": 1, "frontend_ms": -1}
+        )

@@ -175,3 +175,79 @@ def test_saturated_time_is_a_lower_bound_on_the_engine(case: int) -> None:
     bound = saturated_time_s(profile, shapes)
     assert bound <= measured
     assert bound > 0.5 * measured  # and not a trivial one
+
+
+def _roofline_toy(**changes: float) -> Profile:
+    """cpu-tiny under the roofline model, with a KV read so long batches turn read-bound."""
+    fields: dict[str, float] = {"context_token_s": 2e-7, "prefill_token_s": 100e-6, **changes}
+    return dataclasses.replace(
+        PROFILES["cpu-tiny"], name="roofline-toy", step_model="roofline", **fields
+    )
+
+
+def test_roofline_step_pays_the_larger_of_reads_and_compute() -> None:
+    additive = dataclasses.replace(PROFILES["cpu-tiny"], context_token_s=2e-7, prefill_token_s=1e-4)
+    roofline = dataclasses.replace(additive, step_model="roofline")
+    base, dec = additive.base_s, additive.decode_seq_s
+    # Read-bound: 2 decodes (0.2 ms of matmuls) under 1.04 ms of weights and 0.2 ms of KV.
+    assert roofline.step_s(0, 2, 1000) == pytest.approx(base + 2e-4 + 2 * dec)
+    assert roofline.step_s(0, 2, 1000) == additive.step_s(0, 2, 1000)
+    # Compute-bound: 100 prompt tokens and 2 decodes, 10.2 ms of matmuls, hide the reads.
+    assert roofline.step_s(100, 2, 1000) == pytest.approx(102 * 1e-4 + 2 * dec)
+    assert additive.step_s(100, 2, 1000) == pytest.approx(base + 2e-4 + 100 * 1e-4 + 2 * dec)
+    guided = dataclasses.replace(roofline, guided_seq_s=1e-3)
+    assert guided.step_s(100, 2, 1000, 1) == pytest.approx(roofline.step_s(100, 2, 1000) + 1e-3)
+
+
+@pytest.mark.parametrize("model", ["additive", "roofline"])
+@pytest.mark.parametrize(("seqs", "context"), [(2, 100), (32, 32 * 50), (32, 32 * 2000)])
+def test_decode_step_ends_are_the_sum_of_the_steps(model: str, seqs: int, context: int) -> None:
+    profile = dataclasses.replace(_roofline_toy(), step_model=model)
+    ends = profile.decode_step_ends_s(5.0, seqs, context, 1, 400)
+    expected, end = [], 5.0
+    for m in range(400):
+        end += profile.step_s(0, seqs, context + seqs * m, 1)
+        expected.append(end)
+    assert ends == pytest.approx(expected, rel=1e-12)
+
+
+def test_roofline_profile_coalesces_steps_into_the_same_schedule() -> None:
+    # 32 decodes: 3.2 ms of matmuls over a 1.04 ms weight read, until their KV read (0.2 us a
+    # token) overtakes it; coalesced steps must cross that point as single steps do.
+    profile = _roofline_toy()
+    requests = [(_prompt(f"r{i}", 40 + 10 * i), 600 + 7 * i) for i in range(32)]
+
+    async def serve(max_coalesced_steps: int | None) -> Engine:
+        engine = Engine(profile, max_coalesced_steps=max_coalesced_steps)
+        handles = [engine.submit(text, out) for text, out in requests]
+        await asyncio.gather(*(h.result() for h in handles))
+        await engine.aclose()
+        return engine
+
+    bulk = run(serve(None), virtual=True)
+    single = run(serve(1), virtual=True)
+    assert bulk.steps == single.steps
+    for x, y in zip(bulk.records, single.records, strict=True):
+        assert x.finish_s == pytest.approx(y.finish_s, abs=1e-6)
+        assert x.first_token_s == pytest.approx(y.first_token_s, abs=1e-6)
+    assert profile.step_s(0, 32, 32 * 50) > profile.step_s(0, 0, 32 * 50) + 2e-3  # compute-bound
+    assert profile.step_s(0, 32, 32 * 900) == pytest.approx(
+        profile.base_s + profile.context_token_s * 32 * 900 + 32 * profile.decode_seq_s
+    )  # read-bound by the end
+
+
+@pytest.mark.parametrize("output_tokens", [1, 2, 50])
+def test_solo_latency_holds_for_a_compute_bound_roofline_decode(output_tokens: int) -> None:
+    profile = _roofline_toy(prefill_token_s=3e-3)  # one token's matmuls outlast the reads
+    measured = run(_serve(profile, [(_prompt("solo", 300), output_tokens)]), virtual=True)
+    assert measured == pytest.approx(solo_latency_s(profile, 300, output_tokens), rel=1e-6)
+
+
+def test_step_model_is_checked_and_survives_a_profile_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="step_model must be one of"):
+        dataclasses.replace(PROFILES["cpu-tiny"], step_model="max")  # type: ignore[arg-type]
+    path = tmp_path / "roofline.yaml"
+    dump_profile_file(_roofline_toy(), path)
+    assert "step_model: roofline" in path.read_text(encoding="utf-8")
+    assert profile_arg(str(path)) == _roofline_toy()
+    assert PROFILES["cpu-tiny"].step_model == "additive"

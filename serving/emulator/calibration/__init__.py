@@ -53,11 +53,17 @@ class ItlBatch1(_Point):
 
 
 class Prefill(_Point):
-    """Time to first token of one request alone on an idle server (cold prefix cache)."""
+    """Time to first token of one request alone on an idle server (cold prefix cache).
+
+    `frontend_ms` is the part of `ttft_ms` spent outside the engine (HTTP, tokenizing the
+    prompt, detokenizing and streaming the token): the emulator's engine does not model it,
+    so `predict` adds it to the engine's time to first token.
+    """
 
     kind: Literal["prefill"]
     input_tokens: int = Field(gt=0)
     ttft_ms: float = Field(gt=0)
+    frontend_ms: float = Field(default=0.0, ge=0)
 
 
 class Throughput(_Point):
@@ -226,7 +232,8 @@ def predict(profile: Profile, point: ItlBatch1 | Prefill | Throughput) -> float:
 
     The engine runs on a virtual clock: an `itl_batch1` point is the decode step of one
     request whose context is `context_tokens`; a `prefill` point the time to first token of
-    one request; a `throughput` point a closed loop of `concurrency` clients.
+    one request plus the point's `frontend_ms`; a `throughput` point a closed loop of
+    `concurrency` clients.
     """
     if isinstance(point, ItlBatch1):
         # Two tokens: the second is one decode step over context_tokens tokens of context.
@@ -234,7 +241,7 @@ def predict(profile: Profile, point: ItlBatch1 | Prefill | Throughput) -> float:
         return itl_s * 1e3
     if isinstance(point, Prefill):
         ttft_s, _ = run(_lone_request(profile, point.input_tokens, 1), virtual=True)
-        return ttft_s * 1e3
+        return ttft_s * 1e3 + point.frontend_ms
     return run(_closed_loop(profile, point), virtual=True)
 
 

@@ -25,6 +25,12 @@ The model, all in Redis and changed only by Lua scripts (atomic, on Redis's cloc
                  completed calls' samples to a list the leader drains.
     workers      sorted set of live workers (heartbeat with the lease TTL).
 
+One round trip per batch, not per call: a worker's enqueues, releases and cancels wait in an
+outbox that one sender drains, one batch in flight at a time, so the calls that arrive
+during a round trip share the next one (and a cancel always lands after its enqueue). An
+enqueue that finds nobody waiting and a slot free is granted in the batch's reply, with no
+second round trip; a release is sent off the caller's path.
+
 Redis unreachable at `start`: `AdmissionStoreUnavailable` naming the URL (credentials
 redacted). Redis lost mid-run: calls continue under a local `Admission` with a fixed limit
 of the last shared limit // the last worker count (at least 1); the event is logged once,
@@ -45,7 +51,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -134,10 +140,18 @@ local function current_limit()
   return tonumber(redis.call('GET', KEYS[7])) or default_limit
 end
 
--- Grants are published, except to `answered`: the ticket whose enqueue gets this reply.
+local function grant(ticket, sid)
+  redis.call('ZADD', KEYS[1], now + ttl, ticket)
+  redis.call('HSET', KEYS[2], ticket, sid .. '\\t' .. stamp(now))
+  begin_service(sid, now)
+end
+
+-- Grants are published, except to `answered` (a set): the tickets whose batch gets this
+-- reply, which are returned instead.
 local function dispatch(answered)
   local limit = current_limit()
   local others = {}
+  local mine = {}
   while redis.call('ZCARD', KEYS[1]) < limit do
     local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
     if #oldest == 0 then break end
@@ -147,14 +161,15 @@ local function dispatch(answered)
     end
     local sid = redis.call('HGET', KEYS[6], ticket)
     drop_ticket(ticket)
-    redis.call('ZADD', KEYS[1], now + ttl, ticket)
-    redis.call('HSET', KEYS[2], ticket, sid .. '\\t' .. stamp(now))
-    begin_service(sid, now)
-    if ticket ~= answered then
+    grant(ticket, sid)
+    if answered and answered[ticket] then
+      mine[#mine + 1] = ticket
+    else
       others[#others + 1] = ticket
     end
   end
   if #others > 0 then redis.call('PUBLISH', channel, table.concat(others, ' ')) end
+  return mine
 end
 
 local function state()
@@ -163,58 +178,71 @@ local function state()
 end
 """.replace("__SERVICE_TTL__", str(SERVICE_TTL_S))
 
-# ARGV[7] ticket, [8] session, [9] aging rate (negative: FIFO).
-_ENQUEUE = (
+# One round trip for everything a worker's calls did since its last one, in this order:
+# ARGV[7] aging rate (negative: FIFO); [8] number of releases, then (lease, sample JSON or '')
+# pairs; then the number of cancels, then the cancelled tickets (each leaves the queue, or
+# gives its slot back if it was granted meanwhile); then (ticket, session) pairs to enqueue.
+# Returns state and the enqueued tickets granted. An enqueue that finds nobody waiting and a
+# free slot is granted at once, which is what the dispatch would do, without the queue's keys.
+_BATCH = (
     _PRELUDE
     + """
 reclaim()
-redis.call('ZADD', KEYS[8], now + ttl, caller)
-local ticket, sid, aging = ARGV[7], ARGV[8], tonumber(ARGV[9])
-local rank
-if aging < 0 then
-  rank = redis.call('INCR', KEYS[9])
-else
-  rank = attained(sid) + aging * now
+local aging = tonumber(ARGV[7])
+local i = 9
+local sampled = false
+for _ = 1, tonumber(ARGV[8]) do
+  drop_lease(ARGV[i], now)
+  if ARGV[i + 1] ~= '' then
+    redis.call('RPUSH', KEYS[11], ARGV[i + 1])
+    sampled = true
+  end
+  i = i + 2
 end
-redis.call('ZADD', KEYS[3], rank, ticket)
-redis.call('ZADD', KEYS[4], now + ttl, ticket)
-redis.call('ZADD', KEYS[5], now, ticket)
-redis.call('HSET', KEYS[6], ticket, sid)
-dispatch(ticket)
+if sampled then redis.call('LTRIM', KEYS[11], -__MAX_SAMPLES__, -1) end
+local cancels = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, cancels do
+  if redis.call('ZSCORE', KEYS[3], ARGV[i]) then
+    drop_ticket(ARGV[i])
+  else
+    drop_lease(ARGV[i], now)
+  end
+  i = i + 1
+end
+local answered = {}
+local granted = {}
+if i <= #ARGV then
+  redis.call('ZADD', KEYS[8], now + ttl, caller)
+  local free = current_limit() - redis.call('ZCARD', KEYS[1])
+  local queued = redis.call('ZCARD', KEYS[3])
+  for j = i, #ARGV, 2 do
+    local ticket, sid = ARGV[j], ARGV[j + 1]
+    if queued == 0 and free > 0 then
+      grant(ticket, sid)
+      granted[#granted + 1] = ticket
+      free = free - 1
+    else
+      local rank
+      if aging < 0 then
+        rank = redis.call('INCR', KEYS[9])
+      else
+        rank = attained(sid) + aging * now
+      end
+      redis.call('ZADD', KEYS[3], rank, ticket)
+      redis.call('ZADD', KEYS[4], now + ttl, ticket)
+      redis.call('ZADD', KEYS[5], now, ticket)
+      redis.call('HSET', KEYS[6], ticket, sid)
+      answered[ticket] = true
+      queued = queued + 1
+    end
+  end
+end
+for _, ticket in ipairs(dispatch(answered)) do granted[#granted + 1] = ticket end
 local s = state()
-table.insert(s, 1, redis.call('ZSCORE', KEYS[1], ticket) and 1 or 0)
+s[#s + 1] = granted
 return s
-"""
-)
-
-# ARGV[7] lease, [8] sample JSON ('' for none).
-_RELEASE = (
-    _PRELUDE
-    + """
-reclaim()
-drop_lease(ARGV[7], now)
-if ARGV[8] ~= '' then
-  redis.call('RPUSH', KEYS[11], ARGV[8])
-  redis.call('LTRIM', KEYS[11], -__MAX_SAMPLES__, -1)
-end
-dispatch()
-return state()
 """.replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
-)
-
-# ARGV[7] ticket: leave the queue, or give the slot back if it was granted meanwhile.
-_CANCEL = (
-    _PRELUDE
-    + """
-reclaim()
-if redis.call('ZSCORE', KEYS[3], ARGV[7]) then
-  drop_ticket(ARGV[7])
-else
-  drop_lease(ARGV[7], now)
-end
-dispatch()
-return state()
-"""
 )
 
 # ARGV[7] local limit (written when leader), [8] number of held leases, then the leases,
@@ -290,6 +318,18 @@ class _Waiter:
 class _Lease:
     lease_id: str
     in_flight_at_admit: int
+
+
+@dataclass
+class _Outbox:
+    """What this worker's calls did since the last batch was sent."""
+
+    enqueues: dict[str, str] = field(default_factory=dict)  # ticket -> session, in order
+    releases: list[tuple[str, str]] = field(default_factory=list)  # (lease, sample JSON)
+    cancels: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.enqueues or self.releases or self.cancels)
 
 
 class SharedAdmission(Admission):
@@ -383,7 +423,8 @@ class SharedAdmission(Admission):
         self._draining: list[Admission] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._outbox = _Outbox()
+        self._sender: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._published_limit: int | None = None
 
@@ -409,12 +450,7 @@ class SharedAdmission(Admission):
             retry=Retry(NoBackoff(), 1),
         )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-        for label, source in (
-            ("enqueue", _ENQUEUE),
-            ("release", _RELEASE),
-            ("cancel", _CANCEL),
-            ("tick", _TICK),
-        ):
+        for label, source in (("batch", _BATCH), ("tick", _TICK)):
             self._scripts[label] = self._redis.register_script(source)
         try:
             await self._tick()
@@ -428,15 +464,15 @@ class SharedAdmission(Admission):
         self._loop_task = asyncio.create_task(self._run(), name=f"admission {self.name}")
 
     async def aclose(self) -> None:
-        """Stop renewing, let pending releases finish, close the connection."""
+        """Stop renewing, send the pending releases, close the connection."""
         for task in (self._loop_task, self._subscriber):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._loop_task = self._subscriber = None
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._sender is not None:
+            await self._sender
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -501,33 +537,14 @@ class SharedAdmission(Admission):
         loop = asyncio.get_running_loop()
         ticket = f"{self.worker_id}:{next(self._tickets):012d}"
         waiter = _Waiter(session_id, loop.time(), loop.create_future())
-        # Registered before the script runs, so a grant published at once is not missed.
+        # Registered before the batch is sent, so a grant published at once is not missed.
         self._waiters[ticket] = waiter
-        enqueue = asyncio.ensure_future(
-            self._call("enqueue", ticket, session_id, repr(self._aging))
-        )
-        try:
-            # Shielded: a cancelled caller must not leave the script half-sent.
-            reply = await asyncio.shield(enqueue)
-        except _STORE_ERRORS as exc:
-            self._waiters.pop(ticket, None)
-            self._degrade(exc)
-            return await self._local_acquire(session_id)
-        except asyncio.CancelledError:
-            self._waiters.pop(ticket, None)
-            self._spawn(self._cancel_remote(ticket, after=enqueue))
-            raise
-        self._observe_state(reply[1:5])
-        if int(reply[0]):
-            self._waiters.pop(ticket, None)
-            return self._granted(ticket, waiter)
-        if len(self._waiters) == 1:
-            self._wake.set()  # the loop was idling at the renewal interval: poll sooner
+        self._outbox.enqueues[ticket] = session_id
+        self._send_soon()
         try:
             result = await waiter.future
         except asyncio.CancelledError:
-            self._waiters.pop(ticket, None)
-            self._spawn(self._cancel_remote(ticket))
+            self._withdraw(ticket, waiter)
             raise
         if result is _FALLBACK:
             return await self._local_acquire(session_id)
@@ -599,26 +616,21 @@ class SharedAdmission(Admission):
         if self.observer is not None:
             self.observer.on_release(outcome)
         if self._fallback is None:
-            self._spawn(self._release_remote(lease.lease_id, sample_json))
+            self._outbox.releases.append((lease.lease_id, sample_json))
+            self._send_soon()
 
-    async def _release_remote(self, lease_id: str, sample_json: str) -> None:
-        try:
-            reply = await self._call("release", lease_id, sample_json)
-        except _STORE_ERRORS as exc:
-            self._degrade(exc)  # the lease expires in Redis if Redis still holds it
+    def _withdraw(self, ticket: str, waiter: _Waiter) -> None:
+        """A caller cancelled while waiting: leave the queue, or give back a slot granted
+        in the same instant."""
+        self._waiters.pop(ticket, None)
+        if self._outbox.enqueues.pop(ticket, None) is not None:
+            return  # never sent
+        future = waiter.future
+        if future.done() and not future.cancelled() and future.result() is _FALLBACK:
             return
-        self._observe_state(reply)
-
-    async def _cancel_remote(self, ticket: str, after: asyncio.Future[Any] | None = None) -> None:
-        try:
-            if after is not None:
-                with contextlib.suppress(*_STORE_ERRORS):
-                    await after  # the enqueue must land before the cancel
-            reply = await self._call("cancel", ticket)
-        except _STORE_ERRORS as exc:
-            self._degrade(exc)
-            return
-        self._observe_state(reply)
+        if self._fallback is None:
+            self._outbox.cancels.append(ticket)
+            self._send_soon()
 
     async def _local_acquire(self, session_id: str) -> Slot:
         # The loop may have rejoined Redis meanwhile: then this call waits on the shared budget.
@@ -641,6 +653,43 @@ class SharedAdmission(Admission):
             *args,
         ]
         return list(await self._scripts[script](keys=self._keys, args=argv))
+
+    def _send_soon(self) -> None:
+        """Start the sender unless it runs: what calls add meanwhile goes in its next batch."""
+        if self._sender is None and self._redis is not None:
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send(), name=f"admission {self.name} send"
+            )
+
+    async def _send(self) -> None:
+        """Send the outbox in batches, one at a time, until it is empty.
+
+        One batch in flight keeps a cancel behind its enqueue and lets the calls that
+        arrive during a round trip share the next one, so the client's cost per call falls
+        as the load rises.
+        """
+        try:
+            while self._outbox and self._fallback is None:
+                batch, self._outbox = self._outbox, _Outbox()
+                args = [repr(self._aging), str(len(batch.releases))]
+                for lease_id, sample_json in batch.releases:
+                    args += (lease_id, sample_json)
+                args += (str(len(batch.cancels)), *batch.cancels)
+                for ticket, session_id in batch.enqueues.items():
+                    args += (ticket, session_id)
+                try:
+                    reply = await self._call("batch", *args)
+                except _STORE_ERRORS as exc:
+                    self._degrade(exc)  # its leases expire in Redis if Redis still holds them
+                    return
+                self._observe_state(reply[:4])
+                for ticket in reply[4]:
+                    self._grant_waiter(ticket)
+                waiting = sum(ticket in self._waiters for ticket in batch.enqueues)
+                if waiting and waiting == len(self._waiters):
+                    self._wake.set()  # the loop was idling at the renewal interval
+        finally:
+            self._sender = None
 
     async def _tick(self) -> None:
         """Renew leases and waiters, heartbeat, lead if possible, collect grants and samples."""
@@ -707,7 +756,8 @@ class SharedAdmission(Admission):
         if waiter is None:
             return
         if waiter.future.done():  # cancelled as it was granted: give the slot back
-            self._spawn(self._cancel_remote(ticket))
+            self._outbox.cancels.append(ticket)
+            self._send_soon()
             return
         waiter.future.set_result(ticket)
 
@@ -743,6 +793,7 @@ class SharedAdmission(Admission):
             self.ledger,
             self.observer,
         )
+        self._outbox = _Outbox()  # leases and queued tickets expire in Redis
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
             if not waiter.future.done():
@@ -771,11 +822,6 @@ class SharedAdmission(Admission):
     def _local_admissions(self) -> list[Admission]:
         self._draining = [a for a in self._draining if a.outstanding]
         return [*self._draining, *([self._fallback] if self._fallback is not None else [])]
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _notify(self) -> None:
         if self.observer is not None:

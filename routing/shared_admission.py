@@ -34,9 +34,12 @@ second round trip; a release is sent off the caller's path.
 Redis unreachable at `start`: `AdmissionStoreUnavailable` naming the URL (credentials
 redacted). Redis lost mid-run: calls continue under a local `Admission` with a fixed limit
 of the last shared limit // the last worker count (at least 1); the event is logged once,
-counted in `fallbacks` (and `stats()`), and passed to `on_degraded`. The loop keeps probing;
+counted in `fallbacks` (and `stats()`), and passed to `on_degraded`. The shared slots this
+worker still holds count against that limit: a local call waits while they and the local
+slots fill it, and is admitted when either kind is given back. The loop keeps probing;
 when Redis answers, new calls use the shared budget again, while slots taken locally drain
-through the local admission.
+through the local admission (its waiters no longer counting the shared slots, which the
+shared budget counts again).
 
 The scripts name keys outside KEYS (the per-session service hashes): one Redis, no cluster.
 """
@@ -62,7 +65,7 @@ from redis.exceptions import RedisError
 from routing.admission import Admission, AdmissionObserver, Outcome, Slot
 from routing.endpoints import redact_url
 from routing.limits import FixedLimit, Limit, Sample, ServerWatcher
-from routing.orders import ServiceLedger, make_order
+from routing.orders import ServiceLedger, WaitOrder, make_order
 from routing.vllm_metrics import ServerSnapshot
 
 logger = logging.getLogger(__name__)
@@ -332,6 +335,61 @@ class _Outbox:
         return bool(self.enqueues or self.releases or self.cancels)
 
 
+class _LocalFallback(Admission):
+    """The local admission while Redis is away: a fixed limit that this worker's shared
+    slots, still held, count against.
+
+    `Admission` grants while its own in-flight is under `limit`, so `limit` here is the room
+    left for local slots (0 when the shared ones fill it); `fallback_limit` is the limit.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fallback_limit: int,
+        held_shared: Callable[[], int],
+        order: WaitOrder,
+        ledger: ServiceLedger,
+        observer: AdmissionObserver | None,
+    ) -> None:
+        super().__init__(name, FixedLimit(fallback_limit), order, ledger, observer)
+        self.fallback_limit = fallback_limit
+        self._held_shared = held_shared
+
+    @property
+    def limit(self) -> int:
+        """Slots local calls may hold now: the fallback limit less the shared slots held."""
+        return max(0, self.fallback_limit - self._held_shared())
+
+    def room_changed(self) -> None:
+        """A shared slot was given back: admit the waiters that now fit."""
+        self._dispatch()
+        self._notify()
+
+    def stop_counting_shared(self) -> None:
+        """The shared budget counts the shared slots again: local waiters stop waiting on them."""
+        self._held_shared = lambda: 0
+        self.room_changed()
+
+
+class _WholeView:
+    """The fallback's observer: admits and releases pass through; its state is reported as
+    the shared admission's (the fallback limit, shared slots held included), not its own."""
+
+    def __init__(self, owner: SharedAdmission, observer: AdmissionObserver) -> None:
+        self._owner = owner
+        self._observer = observer
+
+    def on_state(self, limit: int, in_flight: int, queued: int) -> None:
+        self._owner._notify()
+
+    def on_admit(self, waited_s: float) -> None:
+        self._observer.on_admit(waited_s)
+
+    def on_release(self, outcome: Outcome) -> None:
+        self._observer.on_release(outcome)
+
+
 class SharedAdmission(Admission):
     """An `Admission` whose slots, queue and limit live in Redis, shared by all workers.
 
@@ -419,7 +477,7 @@ class SharedAdmission(Admission):
         self._tickets = itertools.count()
         self._waiters: dict[str, _Waiter] = {}
         self._leases: dict[Slot, _Lease] = {}
-        self._fallback: Admission | None = None
+        self._fallback: _LocalFallback | None = None
         self._draining: list[Admission] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
@@ -495,7 +553,7 @@ class SharedAdmission(Admission):
     def limit(self) -> int:
         """The replica's shared limit (the fallback's while degraded)."""
         if self._fallback is not None:
-            return self._fallback.limit
+            return self._fallback.fallback_limit
         return self._shared.limit
 
     @property
@@ -618,6 +676,8 @@ class SharedAdmission(Admission):
         if self._fallback is None:
             self._outbox.releases.append((lease.lease_id, sample_json))
             self._send_soon()
+        else:
+            self._fallback.room_changed()  # a shared slot counted against it is back
 
     def _withdraw(self, ticket: str, waiter: _Waiter) -> None:
         """A caller cancelled while waiting: leave the queue, or give back a slot granted
@@ -786,12 +846,13 @@ class SharedAdmission(Admission):
         )
         self.fallbacks += 1
         self.leader = False
-        self._fallback = Admission(
+        self._fallback = _LocalFallback(
             self.name,
-            FixedLimit(local_limit),
+            local_limit,
+            lambda: len(self._leases),
             make_order(self.order_name, self.ledger),
             self.ledger,
-            self.observer,
+            None if self.observer is None else _WholeView(self, self.observer),
         )
         self._outbox = _Outbox()  # leases and queued tickets expire in Redis
         waiters, self._waiters = self._waiters, {}
@@ -808,8 +869,9 @@ class SharedAdmission(Admission):
             self.name,
             redact_url(self.url),
         )
-        self._draining = [a for a in (*self._draining, self._fallback) if a.outstanding]
-        self._fallback = None
+        fallback, self._fallback = self._fallback, None
+        fallback.stop_counting_shared()
+        self._draining = [a for a in (*self._draining, fallback) if a.outstanding]
         self.rejoins += 1
         self._notify()
         if self.on_degraded is not None:

@@ -1,4 +1,5 @@
-"""The shared admission's pure parts: URL redaction and constructor checks (no Redis)."""
+"""The shared admission's pure parts: URL redaction, constructor checks and the local
+fallback's limit (no Redis)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 
 import pytest
 
+from routing.admission import Outcome
 from routing.limits import FixedLimit
-from routing.shared_admission import SharedAdmission, redact_url
+from routing.orders import ServiceLedger, make_order
+from routing.shared_admission import SharedAdmission, _LocalFallback, redact_url
 
 
 @pytest.mark.parametrize(
@@ -42,3 +45,46 @@ def test_before_start_the_surface_reads_the_local_limit() -> None:
     admission = SharedAdmission("coder@gpu0", FixedLimit(3), url="redis://x")
     assert (admission.limit, admission.in_flight, admission.queued) == (3, 0, 0)
     assert admission.stats()["degraded"] == 0
+
+
+def _fallback(limit: int, held_shared: list[int]) -> _LocalFallback:
+    ledger = ServiceLedger()
+    return _LocalFallback(
+        "coder@gpu0", limit, lambda: held_shared[0], make_order("fifo", ledger), ledger, None
+    )
+
+
+def test_fallback_counts_the_shared_slots_still_held_against_its_limit() -> None:
+    async def scenario() -> None:
+        held_shared = [2]
+        fallback = _fallback(2, held_shared)
+        first = asyncio.create_task(fallback.acquire("s1"))
+        await asyncio.sleep(0)
+        assert not first.done()  # two shared slots fill the limit of 2
+        assert (fallback.fallback_limit, fallback.limit, fallback.queued) == (2, 0, 1)
+
+        held_shared[0] = 1
+        fallback.room_changed()  # a shared slot given back wakes the waiter
+        slot = await asyncio.wait_for(first, 1)
+        second = asyncio.create_task(fallback.acquire("s2"))
+        await asyncio.sleep(0)
+        assert not second.done()  # one shared + one local = 2
+
+        slot.release(Outcome("ok"))  # a local slot given back wakes it too
+        await asyncio.wait_for(second, 1)
+        assert fallback.in_flight == 1
+
+    asyncio.run(scenario())
+
+
+def test_fallback_waiters_stop_waiting_on_shared_slots_once_redis_is_back() -> None:
+    async def scenario() -> None:
+        fallback = _fallback(1, [1])
+        waiting = asyncio.create_task(fallback.acquire("s1"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        fallback.stop_counting_shared()
+        slot = await asyncio.wait_for(waiting, 1)
+        assert slot.session_id == "s1"
+
+    asyncio.run(scenario())

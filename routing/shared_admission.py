@@ -26,10 +26,12 @@ The model, all in Redis and changed only by Lua scripts (atomic, on Redis's cloc
     workers      sorted set of live workers (heartbeat with the lease TTL).
 
 One round trip per batch, not per call: a worker's enqueues, releases and cancels wait in an
-outbox that one sender drains, one batch in flight at a time, so the calls that arrive
-during a round trip share the next one (and a cancel always lands after its enqueue). An
-enqueue that finds nobody waiting and a slot free is granted in the batch's reply, with no
-second round trip; a release is sent off the caller's path.
+outbox that its senders drain, at most `BATCHES_IN_FLIGHT` batches at a time, so under load
+the calls that arrive during a round trip share the next one and the client's cost per
+call falls as the load rises. A cancel is held back while its enqueue is in flight (two
+batches may land in either order). An enqueue that finds nobody waiting and a slot free is
+granted in the batch's reply, with no second round trip; a release is sent off the
+caller's path.
 
 Redis unreachable at `start`: `AdmissionStoreUnavailable` naming the URL (credentials
 redacted). Redis lost mid-run: calls continue under a local `Admission` with a fixed limit
@@ -74,6 +76,10 @@ SERVICE_TTL_S: Final = 86_400  # a session's attained service is forgotten a day
 MAX_SAMPLES: Final = 1_000  # samples kept for the leader; older ones are dropped
 POLL_MIN_S: Final = 0.02
 POLL_MAX_S: Final = 0.5
+# Batches a worker has in flight at once: a call that arrives during one round trip goes
+# out at once in a second, rather than waiting for the first to land; calls that arrive
+# while both are in flight share the next.
+BATCHES_IN_FLIGHT = 2
 
 # Redis failures plus the socket errors a dropped connection can surface as.
 _STORE_ERRORS: Final = (RedisError, OSError)
@@ -482,7 +488,8 @@ class SharedAdmission(Admission):
         self._loop_task: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
         self._outbox = _Outbox()
-        self._sender: asyncio.Task[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
+        self._sending: set[str] = set()  # tickets whose enqueue is in a batch in flight
         self._wake = asyncio.Event()
         self._published_limit: int | None = None
 
@@ -529,8 +536,8 @@ class SharedAdmission(Admission):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._loop_task = self._subscriber = None
-        if self._sender is not None:
-            await self._sender
+        while self._senders:
+            await asyncio.gather(*self._senders)
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -715,41 +722,53 @@ class SharedAdmission(Admission):
         return list(await self._scripts[script](keys=self._keys, args=argv))
 
     def _send_soon(self) -> None:
-        """Start the sender unless it runs: what calls add meanwhile goes in its next batch."""
-        if self._sender is None and self._redis is not None:
-            self._sender = asyncio.get_running_loop().create_task(
+        """Start a sender if fewer than `BATCHES_IN_FLIGHT` run: what calls add meanwhile
+        goes in a running sender's next batch."""
+        if len(self._senders) < BATCHES_IN_FLIGHT and self._redis is not None:
+            task = asyncio.get_running_loop().create_task(
                 self._send(), name=f"admission {self.name} send"
             )
+            self._senders.add(task)
+            task.add_done_callback(self._senders.discard)
+
+    def _take_batch(self) -> _Outbox:
+        """The outbox to send now, less the cancels whose enqueue is still in flight (the
+        cancel must land after it: two batches in flight may land in either order)."""
+        batch, self._outbox = self._outbox, _Outbox()
+        if self._sending and batch.cancels:
+            held_back = [ticket for ticket in batch.cancels if ticket in self._sending]
+            if held_back:
+                self._outbox.cancels = held_back
+                batch.cancels = [t for t in batch.cancels if t not in self._sending]
+        return batch
 
     async def _send(self) -> None:
-        """Send the outbox in batches, one at a time, until it is empty.
-
-        One batch in flight keeps a cancel behind its enqueue and lets the calls that
-        arrive during a round trip share the next one, so the client's cost per call falls
-        as the load rises.
-        """
-        try:
-            while self._outbox and self._fallback is None:
-                batch, self._outbox = self._outbox, _Outbox()
-                args = [repr(self._aging), str(len(batch.releases))]
-                for lease_id, sample_json in batch.releases:
-                    args += (lease_id, sample_json)
-                args += (str(len(batch.cancels)), *batch.cancels)
-                for ticket, session_id in batch.enqueues.items():
-                    args += (ticket, session_id)
-                try:
-                    reply = await self._call("batch", *args)
-                except _STORE_ERRORS as exc:
-                    self._degrade(exc)  # its leases expire in Redis if Redis still holds them
-                    return
-                self._observe_state(reply[:4])
-                for ticket in reply[4]:
-                    self._grant_waiter(ticket)
-                waiting = sum(ticket in self._waiters for ticket in batch.enqueues)
-                if waiting and waiting == len(self._waiters):
-                    self._wake.set()  # the loop was idling at the renewal interval
-        finally:
-            self._sender = None
+        """Send the outbox in batches until it is empty (or holds only cancels that wait
+        for a batch in flight, whose sender sends them when it lands)."""
+        while self._outbox and self._fallback is None:
+            batch = self._take_batch()
+            if not batch:
+                return
+            args = [repr(self._aging), str(len(batch.releases))]
+            for lease_id, sample_json in batch.releases:
+                args += (lease_id, sample_json)
+            args += (str(len(batch.cancels)), *batch.cancels)
+            for ticket, session_id in batch.enqueues.items():
+                args += (ticket, session_id)
+            self._sending.update(batch.enqueues)
+            try:
+                reply = await self._call("batch", *args)
+            except _STORE_ERRORS as exc:
+                self._degrade(exc)  # its leases expire in Redis if Redis still holds them
+                return
+            finally:
+                self._sending.difference_update(batch.enqueues)
+            self._observe_state(reply[:4])
+            for ticket in reply[4]:
+                self._grant_waiter(ticket)
+            waiting = sum(ticket in self._waiters for ticket in batch.enqueues)
+            if waiting and waiting == len(self._waiters):
+                self._wake.set()  # the loop was idling at the renewal interval
 
     async def _tick(self) -> None:
         """Renew leases and waiters, heartbeat, lead if possible, collect grants and samples."""

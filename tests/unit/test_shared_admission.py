@@ -4,6 +4,7 @@ fallback's limit (no Redis)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import pytest
 
@@ -86,5 +87,79 @@ def test_fallback_waiters_stop_waiting_on_shared_slots_once_redis_is_back() -> N
         fallback.stop_counting_shared()
         slot = await asyncio.wait_for(waiting, 1)
         assert slot.session_id == "s1"
+
+    asyncio.run(scenario())
+
+
+class _ScriptedAdmission(SharedAdmission):
+    """A shared admission whose scripts the test answers, one future per batch sent."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("coder@gpu0", FixedLimit(limit), url="redis://x")
+        self._redis = cast(Any, object())  # started, as far as `acquire` can tell
+        self.sent: list[list[str]] = []
+        self.replies: list[asyncio.Future[list[Any]]] = []
+
+    async def _call(self, script: str, *args: str) -> list[Any]:
+        assert script == "batch"
+        self.sent.append(list(args))
+        reply: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self.replies.append(reply)
+        return await reply
+
+
+def _enqueued(batch: list[str]) -> list[str]:
+    """The sessions a batch's arguments enqueue (after releases and cancels)."""
+    at = 2 + 2 * int(batch[1])
+    at += 1 + int(batch[at])
+    return batch[at + 1 :: 2]
+
+
+async def _turns(n: int = 3) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_calls_during_a_round_trip_go_out_in_a_second_batch_then_share_one() -> None:
+    async def scenario() -> None:
+        admission = _ScriptedAdmission(limit=10)
+        first = [asyncio.create_task(admission.acquire(f"a{i}")) for i in range(3)]
+        await _turns()
+        second = asyncio.create_task(admission.acquire("b"))
+        await _turns()
+        third = [asyncio.create_task(admission.acquire(f"c{i}")) for i in range(2)]
+        await _turns()
+        # Two batches in flight at most: the calls after them wait for one to land.
+        assert [_enqueued(batch) for batch in admission.sent] == [["a0", "a1", "a2"], ["b"]]
+        tickets = list(admission._waiters)
+        admission.replies[0].set_result([3, 0, 10, 1, tickets[:3]])
+        await _turns()
+        assert [_enqueued(batch) for batch in admission.sent][2:] == [["c0", "c1"]]
+        assert [slot.session_id for slot in await asyncio.gather(*first)] == ["a0", "a1", "a2"]
+        admission.replies[1].set_result([4, 0, 10, 1, [tickets[3]]])
+        admission.replies[2].set_result([6, 0, 10, 1, tickets[4:]])
+        slots = await asyncio.gather(second, *third)
+        assert [slot.session_id for slot in slots] == ["b", "c0", "c1"]
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_waits_for_its_enqueue_to_land() -> None:
+    async def scenario() -> None:
+        admission = _ScriptedAdmission(limit=1)
+        waiting = asyncio.create_task(admission.acquire("gone"))
+        await _turns()
+        (ticket,) = admission._waiters
+        waiting.cancel()
+        await _turns()
+        # The enqueue is in flight: a cancel sent beside it could land first.
+        assert len(admission.sent) == 1
+        admission.replies[0].set_result([1, 1, 1, 1, []])  # queued, not granted
+        await _turns()
+        assert len(admission.sent) == 2
+        assert admission.sent[1][1:] == ["0", "1", ticket]  # no releases, one cancel
+        admission.replies[1].set_result([1, 0, 1, 1, []])
+        await _turns()
+        assert waiting.cancelled() and not admission._waiters
 
     asyncio.run(scenario())

@@ -729,7 +729,6 @@ class SharedAdmission(Admission):
                 self._send(), name=f"admission {self.name} send"
             )
             self._senders.add(task)
-            task.add_done_callback(self._senders.discard)
 
     def _take_batch(self) -> _Outbox:
         """The outbox to send now, less the cancels whose enqueue is still in flight (the
@@ -745,6 +744,16 @@ class SharedAdmission(Admission):
     async def _send(self) -> None:
         """Send the outbox in batches until it is empty (or holds only cancels that wait
         for a batch in flight, whose sender sends them when it lands)."""
+        try:
+            await self._send_batches()
+        finally:
+            # At once, not in a done callback: a call in the same loop turn must see this
+            # sender gone and start another, or its enqueue waits for the next call's.
+            task = asyncio.current_task()
+            if task is not None:
+                self._senders.discard(task)
+
+    async def _send_batches(self) -> None:
         while self._outbox and self._fallback is None:
             batch = self._take_batch()
             if not batch:

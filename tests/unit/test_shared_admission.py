@@ -163,3 +163,24 @@ def test_a_cancel_waits_for_its_enqueue_to_land() -> None:
         assert waiting.cancelled() and not admission._waiters
 
     asyncio.run(scenario())
+
+
+def test_a_call_made_as_both_senders_finish_is_still_sent() -> None:
+    async def scenario() -> None:
+        admission = _ScriptedAdmission(limit=10)
+        first = asyncio.create_task(admission.acquire("a"))
+        await _turns()
+        second = asyncio.create_task(admission.acquire("b"))
+        await _turns()
+        tickets = list(admission._waiters)
+        admission.replies[0].set_result([1, 0, 10, 1, tickets[:1]])
+        admission.replies[1].set_result([2, 0, 10, 1, tickets[1:]])
+        # Runs in the same loop turn as both senders' last step, after each has finished.
+        late = asyncio.create_task(admission.acquire("late"))
+        await _turns()
+        assert [_enqueued(batch) for batch in admission.sent] == [["a"], ["b"], ["late"]]
+        admission.replies[2].set_result([3, 0, 10, 1, list(admission._waiters)])
+        slots = await asyncio.gather(first, second, late)
+        assert [slot.session_id for slot in slots] == ["a", "b", "late"]
+
+    asyncio.run(scenario())

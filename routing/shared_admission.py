@@ -478,6 +478,8 @@ class SharedAdmission(Admission):
         self._channel = f"{base}:granted"
         self._service_prefix = f"{key_prefix}:service:"
         self._redis: aioredis.Redis | None = None
+        self._subscriber_redis: aioredis.Redis | None = None
+        self._call_timeout_s = max(1.0, lease_ttl_s / 3)
         self._scripts: dict[str, Any] = {}
         self._shared = SharedState(0, 0, max(1, limit.limit), 1)
         self._tickets = itertools.count()
@@ -504,24 +506,36 @@ class SharedAdmission(Admission):
         if self._loop_task is not None:
             return
         # A bounded pool: a thousand sessions must not open a thousand connections (Redis
-        # caps clients at its open-file limit); a call waits for a free one instead.
+        # caps clients at its open-file limit); a call waits for a free one instead. No
+        # socket timeout on it: redis-py (on Python 3.11) then sends every command through
+        # `asyncio.wait_for`, a task of its own and three more loop turns per call; `_call`
+        # bounds the whole call with `asyncio.timeout` instead.
         pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
-            max_connections=self.max_connections,
+            max_connections=self.max_connections - 1,
             timeout=self.lease_ttl_s,
             decode_responses=True,
-            socket_timeout=max(1.0, self.lease_ttl_s / 3),
+            socket_timeout=None,  # redis-py's default is 5 s
             socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 1),
         )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        # The subscriber's own connection keeps a read timeout: a silent one is replaced.
+        self._subscriber_redis = aioredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self._call_timeout_s,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 1),
+        )
         for label, source in (("batch", _BATCH), ("tick", _TICK)):
             self._scripts[label] = self._redis.register_script(source)
         try:
             await self._tick()
         except _STORE_ERRORS as exc:
             await self._redis.aclose()
-            self._redis = None
+            await self._subscriber_redis.aclose()
+            self._redis = self._subscriber_redis = None
             raise AdmissionStoreUnavailable(
                 f"admission store {redact_url(self.url)} is unreachable: {exc}"
             ) from None
@@ -538,9 +552,10 @@ class SharedAdmission(Admission):
         self._loop_task = self._subscriber = None
         while self._senders:
             await asyncio.gather(*self._senders)
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        for client in (self._redis, self._subscriber_redis):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._subscriber_redis = None
 
     async def __aenter__(self) -> SharedAdmission:
         await self.start()
@@ -719,7 +734,8 @@ class SharedAdmission(Admission):
             self.worker_id,
             *args,
         ]
-        return list(await self._scripts[script](keys=self._keys, args=argv))
+        async with asyncio.timeout(self._call_timeout_s):  # TimeoutError is an OSError
+            return list(await self._scripts[script](keys=self._keys, args=argv))
 
     def _send_soon(self) -> None:
         """Start a sender if fewer than `BATCHES_IN_FLIGHT` run: what calls add meanwhile
@@ -825,9 +841,9 @@ class SharedAdmission(Admission):
 
     async def _listen(self) -> None:
         """Wake local waiters whose tickets another worker's script granted."""
-        assert self._redis is not None
+        assert self._subscriber_redis is not None
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
                 async for message in pubsub.listen():

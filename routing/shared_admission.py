@@ -704,12 +704,12 @@ class SharedAdmission(Admission):
     def _withdraw(self, ticket: str, waiter: _Waiter) -> None:
         """A caller cancelled while waiting: leave the queue, or give back a slot granted
         in the same instant."""
-        self._waiters.pop(ticket, None)
-        if self._outbox.enqueues.pop(ticket, None) is not None:
+        if self._waiters.pop(ticket, None) is None:
+            future = waiter.future
+            if future.cancelled() or future.result() is _FALLBACK:
+                return  # `_grant_waiter` gave the slot back, or Redis went away
+        elif self._outbox.enqueues.pop(ticket, None) is not None:
             return  # never sent
-        future = waiter.future
-        if future.done() and not future.cancelled() and future.result() is _FALLBACK:
-            return
         if self._fallback is None:
             self._outbox.cancels.append(ticket)
             self._send_soon()

@@ -184,3 +184,43 @@ def test_a_call_made_as_both_senders_finish_is_still_sent() -> None:
         assert [slot.session_id for slot in slots] == ["a", "b", "late"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("grant_first", [True, False])
+def test_a_slot_granted_as_its_caller_is_cancelled_is_given_back_once(grant_first: bool) -> None:
+    async def scenario() -> None:
+        admission = _ScriptedAdmission(limit=1)
+        waiting = asyncio.create_task(admission.acquire("gone"))
+        await _turns()
+        (ticket,) = admission._waiters
+        admission.replies[0].set_result([1, 0, 1, 1, [ticket]])
+        if grant_first:
+            await asyncio.sleep(0)  # the sender hands the slot over; the caller has not run
+        waiting.cancel()
+        await _turns()
+        assert waiting.cancelled()
+        assert [batch[1:] for batch in admission.sent[1:]] == [["0", "1", ticket]]
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_cancelled_before_its_batch_is_sent_sends_nothing() -> None:
+    async def scenario() -> None:
+        admission = _ScriptedAdmission(limit=2)
+        busy = []
+        for i in range(2):  # one batch each: both senders wait for Redis
+            busy.append(asyncio.create_task(admission.acquire(f"busy{i}")))
+            await _turns()
+        gone = asyncio.create_task(admission.acquire("gone"))
+        await _turns()
+        gone.cancel()
+        await _turns()
+        tickets = list(admission._waiters)
+        for reply, ticket in zip(admission.replies, tickets, strict=True):
+            reply.set_result([2, 0, 2, 1, [ticket]])
+        await asyncio.gather(*busy)
+        await _turns()
+        assert gone.cancelled()
+        assert [_enqueued(batch) for batch in admission.sent] == [["busy0"], ["busy1"]]
+
+    asyncio.run(scenario())

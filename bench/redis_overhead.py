@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import random
 import statistics
 import time
@@ -153,21 +155,38 @@ def main() -> None:
     parser.add_argument("--hold-ms", type=float, default=500.0, help="how long a call holds")
     parser.add_argument("--limit", type=int, help="shared limit (default: --sessions)")
     parser.add_argument("--baseline", action="store_true", help="also run in-process Admission")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the Redis pass under cProfile (slower) and print redis-py's, the socket's "
+        "and wait_for's share of it",
+    )
     args = parser.parse_args()
     limit = args.limit or args.sessions
     runs: list[str | None] = [args.url] + ([None] if args.baseline else [])
-    results = [
-        asyncio.run(
-            measure(
-                url,
-                sessions=args.sessions,
-                calls=args.calls,
-                hold_s=args.hold_ms / 1000,
-                limit=limit,
+    profiler = cProfile.Profile() if args.profile else None
+    results = []
+    for url in runs:
+        if profiler is not None and url is not None:
+            profiler.enable()
+        results.append(
+            asyncio.run(
+                measure(
+                    url,
+                    sessions=args.sessions,
+                    calls=args.calls,
+                    hold_s=args.hold_ms / 1000,
+                    limit=limit,
+                )
             )
         )
-        for url in runs
-    ]
+        if profiler is not None:
+            profiler.disable()
+    if profiler is not None:
+        stats = pstats.Stats(profiler).sort_stats("cumulative")
+        # Cumulative seconds over the whole run: divide by the calls for a share per call.
+        where = r"redis/asyncio/connection\.py|redis/_parsers|_socket|tasks\.py.*wait_for"
+        stats.print_stats(where, 30)
     table = Table(
         title=f"admission overhead per call: {args.sessions} sessions x {args.calls} calls, "
         f"hold {args.hold_ms:g} ms, limit {limit}"

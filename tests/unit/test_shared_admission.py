@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from routing.admission import Outcome
+from routing.admission import AdmissionObserver, Outcome
 from routing.limits import FixedLimit
 from routing.orders import ServiceLedger, make_order
 from routing.shared_admission import SharedAdmission, _LocalFallback, redact_url
@@ -94,8 +94,8 @@ def test_fallback_waiters_stop_waiting_on_shared_slots_once_redis_is_back() -> N
 class _ScriptedAdmission(SharedAdmission):
     """A shared admission whose scripts the test answers, one future per batch sent."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__("coder@gpu0", FixedLimit(limit), url="redis://x")
+    def __init__(self, limit: int, observer: AdmissionObserver | None = None) -> None:
+        super().__init__("coder@gpu0", FixedLimit(limit), url="redis://x", observer=observer)
         self._redis = cast(Any, object())  # started, as far as `acquire` can tell
         self.sent: list[list[str]] = []
         self.replies: list[asyncio.Future[list[Any]]] = []
@@ -222,5 +222,48 @@ def test_a_caller_cancelled_before_its_batch_is_sent_sends_nothing() -> None:
         await _turns()
         assert gone.cancelled()
         assert [_enqueued(batch) for batch in admission.sent] == [["busy0"], ["busy1"]]
+
+    asyncio.run(scenario())
+
+
+class _StateLog:
+    """An observer that keeps the (limit, in_flight, queued) states it was told."""
+
+    def __init__(self) -> None:
+        self.states: list[tuple[int, int, int]] = []
+        self.admits = 0
+
+    def on_state(self, limit: int, in_flight: int, queued: int) -> None:
+        self.states.append((limit, in_flight, queued))
+
+    def on_admit(self, waited_s: float) -> None:
+        self.admits += 1
+
+    def on_release(self, outcome: Outcome) -> None:
+        pass
+
+
+def test_degraded_admission_counts_a_held_shared_slot_and_reports_the_whole() -> None:
+    async def scenario() -> None:
+        log = _StateLog()
+        admission = _ScriptedAdmission(limit=2, observer=log)
+        shared = asyncio.create_task(admission.acquire("s0"))
+        await _turns()
+        admission.replies[0].set_result([1, 0, 2, 1, list(admission._waiters)])
+        shared_slot = await shared
+
+        admission._degrade(ConnectionError("store went away"))
+        assert admission.degraded and admission.limit == 2  # 2 // 1 worker
+        local = await asyncio.wait_for(admission.acquire("s1"), 1)
+        assert admission.is_local(local)
+        assert log.states[-1] == (2, 2, 0)  # the shared slot and the local one
+        waiting = asyncio.create_task(admission.acquire("s2"))
+        await _turns()
+        assert not waiting.done() and log.states[-1] == (2, 2, 1)
+
+        shared_slot.release(Outcome("ok"))
+        assert admission.is_local(await asyncio.wait_for(waiting, 1))
+        assert log.states[-1] == (2, 2, 0)
+        assert log.admits == 3
 
     asyncio.run(scenario())

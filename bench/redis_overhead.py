@@ -9,14 +9,22 @@ Run by hand against a loopback Redis (not part of `make test`), e.g.
 their slot `--hold-ms` (a stand-in for the LLM call). With the limit at the number of
 sessions nobody queues, so the time `acquire` takes is the admission's own overhead. Reported
 per call: `acquire` latency percentiles (on the call's path), this process's CPU time for
-acquire plus release (release runs off the call's path), and Redis's own time per script
-(INFO commandstats). `--baseline` runs the same load through the in-process `Admission`.
+acquire plus release (release runs off the call's path), the scripts sent per call (calls
+made in the same round trip share one) and Redis's own time per call (INFO commandstats).
+
+The event loop's own latency is measured beside: a probe that sleeps 1 ms at a time records
+how late it wakes while the sessions run. An `acquire` that waits on Redis wakes no sooner
+than the loop gets round to it, so the lag is the part of its latency that no admission
+could avoid in this process. `--baseline` runs the same load through the in-process
+`Admission`, whose `acquire` never yields when a slot is free: its loop lag is the load's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import random
 import statistics
 import time
@@ -40,12 +48,27 @@ class OverheadResult:
     acquire_p50_us: float
     acquire_p99_us: float
     acquire_max_us: float
+    loop_lag_p50_us: float
+    loop_lag_p99_us: float
     client_cpu_us: float
+    scripts_per_call: float | None
     redis_us: float | None
 
 
-async def _drive(admission: Admission, sessions: int, calls: int, hold_s: float) -> list[float]:
+async def _probe_lag(lags: list[float], period_s: float = 0.001) -> None:
+    """Sleep `period_s` at a time until cancelled; record how late each wake-up is."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        lags.append(loop.time() - due)
+
+
+async def _drive(
+    admission: Admission, sessions: int, calls: int, hold_s: float
+) -> tuple[list[float], list[float]]:
     waits: list[float] = []
+    lags: list[float] = []
     rng = random.Random(0)
 
     async def session(session_id: str) -> None:
@@ -59,8 +82,12 @@ async def _drive(admission: Admission, sessions: int, calls: int, hold_s: float)
             await asyncio.sleep(hold_s * rng.uniform(0.5, 1.5))
             slot.release(Outcome("ok"))
 
-    await asyncio.gather(*(session(f"s{i}") for i in range(sessions)))
-    return waits
+    probe = asyncio.create_task(_probe_lag(lags))
+    try:
+        await asyncio.gather(*(session(f"s{i}") for i in range(sessions)))
+    finally:
+        probe.cancel()
+    return waits, lags
 
 
 async def _redis_script_us(url: str) -> tuple[int, float]:
@@ -92,23 +119,29 @@ async def measure(
         await admission.start()
         scripts_before = await _redis_script_us(url)
     cpu_before = time.process_time()
-    waits = await _drive(admission, sessions, calls, hold_s)
+    waits, lags = await _drive(admission, sessions, calls, hold_s)
+    total = len(waits)
     redis_us: float | None = None
+    scripts_per_call: float | None = None
     if isinstance(admission, SharedAdmission):
         await admission.aclose()  # waits for the last releases
         scripts_after = await _redis_script_us(url or "")
-        n = scripts_after[0] - scripts_before[0]
-        redis_us = (scripts_after[1] - scripts_before[1]) / max(1, n)
+        # The tick's scripts are in these counts too: they are part of the cost.
+        scripts_per_call = (scripts_after[0] - scripts_before[0]) / total
+        redis_us = (scripts_after[1] - scripts_before[1]) / total
     cpu_s = time.process_time() - cpu_before
-    total = len(waits)
     quantiles = statistics.quantiles(waits, n=100)
+    lag_quantiles = statistics.quantiles(lags, n=100)
     return OverheadResult(
         label="redis" if url is not None else "in-process",
         calls=total,
         acquire_p50_us=statistics.median(waits) * 1e6,
         acquire_p99_us=quantiles[98] * 1e6,
         acquire_max_us=max(waits) * 1e6,
+        loop_lag_p50_us=statistics.median(lags) * 1e6,
+        loop_lag_p99_us=lag_quantiles[98] * 1e6,
         client_cpu_us=cpu_s / total * 1e6,
+        scripts_per_call=scripts_per_call,
         redis_us=redis_us,
     )
 
@@ -122,21 +155,38 @@ def main() -> None:
     parser.add_argument("--hold-ms", type=float, default=500.0, help="how long a call holds")
     parser.add_argument("--limit", type=int, help="shared limit (default: --sessions)")
     parser.add_argument("--baseline", action="store_true", help="also run in-process Admission")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the Redis pass under cProfile (slower) and print redis-py's, the socket's "
+        "and wait_for's share of it",
+    )
     args = parser.parse_args()
     limit = args.limit or args.sessions
     runs: list[str | None] = [args.url] + ([None] if args.baseline else [])
-    results = [
-        asyncio.run(
-            measure(
-                url,
-                sessions=args.sessions,
-                calls=args.calls,
-                hold_s=args.hold_ms / 1000,
-                limit=limit,
+    profiler = cProfile.Profile() if args.profile else None
+    results = []
+    for url in runs:
+        if profiler is not None and url is not None:
+            profiler.enable()
+        results.append(
+            asyncio.run(
+                measure(
+                    url,
+                    sessions=args.sessions,
+                    calls=args.calls,
+                    hold_s=args.hold_ms / 1000,
+                    limit=limit,
+                )
             )
         )
-        for url in runs
-    ]
+        if profiler is not None:
+            profiler.disable()
+    if profiler is not None:
+        stats = pstats.Stats(profiler).sort_stats("cumulative")
+        # Cumulative seconds over the whole run: divide by the calls for a share per call.
+        where = r"redis/asyncio/connection\.py|redis/_parsers|_socket|tasks\.py.*wait_for"
+        stats.print_stats(where, 30)
     table = Table(
         title=f"admission overhead per call: {args.sessions} sessions x {args.calls} calls, "
         f"hold {args.hold_ms:g} ms, limit {limit}"
@@ -147,8 +197,11 @@ def main() -> None:
         "acquire p50 µs",
         "acquire p99 µs",
         "acquire max µs",
-        "client CPU µs (acquire+release)",
-        "Redis µs per script",
+        "loop lag p50 µs",
+        "loop lag p99 µs",
+        "client CPU µs per call",
+        "scripts per call",
+        "Redis µs per call",
     ):
         table.add_column(column, justify="right")
     for r in results:
@@ -158,10 +211,13 @@ def main() -> None:
             f"{r.acquire_p50_us:.0f}",
             f"{r.acquire_p99_us:.0f}",
             f"{r.acquire_max_us:.0f}",
+            f"{r.loop_lag_p50_us:.0f}",
+            f"{r.loop_lag_p99_us:.0f}",
             f"{r.client_cpu_us:.0f}",
+            "-" if r.scripts_per_call is None else f"{r.scripts_per_call:.2f}",
             "-" if r.redis_us is None else f"{r.redis_us:.1f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,23 @@ The model, all in Redis and changed only by Lua scripts (atomic, on Redis's cloc
                  completed calls' samples to a list the leader drains.
     workers      sorted set of live workers (heartbeat with the lease TTL).
 
+One round trip per batch, not per call: a worker's enqueues, releases and cancels wait in an
+outbox that its senders drain, at most `BATCHES_IN_FLIGHT` batches at a time, so under load
+the calls that arrive during a round trip share the next one and the client's cost per
+call falls as the load rises. A cancel is held back while its enqueue is in flight (two
+batches may land in either order). An enqueue that finds nobody waiting and a slot free is
+granted in the batch's reply, with no second round trip; a release is sent off the
+caller's path.
+
 Redis unreachable at `start`: `AdmissionStoreUnavailable` naming the URL (credentials
 redacted). Redis lost mid-run: calls continue under a local `Admission` with a fixed limit
 of the last shared limit // the last worker count (at least 1); the event is logged once,
-counted in `fallbacks` (and `stats()`), and passed to `on_degraded`. The loop keeps probing;
+counted in `fallbacks` (and `stats()`), and passed to `on_degraded`. The shared slots this
+worker still holds count against that limit: a local call waits while they and the local
+slots fill it, and is admitted when either kind is given back. The loop keeps probing;
 when Redis answers, new calls use the shared budget again, while slots taken locally drain
-through the local admission.
+through the local admission (its waiters no longer counting the shared slots, which the
+shared budget counts again).
 
 The scripts name keys outside KEYS (the per-session service hashes): one Redis, no cluster.
 """
@@ -45,7 +56,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -56,7 +67,7 @@ from redis.exceptions import RedisError
 from routing.admission import Admission, AdmissionObserver, Outcome, Slot
 from routing.endpoints import redact_url
 from routing.limits import FixedLimit, Limit, Sample, ServerWatcher
-from routing.orders import ServiceLedger, make_order
+from routing.orders import ServiceLedger, WaitOrder, make_order
 from routing.vllm_metrics import ServerSnapshot
 
 logger = logging.getLogger(__name__)
@@ -65,6 +76,10 @@ SERVICE_TTL_S: Final = 86_400  # a session's attained service is forgotten a day
 MAX_SAMPLES: Final = 1_000  # samples kept for the leader; older ones are dropped
 POLL_MIN_S: Final = 0.02
 POLL_MAX_S: Final = 0.5
+# Batches a worker has in flight at once: a call that arrives during one round trip goes
+# out at once in a second, rather than waiting for the first to land; calls that arrive
+# while both are in flight share the next.
+BATCHES_IN_FLIGHT = 2
 
 # Redis failures plus the socket errors a dropped connection can surface as.
 _STORE_ERRORS: Final = (RedisError, OSError)
@@ -134,10 +149,18 @@ local function current_limit()
   return tonumber(redis.call('GET', KEYS[7])) or default_limit
 end
 
--- Grants are published, except to `answered`: the ticket whose enqueue gets this reply.
+local function grant(ticket, sid)
+  redis.call('ZADD', KEYS[1], now + ttl, ticket)
+  redis.call('HSET', KEYS[2], ticket, sid .. '\\t' .. stamp(now))
+  begin_service(sid, now)
+end
+
+-- Grants are published, except to `answered` (a set): the tickets whose batch gets this
+-- reply, which are returned instead.
 local function dispatch(answered)
   local limit = current_limit()
   local others = {}
+  local mine = {}
   while redis.call('ZCARD', KEYS[1]) < limit do
     local oldest = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
     if #oldest == 0 then break end
@@ -147,14 +170,15 @@ local function dispatch(answered)
     end
     local sid = redis.call('HGET', KEYS[6], ticket)
     drop_ticket(ticket)
-    redis.call('ZADD', KEYS[1], now + ttl, ticket)
-    redis.call('HSET', KEYS[2], ticket, sid .. '\\t' .. stamp(now))
-    begin_service(sid, now)
-    if ticket ~= answered then
+    grant(ticket, sid)
+    if answered and answered[ticket] then
+      mine[#mine + 1] = ticket
+    else
       others[#others + 1] = ticket
     end
   end
   if #others > 0 then redis.call('PUBLISH', channel, table.concat(others, ' ')) end
+  return mine
 end
 
 local function state()
@@ -163,58 +187,71 @@ local function state()
 end
 """.replace("__SERVICE_TTL__", str(SERVICE_TTL_S))
 
-# ARGV[7] ticket, [8] session, [9] aging rate (negative: FIFO).
-_ENQUEUE = (
+# One round trip for everything a worker's calls did since its last one, in this order:
+# ARGV[7] aging rate (negative: FIFO); [8] number of releases, then (lease, sample JSON or '')
+# pairs; then the number of cancels, then the cancelled tickets (each leaves the queue, or
+# gives its slot back if it was granted meanwhile); then (ticket, session) pairs to enqueue.
+# Returns state and the enqueued tickets granted. An enqueue that finds nobody waiting and a
+# free slot is granted at once, which is what the dispatch would do, without the queue's keys.
+_BATCH = (
     _PRELUDE
     + """
 reclaim()
-redis.call('ZADD', KEYS[8], now + ttl, caller)
-local ticket, sid, aging = ARGV[7], ARGV[8], tonumber(ARGV[9])
-local rank
-if aging < 0 then
-  rank = redis.call('INCR', KEYS[9])
-else
-  rank = attained(sid) + aging * now
+local aging = tonumber(ARGV[7])
+local i = 9
+local sampled = false
+for _ = 1, tonumber(ARGV[8]) do
+  drop_lease(ARGV[i], now)
+  if ARGV[i + 1] ~= '' then
+    redis.call('RPUSH', KEYS[11], ARGV[i + 1])
+    sampled = true
+  end
+  i = i + 2
 end
-redis.call('ZADD', KEYS[3], rank, ticket)
-redis.call('ZADD', KEYS[4], now + ttl, ticket)
-redis.call('ZADD', KEYS[5], now, ticket)
-redis.call('HSET', KEYS[6], ticket, sid)
-dispatch(ticket)
+if sampled then redis.call('LTRIM', KEYS[11], -__MAX_SAMPLES__, -1) end
+local cancels = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, cancels do
+  if redis.call('ZSCORE', KEYS[3], ARGV[i]) then
+    drop_ticket(ARGV[i])
+  else
+    drop_lease(ARGV[i], now)
+  end
+  i = i + 1
+end
+local answered = {}
+local granted = {}
+if i <= #ARGV then
+  redis.call('ZADD', KEYS[8], now + ttl, caller)
+  local free = current_limit() - redis.call('ZCARD', KEYS[1])
+  local queued = redis.call('ZCARD', KEYS[3])
+  for j = i, #ARGV, 2 do
+    local ticket, sid = ARGV[j], ARGV[j + 1]
+    if queued == 0 and free > 0 then
+      grant(ticket, sid)
+      granted[#granted + 1] = ticket
+      free = free - 1
+    else
+      local rank
+      if aging < 0 then
+        rank = redis.call('INCR', KEYS[9])
+      else
+        rank = attained(sid) + aging * now
+      end
+      redis.call('ZADD', KEYS[3], rank, ticket)
+      redis.call('ZADD', KEYS[4], now + ttl, ticket)
+      redis.call('ZADD', KEYS[5], now, ticket)
+      redis.call('HSET', KEYS[6], ticket, sid)
+      answered[ticket] = true
+      queued = queued + 1
+    end
+  end
+end
+for _, ticket in ipairs(dispatch(answered)) do granted[#granted + 1] = ticket end
 local s = state()
-table.insert(s, 1, redis.call('ZSCORE', KEYS[1], ticket) and 1 or 0)
+s[#s + 1] = granted
 return s
-"""
-)
-
-# ARGV[7] lease, [8] sample JSON ('' for none).
-_RELEASE = (
-    _PRELUDE
-    + """
-reclaim()
-drop_lease(ARGV[7], now)
-if ARGV[8] ~= '' then
-  redis.call('RPUSH', KEYS[11], ARGV[8])
-  redis.call('LTRIM', KEYS[11], -__MAX_SAMPLES__, -1)
-end
-dispatch()
-return state()
 """.replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
-)
-
-# ARGV[7] ticket: leave the queue, or give the slot back if it was granted meanwhile.
-_CANCEL = (
-    _PRELUDE
-    + """
-reclaim()
-if redis.call('ZSCORE', KEYS[3], ARGV[7]) then
-  drop_ticket(ARGV[7])
-else
-  drop_lease(ARGV[7], now)
-end
-dispatch()
-return state()
-"""
 )
 
 # ARGV[7] local limit (written when leader), [8] number of held leases, then the leases,
@@ -290,6 +327,73 @@ class _Waiter:
 class _Lease:
     lease_id: str
     in_flight_at_admit: int
+
+
+@dataclass
+class _Outbox:
+    """What this worker's calls did since the last batch was sent."""
+
+    enqueues: dict[str, str] = field(default_factory=dict)  # ticket -> session, in order
+    releases: list[tuple[str, str]] = field(default_factory=list)  # (lease, sample JSON)
+    cancels: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.enqueues or self.releases or self.cancels)
+
+
+class _LocalFallback(Admission):
+    """The local admission while Redis is away: a fixed limit that this worker's shared
+    slots, still held, count against.
+
+    `Admission` grants while its own in-flight is under `limit`, so `limit` here is the room
+    left for local slots (0 when the shared ones fill it); `fallback_limit` is the limit.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fallback_limit: int,
+        held_shared: Callable[[], int],
+        order: WaitOrder,
+        ledger: ServiceLedger,
+        observer: AdmissionObserver | None,
+    ) -> None:
+        super().__init__(name, FixedLimit(fallback_limit), order, ledger, observer)
+        self.fallback_limit = fallback_limit
+        self._held_shared = held_shared
+
+    @property
+    def limit(self) -> int:
+        """Slots local calls may hold now: the fallback limit less the shared slots held."""
+        return max(0, self.fallback_limit - self._held_shared())
+
+    def room_changed(self) -> None:
+        """A shared slot was given back: admit the waiters that now fit."""
+        self._dispatch()
+        self._notify()
+
+    def stop_counting_shared(self) -> None:
+        """The shared budget counts the shared slots again: local waiters stop waiting on them."""
+        self._held_shared = lambda: 0
+        self.room_changed()
+
+
+class _WholeView:
+    """The fallback's observer: admits and releases pass through; its state is reported as
+    the shared admission's (the fallback limit, shared slots held included), not its own."""
+
+    def __init__(self, owner: SharedAdmission, observer: AdmissionObserver) -> None:
+        self._owner = owner
+        self._observer = observer
+
+    def on_state(self, limit: int, in_flight: int, queued: int) -> None:
+        self._owner._notify()
+
+    def on_admit(self, waited_s: float) -> None:
+        self._observer.on_admit(waited_s)
+
+    def on_release(self, outcome: Outcome) -> None:
+        self._observer.on_release(outcome)
 
 
 class SharedAdmission(Admission):
@@ -374,16 +478,20 @@ class SharedAdmission(Admission):
         self._channel = f"{base}:granted"
         self._service_prefix = f"{key_prefix}:service:"
         self._redis: aioredis.Redis | None = None
+        self._subscriber_redis: aioredis.Redis | None = None
+        self._call_timeout_s = max(1.0, lease_ttl_s / 3)
         self._scripts: dict[str, Any] = {}
         self._shared = SharedState(0, 0, max(1, limit.limit), 1)
         self._tickets = itertools.count()
         self._waiters: dict[str, _Waiter] = {}
         self._leases: dict[Slot, _Lease] = {}
-        self._fallback: Admission | None = None
+        self._fallback: _LocalFallback | None = None
         self._draining: list[Admission] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._outbox = _Outbox()
+        self._senders: set[asyncio.Task[None]] = set()
+        self._sending: set[str] = set()  # tickets whose enqueue is in a batch in flight
         self._wake = asyncio.Event()
         self._published_limit: int | None = None
 
@@ -398,29 +506,36 @@ class SharedAdmission(Admission):
         if self._loop_task is not None:
             return
         # A bounded pool: a thousand sessions must not open a thousand connections (Redis
-        # caps clients at its open-file limit); a call waits for a free one instead.
+        # caps clients at its open-file limit); a call waits for a free one instead. No
+        # socket timeout on it: redis-py (on Python 3.11) then sends every command through
+        # `asyncio.wait_for`, a task of its own and three more loop turns per call; `_call`
+        # bounds the whole call with `asyncio.timeout` instead.
         pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
-            max_connections=self.max_connections,
+            max_connections=self.max_connections - 1,
             timeout=self.lease_ttl_s,
             decode_responses=True,
-            socket_timeout=max(1.0, self.lease_ttl_s / 3),
+            socket_timeout=None,  # redis-py's default is 5 s
             socket_connect_timeout=1.0,
             retry=Retry(NoBackoff(), 1),
         )
         self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
-        for label, source in (
-            ("enqueue", _ENQUEUE),
-            ("release", _RELEASE),
-            ("cancel", _CANCEL),
-            ("tick", _TICK),
-        ):
+        # The subscriber's own connection keeps a read timeout: a silent one is replaced.
+        self._subscriber_redis = aioredis.Redis.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self._call_timeout_s,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 1),
+        )
+        for label, source in (("batch", _BATCH), ("tick", _TICK)):
             self._scripts[label] = self._redis.register_script(source)
         try:
             await self._tick()
         except _STORE_ERRORS as exc:
             await self._redis.aclose()
-            self._redis = None
+            await self._subscriber_redis.aclose()
+            self._redis = self._subscriber_redis = None
             raise AdmissionStoreUnavailable(
                 f"admission store {redact_url(self.url)} is unreachable: {exc}"
             ) from None
@@ -428,18 +543,19 @@ class SharedAdmission(Admission):
         self._loop_task = asyncio.create_task(self._run(), name=f"admission {self.name}")
 
     async def aclose(self) -> None:
-        """Stop renewing, let pending releases finish, close the connection."""
+        """Stop renewing, send the pending releases, close the connection."""
         for task in (self._loop_task, self._subscriber):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._loop_task = self._subscriber = None
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
+        while self._senders:
+            await asyncio.gather(*self._senders)
+        for client in (self._redis, self._subscriber_redis):
+            if client is not None:
+                await client.aclose()
+        self._redis = self._subscriber_redis = None
 
     async def __aenter__(self) -> SharedAdmission:
         await self.start()
@@ -459,7 +575,7 @@ class SharedAdmission(Admission):
     def limit(self) -> int:
         """The replica's shared limit (the fallback's while degraded)."""
         if self._fallback is not None:
-            return self._fallback.limit
+            return self._fallback.fallback_limit
         return self._shared.limit
 
     @property
@@ -501,33 +617,14 @@ class SharedAdmission(Admission):
         loop = asyncio.get_running_loop()
         ticket = f"{self.worker_id}:{next(self._tickets):012d}"
         waiter = _Waiter(session_id, loop.time(), loop.create_future())
-        # Registered before the script runs, so a grant published at once is not missed.
+        # Registered before the batch is sent, so a grant published at once is not missed.
         self._waiters[ticket] = waiter
-        enqueue = asyncio.ensure_future(
-            self._call("enqueue", ticket, session_id, repr(self._aging))
-        )
-        try:
-            # Shielded: a cancelled caller must not leave the script half-sent.
-            reply = await asyncio.shield(enqueue)
-        except _STORE_ERRORS as exc:
-            self._waiters.pop(ticket, None)
-            self._degrade(exc)
-            return await self._local_acquire(session_id)
-        except asyncio.CancelledError:
-            self._waiters.pop(ticket, None)
-            self._spawn(self._cancel_remote(ticket, after=enqueue))
-            raise
-        self._observe_state(reply[1:5])
-        if int(reply[0]):
-            self._waiters.pop(ticket, None)
-            return self._granted(ticket, waiter)
-        if len(self._waiters) == 1:
-            self._wake.set()  # the loop was idling at the renewal interval: poll sooner
+        self._outbox.enqueues[ticket] = session_id
+        self._send_soon()
         try:
             result = await waiter.future
         except asyncio.CancelledError:
-            self._waiters.pop(ticket, None)
-            self._spawn(self._cancel_remote(ticket))
+            self._withdraw(ticket, waiter)
             raise
         if result is _FALLBACK:
             return await self._local_acquire(session_id)
@@ -599,26 +696,23 @@ class SharedAdmission(Admission):
         if self.observer is not None:
             self.observer.on_release(outcome)
         if self._fallback is None:
-            self._spawn(self._release_remote(lease.lease_id, sample_json))
+            self._outbox.releases.append((lease.lease_id, sample_json))
+            self._send_soon()
+        else:
+            self._fallback.room_changed()  # a shared slot counted against it is back
 
-    async def _release_remote(self, lease_id: str, sample_json: str) -> None:
-        try:
-            reply = await self._call("release", lease_id, sample_json)
-        except _STORE_ERRORS as exc:
-            self._degrade(exc)  # the lease expires in Redis if Redis still holds it
-            return
-        self._observe_state(reply)
-
-    async def _cancel_remote(self, ticket: str, after: asyncio.Future[Any] | None = None) -> None:
-        try:
-            if after is not None:
-                with contextlib.suppress(*_STORE_ERRORS):
-                    await after  # the enqueue must land before the cancel
-            reply = await self._call("cancel", ticket)
-        except _STORE_ERRORS as exc:
-            self._degrade(exc)
-            return
-        self._observe_state(reply)
+    def _withdraw(self, ticket: str, waiter: _Waiter) -> None:
+        """A caller cancelled while waiting: leave the queue, or give back a slot granted
+        in the same instant."""
+        if self._waiters.pop(ticket, None) is None:
+            future = waiter.future
+            if future.cancelled() or future.result() is _FALLBACK:
+                return  # `_grant_waiter` gave the slot back, or Redis went away
+        elif self._outbox.enqueues.pop(ticket, None) is not None:
+            return  # never sent
+        if self._fallback is None:
+            self._outbox.cancels.append(ticket)
+            self._send_soon()
 
     async def _local_acquire(self, session_id: str) -> Slot:
         # The loop may have rejoined Redis meanwhile: then this call waits on the shared budget.
@@ -640,7 +734,66 @@ class SharedAdmission(Admission):
             self.worker_id,
             *args,
         ]
-        return list(await self._scripts[script](keys=self._keys, args=argv))
+        async with asyncio.timeout(self._call_timeout_s):  # TimeoutError is an OSError
+            return list(await self._scripts[script](keys=self._keys, args=argv))
+
+    def _send_soon(self) -> None:
+        """Start a sender if fewer than `BATCHES_IN_FLIGHT` run: what calls add meanwhile
+        goes in a running sender's next batch."""
+        if len(self._senders) < BATCHES_IN_FLIGHT and self._redis is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._send(), name=f"admission {self.name} send"
+            )
+            self._senders.add(task)
+
+    def _take_batch(self) -> _Outbox:
+        """The outbox to send now, less the cancels whose enqueue is still in flight (the
+        cancel must land after it: two batches in flight may land in either order)."""
+        batch, self._outbox = self._outbox, _Outbox()
+        if self._sending and batch.cancels:
+            held_back = [ticket for ticket in batch.cancels if ticket in self._sending]
+            if held_back:
+                self._outbox.cancels = held_back
+                batch.cancels = [t for t in batch.cancels if t not in self._sending]
+        return batch
+
+    async def _send(self) -> None:
+        """Send the outbox in batches until it is empty (or holds only cancels that wait
+        for a batch in flight, whose sender sends them when it lands)."""
+        try:
+            await self._send_batches()
+        finally:
+            # At once, not in a done callback: a call in the same loop turn must see this
+            # sender gone and start another, or its enqueue waits for the next call's.
+            task = asyncio.current_task()
+            if task is not None:
+                self._senders.discard(task)
+
+    async def _send_batches(self) -> None:
+        while self._outbox and self._fallback is None:
+            batch = self._take_batch()
+            if not batch:
+                return
+            args = [repr(self._aging), str(len(batch.releases))]
+            for lease_id, sample_json in batch.releases:
+                args += (lease_id, sample_json)
+            args += (str(len(batch.cancels)), *batch.cancels)
+            for ticket, session_id in batch.enqueues.items():
+                args += (ticket, session_id)
+            self._sending.update(batch.enqueues)
+            try:
+                reply = await self._call("batch", *args)
+            except _STORE_ERRORS as exc:
+                self._degrade(exc)  # its leases expire in Redis if Redis still holds them
+                return
+            finally:
+                self._sending.difference_update(batch.enqueues)
+            self._observe_state(reply[:4])
+            for ticket in reply[4]:
+                self._grant_waiter(ticket)
+            waiting = sum(ticket in self._waiters for ticket in batch.enqueues)
+            if waiting and waiting == len(self._waiters):
+                self._wake.set()  # the loop was idling at the renewal interval
 
     async def _tick(self) -> None:
         """Renew leases and waiters, heartbeat, lead if possible, collect grants and samples."""
@@ -688,9 +841,9 @@ class SharedAdmission(Admission):
 
     async def _listen(self) -> None:
         """Wake local waiters whose tickets another worker's script granted."""
-        assert self._redis is not None
+        assert self._subscriber_redis is not None
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber_redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
                 async for message in pubsub.listen():
@@ -707,7 +860,8 @@ class SharedAdmission(Admission):
         if waiter is None:
             return
         if waiter.future.done():  # cancelled as it was granted: give the slot back
-            self._spawn(self._cancel_remote(ticket))
+            self._outbox.cancels.append(ticket)
+            self._send_soon()
             return
         waiter.future.set_result(ticket)
 
@@ -736,13 +890,15 @@ class SharedAdmission(Admission):
         )
         self.fallbacks += 1
         self.leader = False
-        self._fallback = Admission(
+        self._fallback = _LocalFallback(
             self.name,
-            FixedLimit(local_limit),
+            local_limit,
+            lambda: len(self._leases),
             make_order(self.order_name, self.ledger),
             self.ledger,
-            self.observer,
+            None if self.observer is None else _WholeView(self, self.observer),
         )
+        self._outbox = _Outbox()  # leases and queued tickets expire in Redis
         waiters, self._waiters = self._waiters, {}
         for waiter in waiters.values():
             if not waiter.future.done():
@@ -757,8 +913,9 @@ class SharedAdmission(Admission):
             self.name,
             redact_url(self.url),
         )
-        self._draining = [a for a in (*self._draining, self._fallback) if a.outstanding]
-        self._fallback = None
+        fallback, self._fallback = self._fallback, None
+        fallback.stop_counting_shared()
+        self._draining = [a for a in (*self._draining, fallback) if a.outstanding]
         self.rejoins += 1
         self._notify()
         if self.on_degraded is not None:
@@ -771,11 +928,6 @@ class SharedAdmission(Admission):
     def _local_admissions(self) -> list[Admission]:
         self._draining = [a for a in self._draining if a.outstanding]
         return [*self._draining, *([self._fallback] if self._fallback is not None else [])]
-
-    def _spawn(self, coro: Any) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def _notify(self) -> None:
         if self.observer is not None:

@@ -154,25 +154,43 @@ class MeteredStream(httpx.AsyncByteStream):
         self._first_at: float | None = None
         self._last_at: float | None = None
         self._loop = asyncio.get_running_loop()
-        # One abandon timer per request, pushed back lazily, not one per chunk.
+        # One timer per call, not one per chunk: it bounds the read in progress (first-token,
+        # idle or request deadline) or, between reads, the wait for the next one (abandon).
+        # It is pushed back lazily: when it fires early it re-arms at the bound then due.
         self._reading = False
+        self._read_by = 0.0
+        self._reader: asyncio.Task[Any] | None = None
+        self._expired = False
         self._idle_since = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._idle_since + abandon_after_s, self._check_abandoned
-        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._arm(self._idle_since + abandon_after_s)
 
-    def _check_abandoned(self) -> None:
+    def _arm(self, at: float) -> None:
+        """Make sure the timer fires no later than `at`."""
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._slot.released:
+        if not self._reading and self._slot.released:
             return
         now = self._loop.time()
-        # A read in progress waits on the server (the deadline bounds that): not abandoned.
-        start = now if self._reading else self._idle_since
-        if start + self._abandon_after_s > now:
-            self._timer = self._loop.call_at(start + self._abandon_after_s, self._check_abandoned)
-            return
-        # Nobody has asked for the next chunk for a long while: the caller walked away.
-        self._finish("cancelled")
+        due = self._read_by if self._reading else self._idle_since + self._abandon_after_s
+        if due > now:
+            self._arm(due)
+        elif self._reading:
+            # The read in progress passed its bound: cut it, as asyncio.timeout would.
+            if self._reader is not None and not self._expired:
+                self._expired = True
+                self._reader.cancel()
+        else:
+            # Nobody has asked for the next chunk for a long while: the caller walked away.
+            self._finish("cancelled")
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -231,19 +249,24 @@ class MeteredStream(httpx.AsyncByteStream):
             raise TypeError("the replica transport returned a synchronous stream")
         chunks = inner.__aiter__()
         received = 0
+        task = asyncio.current_task()
         try:
             while True:
+                read_by = self._read_by = self._read_bound()
+                self._reader = task
                 self._reading = True
-                read_by = self._read_by()
+                cancelling = task.cancelling() if task is not None else 0
+                self._arm(read_by)
                 try:
-                    async with asyncio.timeout_at(read_by):
-                        chunk = await chunks.__anext__()
+                    chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     self._finish(self._kind)
                     return
-                except TimeoutError:
-                    raise await self._timed_out(read_by, received) from None
                 except asyncio.CancelledError:
+                    if self._expired and task is not None:
+                        self._expired = False
+                        if task.uncancel() <= cancelling:
+                            raise await self._timed_out(read_by, received) from None
                     self._finish("cancelled")
                     raise
                 except httpx.TransportError as exc:
@@ -255,6 +278,7 @@ class MeteredStream(httpx.AsyncByteStream):
                     raise
                 finally:
                     self._reading = False
+                    self._reader = None
                 received += len(chunk)
                 self._on_chunk(chunk)
                 self._idle_since = self._loop.time()
@@ -263,7 +287,7 @@ class MeteredStream(httpx.AsyncByteStream):
             # Closed early (aclose on a suspended generator) or garbage-collected.
             self._finish("cancelled")
 
-    def _read_by(self) -> float:
+    def _read_bound(self) -> float:
         """When the next chunk must have come: the first-token or idle bound, or the deadline."""
         if self._first_at is None and self._first_chunk_by is not None:
             return min(self._deadline, self._first_chunk_by)
@@ -440,26 +464,15 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             extensions["timeout"] = timeout
         return extensions
 
-    def _with_priority(
-        self, outgoing: httpx.Request, payload: dict[str, Any], lane: Lane, slot: Slot
-    ) -> httpx.Request:
-        """`outgoing` with vLLM's `priority` set to the call's session rank (see `engine_rank`);
-        `payload` is its JSON body, parsed once by the caller."""
+    def _priority_body(self, payload: dict[str, Any], lane: Lane, slot: Slot) -> bytes:
+        """The request body with vLLM's `priority` set to the call's session rank (see
+        `engine_rank`); `payload` is the body's JSON, parsed once by the caller."""
         admission = lane.admission
         now = asyncio.get_running_loop().time()
         attained = admission.ledger.attained(slot.session_id, now)
         aging = getattr(admission.order, "aging_rate", 0.0)
         payload["priority"] = engine_rank(attained, aging * slot.waited_s)
-        headers = [
-            (k, v) for k, v in outgoing.headers.multi_items() if k.lower() != "content-length"
-        ]
-        return httpx.Request(
-            outgoing.method,
-            outgoing.url,
-            headers=headers,
-            content=json.dumps(payload, separators=(",", ":")).encode(),
-            extensions=outgoing.extensions,
-        )
+        return json.dumps(payload, separators=(",", ":")).encode()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Admit, forward and wrap the response body so the slot comes back."""
@@ -479,16 +492,21 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         ]
         if info is not None:
             headers.extend(info.headers().items())
-        outgoing = httpx.Request(
-            request.method,
-            self._target(request, lane.replica),
-            headers=headers,
-            content=body,
-            extensions=self._extensions(request),
-        )
+        target = self._target(request, lane.replica)
+        extensions = self._extensions(request)
         slot = await lane.admission.acquire(session_id)
-        if lane.replica.priority and payload is not None:
-            outgoing = self._with_priority(outgoing, payload, lane, slot)
+        try:
+            content = body
+            if lane.replica.priority and payload is not None:
+                content = self._priority_body(payload, lane, slot)
+                headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            # Built once, after admission: the priority depends on the session's service.
+            outgoing = httpx.Request(
+                request.method, target, headers=headers, content=content, extensions=extensions
+            )
+        except BaseException:
+            slot.release(Outcome("error"))
+            raise
         loop = asyncio.get_running_loop()
         started_at = loop.time()
         deadline = started_at + self.request_timeout_s

@@ -55,6 +55,8 @@ _SHOWN_BODY_CHARS = 120
 _SSE_TAIL_BYTES = 16 * 1024
 _SHED = (429, 503)
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Replica URLs per path kept parsed; past this many (a caller inventing paths) start over.
+_MAX_TARGETS = 256
 
 
 @dataclass
@@ -350,19 +352,41 @@ def stream_completion_tokens(tail: bytes) -> int | None:
     OpenAI-style servers send `"usage": null` on every chunk but the last when usage is
     asked for; only a usage object counts. None when no event in `tail` has one.
     """
+    if b'"usage"' not in tail:
+        return None
+    # Servers send each chunk on one data line: read the line of the last "usage" first.
+    end = len(tail)
+    while (at := tail.rfind(b'"usage"', 0, end)) >= 0:
+        end = at
+        line_end = tail.find(b"\n", at)
+        line = tail[tail.rfind(b"\n", 0, at) + 1 : len(tail) if line_end < 0 else line_end]
+        line = line.strip()
+        if line.startswith(b"data:"):
+            tokens = _usage_tokens(line[5:])
+            if tokens is not None:
+                return tokens
+    # An event whose JSON spans several data lines: join each event's lines.
     for event in reversed(_EVENT_END.split(tail)):
         if b'"usage"' not in event:
             continue
         data = b"\n".join(
             line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
         )
-        try:
-            usage = json.loads(data).get("usage")
-        except (ValueError, AttributeError):
-            continue
-        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        if isinstance(tokens, int) and not isinstance(tokens, bool):
+        tokens = _usage_tokens(data)
+        if tokens is not None:
             return tokens
+    return None
+
+
+def _usage_tokens(data: bytes) -> int | None:
+    """`usage.completion_tokens` of one event's data; None when it has no usage object."""
+    try:
+        usage = json.loads(data).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        return tokens
     return None
 
 
@@ -415,6 +439,10 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         # Awaited before each call until it has run once (the router's lazy start).
         self.before_first_call: Callable[[], Awaitable[None]] | None = None
         self._rr = itertools.count()
+        # Parsing a URL costs more than the rest of a call's routing: each replica's URL for
+        # each path is built once (a call goes to a handful of API paths).
+        self._targets: dict[tuple[str, str, bytes], httpx.URL] = {}
+        self._where: dict[Replica, str] = {}
 
     def pick(self) -> Lane:
         """The replica with the fewest outstanding calls (then most headroom, then turns)."""
@@ -442,9 +470,21 @@ class RoutingTransport(httpx.AsyncBaseTransport):
 
     def where(self, lane: Lane) -> str:
         """How errors name a replica: role and redacted URL."""
-        return f"{self.role} at {lane.replica.shown_url}"
+        shown = self._where.get(lane.replica)
+        if shown is None:
+            shown = self._where[lane.replica] = f"{self.role} at {lane.replica.shown_url}"
+        return shown
 
     def _target(self, request: httpx.Request, replica: Replica) -> httpx.URL:
+        key = (replica.url, request.url.path, request.url.query)
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            target = self._targets[key] = self._build_target(request, replica)
+        return target
+
+    def _build_target(self, request: httpx.Request, replica: Replica) -> httpx.URL:
         path = request.url.path
         if self._base_path and path.startswith(self._base_path):
             path = path[len(self._base_path) :]

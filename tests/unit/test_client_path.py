@@ -25,6 +25,7 @@ from nodes.llm import RoutedModels, Usage, VLLMChatOpenAI, complete_answer, fini
 from routing.calls import CallInfo, call_scope
 from routing.endpoints import Replica
 from routing.router import Router
+from routing.transport import stream_completion_tokens
 from serving.protocol import FILE_HEADER
 
 HEAD = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "served-8b"}
@@ -154,6 +155,13 @@ async def test_token_callbacks_and_chunk_streams_still_see_every_piece() -> None
     chunks = [c async for c in model.astream([HumanMessage(content="x")])]
     assert "".join(str(c.content) for c in chunks) == answer.content
     assert "".join(c.additional_kwargs.get("reasoning", "") for c in chunks) == "think hard"
+    # A handler that taps the chunks (astream_events, LangGraph's "messages" mode) gets them.
+    streamed = [
+        event["data"]["chunk"].content
+        async for event in model.astream_events([HumanMessage(content="x")], version="v2")
+        if event["event"] == "on_chat_model_stream"
+    ]
+    assert "".join(streamed) == answer.content and len(streamed) > 3
 
 
 async def test_an_error_event_is_the_sdks_api_error_and_garbage_names_the_event() -> None:
@@ -175,6 +183,16 @@ async def test_an_error_answer_is_the_sdks_status_error_with_the_server_message(
     with pytest.raises(openai.BadRequestError, match="prompt too long") as caught:
         await _model(httpx.MockTransport(handler)).ainvoke([HumanMessage(content="x")])
     assert caught.value.status_code == 400 and caught.value.body["message"] == "prompt too long"
+
+
+def test_the_router_reads_usage_from_the_last_usage_line_or_a_multi_line_event() -> None:
+    # Every chunk but the last says `"usage": null`; text may hold the word in quotes.
+    null_usage = b'data: {"choices": [{"delta": {"content": "a \\"usage\\""}}], "usage": null}\n\n'
+    final = b'data: {"choices": [], "usage": {"completion_tokens": 9}}\n\ndata: [DONE]\n\n'
+    assert stream_completion_tokens(null_usage * 3 + final) == 9
+    assert stream_completion_tokens(null_usage + b"data: [DONE]\n\n") is None
+    multi_line = b'data: {"choices": [],\r\ndata: "usage": {"completion_tokens": 5}}\r\n\r\n'
+    assert stream_completion_tokens(multi_line + null_usage) == 5
 
 
 class _Paced(httpx.AsyncBaseTransport):

@@ -496,7 +496,7 @@ _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
 }
 _SHOWN_EVENT_BYTES = 120
 # The SDK follows a server's Retry-After up to this long, and does not retry past it.
-_MAX_RETRY_AFTER_S = 60.0
+_MAX_RETRY_AFTER_S = 120.0
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

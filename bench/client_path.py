@@ -5,16 +5,17 @@ with pre-built SSE bytes and never waits), so every microsecond counted is the c
 
 - stream: `--calls` chat calls, `--concurrency` at once, of `--tokens` tokens each at one
   token per event, through the router, its transport and the chat model (`RoutedModels`,
-  as the nodes call it). Reported: tokens per second of wall time, and CPU microseconds
-  per event and per call (this process's CPU time, all of it, divided).
+  as the nodes call it). Reported: tokens per second of wall time and of CPU time, and CPU
+  microseconds per event and per call (this process's CPU time, all of it, divided).
 - admission: `--waiting` sessions queued on one replica whose limit (4) binds, then
   `--admitted` more calls started at once that the LAS order admits ahead of them (the
   waiting sessions have attained far more service), timed from their start to the last
   one's end while the waiting queue stays. Reported: microseconds per acquire+release
   through the router's admission, and per call through the router's HTTP client (a
   one-token stream), less the same calls sent straight to the upstream (the router's
-  own share). CPU time, as the
-  stream's per-event figures: on a shared machine wall time also counts other processes.
+  own share); and, apart, what the routing transport adds to a call sent through it
+  without an HTTP client while nobody waits. CPU time, as the stream's per-event
+  figures: on a shared machine wall time also counts other processes.
 
 The figures are a benchmark's, reported, never asserted by a test: they vary with the
 machine and whatever else runs on it.
@@ -43,7 +44,9 @@ from nodes.llm import RoutedModels, Usage, complete_answer
 from routing.admission import Admission, Outcome
 from routing.calls import CallInfo, call_scope
 from routing.endpoints import Replica
+from routing.limits import FixedLimit
 from routing.router import Router
+from routing.transport import Lane, RoutingTransport
 
 _URL = "http://upstream.test/v1"
 _MODEL = "bench"
@@ -139,6 +142,7 @@ class AdmissionResult:
     router_call_us: float
     direct_call_us: float
     router_overhead_us: float
+    transport_alone_us: float
 
 
 async def measure_stream(calls: int, concurrency: int, tokens: int) -> StreamResult:
@@ -270,6 +274,7 @@ async def measure_admission(waiting: int, admitted: int, rounds: int = 3) -> Adm
             routed_s.append(await _behind_waiters(router, waiting, admitted, post))
         direct_s.append(await _direct(upstream, admitted))
     routed, direct = statistics.median(routed_s), statistics.median(direct_s)
+    alone_s = [await _transport_alone(upstream, admitted) for _ in range(rounds)]
     return AdmissionResult(
         waiting=waiting,
         admitted=admitted,
@@ -277,7 +282,34 @@ async def measure_admission(waiting: int, admitted: int, rounds: int = 3) -> Adm
         router_call_us=routed * 1e6,
         direct_call_us=direct * 1e6,
         router_overhead_us=(routed - direct) * 1e6,
+        transport_alone_us=statistics.median(alone_s) * 1e6,
     )
+
+
+async def _transport_alone(upstream: httpx.AsyncBaseTransport, calls: int) -> float:
+    """CPU seconds per call that the routing transport adds, called without an HTTP client
+    and with nobody waiting: one request sent `calls` times through it and straight to
+    `upstream`, each body read to its end."""
+    replica = Replica(url=_URL, model=_MODEL, gpu="gpu0", transport=upstream)
+    lane = Lane("coder@gpu0", replica, Admission("coder@gpu0", FixedLimit(4)), upstream)
+    routing = RoutingTransport("coder", [lane], synthetic_base="http://coder.test/v1")
+    body = {"model": _MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
+    request = httpx.Request("POST", "http://coder.test/v1/chat/completions", json=body)
+
+    async def send(transport: httpx.AsyncBaseTransport) -> float:
+        gc.collect()
+        started = time.process_time()
+        for _ in range(calls):
+            response = await transport.handle_async_request(request)
+            assert isinstance(response.stream, httpx.AsyncByteStream)
+            async for _ in response.stream:
+                pass
+            await response.aclose()
+        return time.process_time() - started
+
+    await send(routing)  # warm
+    with call_scope(CallInfo(session_id="s", stage="code", role="coder")):
+        return (await send(routing) - await send(upstream)) / calls
 
 
 async def _acquire_release(admission: Admission, session_id: str) -> None:
@@ -316,6 +348,10 @@ def _table(stream: StreamResult, admission: AdmissionResult) -> Table:
     table.add_row("  CPU us per call through the router", f"{admission.router_call_us:.1f}")
     table.add_row("  CPU us per call straight to the upstream", f"{admission.direct_call_us:.1f}")
     table.add_row("  router overhead, CPU us per call", f"{admission.router_overhead_us:.1f}")
+    table.add_row(
+        "transport alone (no client, none waiting), CPU us per call",
+        f"{admission.transport_alone_us:.1f}",
+    )
     return table
 
 

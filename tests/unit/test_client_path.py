@@ -19,7 +19,7 @@ from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
-from bench.client_path import sse_events
+from bench.client_path import main, sse_events
 from nodes.chat_stream import SseDecoder, StreamFormatError
 from nodes.llm import RoutedModels, Usage, VLLMChatOpenAI, complete_answer, finish_reason
 from routing.calls import CallInfo, call_scope
@@ -321,3 +321,15 @@ async def test_ten_thousand_calls_thirty_percent_cancelled_leave_every_replica_i
     assert never_admitted <= cancelled
     assert cancelled_holding >= len(mid_stream), (cancelled_holding, len(mid_stream))
     assert never_admitted > 100, never_admitted
+
+
+def test_the_client_path_benchmark_runs_and_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--calls", "3", "--tokens", "5", "--waiting", "20", "--admitted", "10"])
+    assert "tokens per CPU second" in capsys.readouterr().out
+    args = ["--calls", "3", "--tokens", "5", "--waiting", "20", "--admitted", "10", "--json"]
+    main(args)
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["stream"]["tokens_per_call"] == 5 and figures["stream"]["calls"] == 3
+    assert figures["admission"]["waiting"] == 20 and figures["admission"]["admitted"] == 10
+    with pytest.raises(SystemExit):
+        main(["--calls", "0"])

@@ -7,10 +7,11 @@ with pre-built SSE bytes and never waits), so every microsecond counted is the c
   token per event, through the router, its transport and the chat model (`RoutedModels`,
   as the nodes call it). Reported: tokens per second of wall time and of CPU time, and CPU
   microseconds per event and per call (this process's CPU time, all of it, divided).
-- admission: `--waiting` sessions queued on one replica whose limit (4) binds, then
-  `--admitted` more calls started at once that the LAS order admits ahead of them (the
-  waiting sessions have attained far more service), timed from their start to the last
-  one's end while the waiting queue stays. Reported: microseconds per acquire+release
+- admission: `--waiting` sessions queued on one replica whose limit (4) binds, and
+  `--admitted` more calls by 8 callers, each making its next call when its last one ends,
+  that the LAS order admits ahead of the waiting sessions (which have attained far more
+  service); timed from the first call's start to the last one's end, while the waiting
+  queue stays. Reported: microseconds per acquire+release
   through the router's admission, and per call through the router's HTTP client (a
   one-token stream), less the same calls sent straight to the upstream (the router's
   own share); and, apart, what the routing transport adds to a call sent through it
@@ -202,6 +203,8 @@ async def _post(client: httpx.AsyncClient, session_id: str) -> None:
             await response.aclose()
 
 
+# Callers of the measured calls: twice the replica's limit, so that some always queue.
+_CALLERS = 8
 # Service each waiting session has attained: LAS admits the measured calls (none) first,
 # and aging (one slot-second forgiven per second waited) does not close the gap meanwhile.
 _WAITER_ATTAINED_S = 1_000.0
@@ -210,13 +213,16 @@ _WAITER_ATTAINED_S = 1_000.0
 async def _behind_waiters(
     router: Router, waiting: int, admitted: int, call: Callable[[str], Coroutine[Any, Any, None]]
 ) -> float:
-    """CPU seconds per call for `admitted` calls, started at once onto a full replica with
-    `waiting` sessions queued on it, until they have all been admitted and finished.
+    """CPU seconds per call for `admitted` calls made by `_CALLERS` callers, each making its
+    next call when its last one ends, on a replica whose limit binds (fewer slots than
+    callers) with `waiting` sessions queued on it all along.
 
-    Timed from the calls' start (their whole path, queueing included) to the last one's
-    end; the waiting sessions stay queued throughout.
+    Timed from the first call's start to the last one's end: each call's whole path,
+    including its turn in the queue.
     """
     admission = router.lanes("coder")[0].admission
+    if admission.limit >= _CALLERS:
+        raise ValueError(f"the limit must bind: below {_CALLERS} callers")
     now = asyncio.get_running_loop().time()
     held = [await admission.acquire(f"holder{i}") for i in range(admission.limit)]
     for i in range(waiting):
@@ -224,13 +230,19 @@ async def _behind_waiters(
         router.ledger.end(f"w{i}", now - _WAITER_ATTAINED_S, now)
     waiters = [asyncio.create_task(admission.acquire(f"w{i}")) for i in range(waiting)]
     await _until(lambda: admission.queued >= waiting)
+    pending = iter(range(admitted))
+
+    async def caller() -> None:
+        for i in pending:
+            await call(f"s{i}")
+
     gc.collect()
     started = time.process_time()
-    calls = [asyncio.create_task(call(f"s{i}")) for i in range(admitted)]
-    await _until(lambda: admission.queued >= waiting + admitted)
+    callers = [asyncio.create_task(caller()) for _ in range(_CALLERS)]
+    await _until(lambda: admission.queued >= waiting + _CALLERS)
     for slot in held:
         slot.release(Outcome("ok"))
-    await asyncio.gather(*calls)
+    await asyncio.gather(*callers)
     elapsed = time.process_time() - started
     # The last calls' releases admit waiting sessions: at most a limit's worth.
     if admission.queued < waiting - admission.limit:
@@ -318,12 +330,18 @@ async def _acquire_release(admission: Admission, session_id: str) -> None:
 
 
 async def _direct(upstream: httpx.AsyncBaseTransport, calls: int) -> float:
-    """CPU seconds per call for the same calls, started at once, sent straight to `upstream`."""
+    """CPU seconds per call for the same calls by as many callers, straight to `upstream`."""
     async with httpx.AsyncClient(transport=upstream) as client:
         await _post(client, "warm")
+        pending = iter(range(calls))
+
+        async def caller() -> None:
+            for i in pending:
+                await _post(client, f"s{i}")
+
         gc.collect()
         started = time.process_time()
-        await asyncio.gather(*(_post(client, f"s{i}") for i in range(calls)))
+        await asyncio.gather(*(caller() for _ in range(_CALLERS)))
         return (time.process_time() - started) / calls
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import json
 import re
@@ -527,23 +528,26 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         streamed = payload is not None and payload.get("stream") is True
         lane = self.pick()
         where = self.where(lane)
-        headers: list[tuple[str, str]] = [
-            (k, v) for k, v in request.headers.multi_items() if k.lower() != "host"
-        ]
-        if info is not None:
-            headers.extend(info.headers().items())
         target = self._target(request, lane.replica)
+        headers = request.headers.copy()
+        headers["host"] = target.netloc.decode("ascii")
+        if info is not None:
+            headers.update(info.headers())
         extensions = self._extensions(request)
         slot = await lane.admission.acquire(session_id)
         try:
-            content = body
             if lane.replica.priority and payload is not None:
-                content = self._priority_body(payload, lane, slot)
-                headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-            # Built once, after admission: the priority depends on the session's service.
-            outgoing = httpx.Request(
-                request.method, target, headers=headers, content=content, extensions=extensions
-            )
+                # Built after admission: the priority depends on the session's service.
+                headers.pop("content-length", None)
+                outgoing = httpx.Request(
+                    request.method,
+                    target,
+                    headers=headers,
+                    content=self._priority_body(payload, lane, slot),
+                    extensions=extensions,
+                )
+            else:
+                outgoing = _readdressed(request, target, headers, extensions)
         except BaseException:
             slot.release(Outcome("error"))
             raise
@@ -603,6 +607,22 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             stream=stream,
             extensions={**response.extensions, REPLICA_EXTENSION: where},
         )
+
+
+def _readdressed(
+    request: httpx.Request, url: httpx.URL, headers: httpx.Headers, extensions: dict[str, Any]
+) -> httpx.Request:
+    """`request` sent to `url` with `headers` and `extensions`, its body shared (read once).
+
+    A copy (httpx requests copy as they pickle) rather than a new `httpx.Request`, which
+    parses every header again: that costs more than the rest of a call's routing.
+    """
+    outgoing = copy.copy(request)
+    outgoing.url = url
+    outgoing.headers = headers
+    outgoing.stream = request.stream
+    outgoing.extensions = extensions
+    return outgoing
 
 
 def _transport_reason(exc: httpx.TransportError, connect_timeout_s: float | None) -> str:

@@ -333,3 +333,30 @@ def test_the_client_path_benchmark_runs_and_prints_json(capsys: pytest.CaptureFi
     assert figures["admission"]["waiting"] == 20 and figures["admission"]["admitted"] == 10
     with pytest.raises(SystemExit):
         main(["--calls", "0"])
+
+
+async def test_the_router_forwards_a_readdressed_copy_and_leaves_the_request_alone() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"")
+
+    upstream = httpx.MockTransport(handler)
+    replica = Replica(url="http://gpu0.test:8002/v1", model="m", gpu="gpu0", transport=upstream)
+    async with Router({"coder": [replica]}, limit="fixed-2") as router:
+        client = router.client("coder")
+        request = client.build_request(
+            "POST", f"{URL}/chat/completions?x=1", json={"stream": True, "model": "m"}
+        )
+        with call_scope(CallInfo(session_id="s9", stage="code", role="coder")):
+            response = await client.send(request)
+    sent = seen[0]
+    assert str(sent.url) == "http://gpu0.test:8002/v1/chat/completions?x=1"
+    assert sent.headers.get_list("host") == ["gpu0.test:8002"]
+    assert sent.headers.get_list("x-tandem-session") == ["s9"]
+    assert json.loads(sent.content) == {"stream": True, "model": "m"}
+    # The client's own request still names the synthetic URL and its own headers.
+    assert response.request is request and request.url.host == "coder.tandem.internal"
+    assert request.headers["host"] == "coder.tandem.internal"
+    assert "x-tandem-session" not in request.headers

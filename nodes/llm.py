@@ -15,24 +15,41 @@ role, the replica's URL and the cause.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
+import itertools
 import json
 import random
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import httpx
 import openai
+from langchain_core.callbacks import (
+    AsyncCallbackHandler,
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+)
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    BaseMessageChunk,
+    HumanMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import RunnableConfig
 from langchain_openai import ChatOpenAI
+
+# The usage shape ChatOpenAI gives its messages (token details included), kept identical.
+from langchain_openai.chat_models.base import _create_usage_metadata
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 
+from nodes.chat_stream import DONE, SseDecoder, StreamedAnswer, StreamFormatError, reasoning_of
 from routing.calls import CallInfo, Role, call_scope
 from routing.transport import REPLICA_EXTENSION, NotAnEventStream
 
@@ -175,22 +192,208 @@ async def invoke_with_retry(
         attempt += 1
 
 
-def _reasoning_of(fields: Mapping[str, Any]) -> str | None:
-    # vLLM >= 0.12 answers `reasoning`; older servers `reasoning_content`.
-    value = fields.get("reasoning")
-    if value is None:
-        value = fields.get("reasoning_content")
-    return value if isinstance(value, str) else None
-
-
 class VLLMChatOpenAI(ChatOpenAI):
-    """ChatOpenAI that keeps vLLM's reasoning text in `additional_kwargs["reasoning"]`.
+    """ChatOpenAI that reads vLLM's event stream itself and keeps its reasoning text.
 
-    Stock ChatOpenAI drops `reasoning`/`reasoning_content` by design. `call_retry` is the
-    retry policy `complete_text` and `complete_structured` apply to its calls.
+    A streamed `ainvoke` sends one POST through `http_async_client` (the router's client)
+    and folds the event stream into one `AIMessage` (`nodes.chat_stream`): one JSON parse
+    per event, no SDK object per event, and one deadline per call (the `timeout`) instead
+    of a timer per chunk. LangChain's callbacks see each piece of text only when a handler
+    asks for tokens (a tracer does; none does by default); the run itself is traced as any
+    call is. Chunk by chunk (`astream`, `astream_events`, tool calls, a top-level
+    `response_format`) it is the stock ChatOpenAI path.
+
+    The answer has the shape ChatOpenAI gives: `response_metadata` with `finish_reason`
+    and `model_name`, `usage_metadata`, and vLLM's reasoning (which stock ChatOpenAI drops)
+    in `additional_kwargs["reasoning"]`. Errors are the OpenAI SDK's: `APIStatusError`
+    subclasses for error answers (read and closed), `APIConnectionError`/`APITimeoutError`
+    caused by the transport's error before an answer, the transport's own error during
+    the body, `APIError` for an error event. `max_retries` retries what the SDK retries
+    (408, 409, 429, 5xx, connection failures), before any answer body is read.
+    `call_retry` is the retry policy `complete_text` and `complete_structured` apply.
     """
 
     call_retry: CallRetry = Field(default=NO_RETRY, exclude=True)
+
+    def _should_stream(
+        self,
+        *,
+        async_api: bool,
+        run_manager: Any = None,
+        **kwargs: Any,
+    ) -> bool:
+        # Chunk objects only for a caller that reads chunks; `_agenerate` streams the wire.
+        if async_api and not kwargs.get("stream") and not _reads_chunks(run_manager):
+            return False
+        return super()._should_stream(async_api=async_api, run_manager=run_manager, **kwargs)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request = self._wire_request(messages, stop, dict(kwargs)) if self.streaming else None
+        if request is None:
+            return await super()._agenerate(messages, stop, run_manager, **kwargs)
+        answer = StreamedAnswer()
+        wants_tokens = _wants_tokens(run_manager)
+        timeout = self.request_timeout
+        try:
+            # One deadline for the whole call: no timer per chunk.
+            async with (
+                asyncio.timeout(float(timeout) if isinstance(timeout, float | int) else None),
+                contextlib.aclosing(self._wire_events(request)) as stream,
+            ):
+                async for events in stream:
+                    for event in events:
+                        piece = answer.add(event)
+                        if wants_tokens and piece and run_manager is not None:
+                            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                            await run_manager.on_llm_new_token(piece, chunk=chunk)
+        except TimeoutError:
+            raise openai.APITimeoutError(request=_sdk(request)) from None
+        return self._result_of(answer)
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._wire_request(messages, stop, dict(kwargs))
+        if request is None:
+            async for generation in super()._astream(messages, stop, run_manager, **kwargs):
+                yield generation
+            return
+        chunk_class: type[BaseMessageChunk] = AIMessageChunk
+        async with contextlib.aclosing(self._wire_events(request)) as stream:
+            async for events in stream:
+                for event in events:
+                    piece = self._convert_chunk_to_generation_chunk(event, chunk_class, None)
+                    if piece is None:
+                        continue
+                    chunk_class = type(piece.message)
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(piece.text, chunk=piece)
+                    yield piece
+
+    def _wire_request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> httpx.Request | None:
+        """The streamed chat completion request for this call; None where the SDK must send
+        it (no HTTP client given, tools, a top-level response_format, the Responses API)."""
+        client = self.http_async_client
+        api_key = self.openai_api_key
+        if not isinstance(client, httpx.AsyncClient) or not isinstance(api_key, SecretStr | None):
+            return None
+        if self.include_response_headers or kwargs.get("tools"):
+            return None
+        stream_usage = self._should_stream_usage(kwargs.pop("stream_usage", None), **kwargs)
+        kwargs["stream"] = True
+        if stream_usage:
+            kwargs["stream_options"] = {"include_usage": True}
+        payload = self._get_request_payload(messages, stop=stop, **kwargs)
+        if "response_format" in payload or self._use_responses_api(payload):
+            return None
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+        if self.openai_organization:
+            headers["OpenAI-Organization"] = self.openai_organization
+        headers.update(self.default_headers or {})
+        headers.update(payload.pop("extra_headers", None) or {})
+        query = {**(self.default_query or {}), **(payload.pop("extra_query", None) or {})}
+        payload.update(payload.pop("extra_body", None) or {})
+        base = self.openai_api_base or "https://api.openai.com/v1"
+        timeout = self.request_timeout
+        return client.build_request(
+            "POST",
+            f"{base.rstrip('/')}/chat/completions",
+            params=query or None,
+            headers=headers,
+            content=json.dumps(payload, separators=(",", ":")).encode(),
+            timeout=timeout if isinstance(timeout, float | int | httpx.Timeout) else None,
+        )
+
+    async def _wire_events(self, request: httpx.Request) -> AsyncGenerator[list[Any]]:
+        """Send `request` (retried as the SDK would) and yield its parsed events, a list per
+        body chunk, up to `[DONE]`; the body is read to its end, so its slot comes back
+        as answered."""
+        client = self.http_async_client
+        assert isinstance(client, httpx.AsyncClient)
+        response = await self._send(client, request)
+        try:
+            decoder = SseDecoder()
+            done = False
+            async for body in response.aiter_bytes():
+                if done:
+                    continue
+                events: list[Any] = []
+                for data in decoder.feed(body):
+                    if data == DONE:
+                        done = True
+                        break
+                    events.append(_parse_event(data, request))
+                if events:
+                    yield events
+        finally:
+            await response.aclose()
+
+    async def _send(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+        """The answer to `request`, once it is a success; error answers become the SDK's
+        errors, and what the SDK retries is retried up to `max_retries` times."""
+        retries = 2 if self.max_retries is None else self.max_retries
+        for attempt in itertools.count():
+            delay_s: float | None = None
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TimeoutException as exc:
+                error: openai.APIError = openai.APITimeoutError(request=_sdk(request))
+                cause: BaseException = exc
+            except httpx.HTTPError as exc:
+                error, cause = openai.APIConnectionError(request=_sdk(request)), exc
+            else:
+                if response.is_success:
+                    return response
+                error = await _status_error(response)
+                cause = error
+                delay_s = _retry_after_s(response)
+                if not _sdk_retries(response):
+                    raise error
+            if attempt >= retries:
+                if cause is error:
+                    raise error
+                raise error from cause
+            backoff_s = min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * random.random())
+            await asyncio.sleep(backoff_s if delay_s is None else delay_s)
+        raise AssertionError("unreachable")
+
+    def _result_of(self, answer: StreamedAnswer) -> ChatResult:
+        """One generation holding the whole answer, as ChatOpenAI builds it from chunks."""
+        additional: dict[str, Any] = {}
+        if answer.reasoning:
+            additional["reasoning"] = answer.reasoning
+        message = AIMessage(
+            content=answer.content,
+            additional_kwargs=additional,
+            response_metadata={"model_provider": "openai"},
+        )
+        if answer.usage is not None:
+            message.usage_metadata = _create_usage_metadata(answer.usage, answer.service_tier)
+        info: dict[str, Any] = {}
+        if answer.finish_reason is not None:
+            info["finish_reason"] = answer.finish_reason
+            info["model_name"] = answer.model or self.model_name
+        if answer.system_fingerprint:
+            info["system_fingerprint"] = answer.system_fingerprint
+        if answer.service_tier:
+            info["service_tier"] = answer.service_tier
+        # No llm_output: the message carries it all, as in ChatOpenAI's streamed answers.
+        generation = ChatGeneration(message=message, generation_info=info or None)
+        return ChatResult(generations=[generation])
 
     def _convert_chunk_to_generation_chunk(
         self,
@@ -203,7 +406,7 @@ class VLLMChatOpenAI(ChatOpenAI):
         )
         choices = chunk.get("choices") or []
         if out is not None and choices and isinstance(choices[0].get("delta"), dict):
-            reasoning = _reasoning_of(choices[0]["delta"])
+            reasoning = reasoning_of(choices[0]["delta"])
             if reasoning and isinstance(out.message, AIMessageChunk):
                 out.message.additional_kwargs["reasoning"] = reasoning
         return out
@@ -214,10 +417,108 @@ class VLLMChatOpenAI(ChatOpenAI):
         result = super()._create_chat_result(response, generation_info)
         raw = response if isinstance(response, dict) else response.model_dump()
         for gen, choice in zip(result.generations, raw.get("choices") or [], strict=False):
-            reasoning = _reasoning_of(choice.get("message") or {})
+            reasoning = reasoning_of(choice.get("message") or {})
             if reasoning:
                 gen.message.additional_kwargs["reasoning"] = reasoning
         return result
+
+
+def _reads_chunks(run_manager: Any) -> bool:
+    """Whether a handler consumes the chunks themselves (`astream_events`, `astream_log`,
+    LangGraph's "messages" stream mode): they implement `tap_output_aiter`."""
+    handlers = getattr(run_manager, "handlers", None) or []
+    return any(hasattr(handler, "tap_output_aiter") for handler in handlers)
+
+
+# The hooks a handler inherits when it does not listen for tokens.
+_NO_TOKEN_HOOKS = (BaseCallbackHandler.on_llm_new_token, AsyncCallbackHandler.on_llm_new_token)
+
+
+def _wants_tokens(run_manager: AsyncCallbackManagerForLLMRun | None) -> bool:
+    """Whether a callback handler of this run listens for each new token."""
+    if run_manager is None:
+        return False
+    return any(
+        not handler.ignore_llm and type(handler).on_llm_new_token not in _NO_TOKEN_HOOKS
+        for handler in run_manager.handlers
+    )
+
+
+def _sdk(request: httpx.Request | httpx.Response) -> Any:
+    # The SDK's errors are typed for its own HTTP package; they read only common fields.
+    return request
+
+
+def _parse_event(data: bytes, request: httpx.Request) -> Any:
+    """One event's JSON; an error event becomes the SDK's `APIError`, as the SDK raises it."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        shown = data[:_SHOWN_EVENT_BYTES].decode("utf-8", "replace")
+        raise StreamFormatError(f"an event of the stream is not JSON: {shown!r}") from None
+    if isinstance(event, dict) and event.get("error"):
+        error = event["error"]
+        message = error.get("message") if isinstance(error, dict) else None
+        raise openai.APIError(
+            str(message or error or "an error event in the stream"), _sdk(request), body=error
+        )
+    return event
+
+
+async def _status_error(response: httpx.Response) -> openai.APIStatusError:
+    """The SDK's error for an error answer (its body read, the response closed)."""
+    try:
+        await response.aread()
+    finally:
+        await response.aclose()
+    text = response.text.strip()
+    try:
+        body: Any = json.loads(text) if text else None
+    except ValueError:
+        body = text
+    shown = body if body is not None else (response.reason_phrase or "no body")
+    message = f"Error code: {response.status_code} - {shown}"
+    data = body.get("error", body) if isinstance(body, dict) else body
+    kind = _STATUS_ERRORS.get(response.status_code)
+    if kind is None:
+        kind = openai.InternalServerError if response.status_code >= 500 else openai.APIStatusError
+    return kind(message, response=_sdk(response), body=data)
+
+
+_STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    409: openai.ConflictError,
+    422: openai.UnprocessableEntityError,
+    429: openai.RateLimitError,
+}
+_SHOWN_EVENT_BYTES = 120
+# The SDK follows a server's Retry-After up to this long, and does not retry past it.
+_MAX_RETRY_AFTER_S = 120.0
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """Seconds a `Retry-After` header asks for (a number of seconds); None without one."""
+    try:
+        value = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return value if 0 < value <= _MAX_RETRY_AFTER_S else None
+
+
+def _sdk_retries(response: httpx.Response) -> bool:
+    """Whether the OpenAI SDK would retry this error answer."""
+    try:
+        if float(response.headers.get("retry-after", "")) > _MAX_RETRY_AFTER_S:
+            return False
+    except ValueError:
+        pass
+    said = str(response.headers.get("x-should-retry", ""))
+    if said in ("true", "false"):
+        return said == "true"
+    return response.status_code in (408, 409, 429) or response.status_code >= 500
 
 
 def split_reasoning(message: BaseMessage) -> tuple[str, str]:

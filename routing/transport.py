@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import json
 import re
@@ -55,6 +56,8 @@ _SHOWN_BODY_CHARS = 120
 _SSE_TAIL_BYTES = 16 * 1024
 _SHED = (429, 503)
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+# Replica URLs per path kept parsed; past this many (a caller inventing paths) start over.
+_MAX_TARGETS = 256
 
 
 @dataclass
@@ -154,25 +157,43 @@ class MeteredStream(httpx.AsyncByteStream):
         self._first_at: float | None = None
         self._last_at: float | None = None
         self._loop = asyncio.get_running_loop()
-        # One abandon timer per request, pushed back lazily, not one per chunk.
+        # One timer per call, not one per chunk: it bounds the read in progress (first-token,
+        # idle or request deadline) or, between reads, the wait for the next one (abandon).
+        # It is pushed back lazily: when it fires early it re-arms at the bound then due.
         self._reading = False
+        self._read_by = 0.0
+        self._reader: asyncio.Task[Any] | None = None
+        self._expired = False
         self._idle_since = self._loop.time()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._idle_since + abandon_after_s, self._check_abandoned
-        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._arm(self._idle_since + abandon_after_s)
 
-    def _check_abandoned(self) -> None:
+    def _arm(self, at: float) -> None:
+        """Make sure the timer fires no later than `at`."""
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._slot.released:
+        if not self._reading and self._slot.released:
             return
         now = self._loop.time()
-        # A read in progress waits on the server (the deadline bounds that): not abandoned.
-        start = now if self._reading else self._idle_since
-        if start + self._abandon_after_s > now:
-            self._timer = self._loop.call_at(start + self._abandon_after_s, self._check_abandoned)
-            return
-        # Nobody has asked for the next chunk for a long while: the caller walked away.
-        self._finish("cancelled")
+        due = self._read_by if self._reading else self._idle_since + self._abandon_after_s
+        if due > now:
+            self._arm(due)
+        elif self._reading:
+            # The read in progress passed its bound: cut it, as asyncio.timeout would.
+            if self._reader is not None and not self._expired:
+                self._expired = True
+                self._reader.cancel()
+        else:
+            # Nobody has asked for the next chunk for a long while: the caller walked away.
+            self._finish("cancelled")
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -231,19 +252,24 @@ class MeteredStream(httpx.AsyncByteStream):
             raise TypeError("the replica transport returned a synchronous stream")
         chunks = inner.__aiter__()
         received = 0
+        task = asyncio.current_task()
         try:
             while True:
+                read_by = self._read_by = self._read_bound()
+                self._reader = task
                 self._reading = True
-                read_by = self._read_by()
+                cancelling = task.cancelling() if task is not None else 0
+                self._arm(read_by)
                 try:
-                    async with asyncio.timeout_at(read_by):
-                        chunk = await chunks.__anext__()
+                    chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     self._finish(self._kind)
                     return
-                except TimeoutError:
-                    raise await self._timed_out(read_by, received) from None
                 except asyncio.CancelledError:
+                    if self._expired and task is not None:
+                        self._expired = False
+                        if task.uncancel() <= cancelling:
+                            raise await self._timed_out(read_by, received) from None
                     self._finish("cancelled")
                     raise
                 except httpx.TransportError as exc:
@@ -255,6 +281,7 @@ class MeteredStream(httpx.AsyncByteStream):
                     raise
                 finally:
                     self._reading = False
+                    self._reader = None
                 received += len(chunk)
                 self._on_chunk(chunk)
                 self._idle_since = self._loop.time()
@@ -263,7 +290,7 @@ class MeteredStream(httpx.AsyncByteStream):
             # Closed early (aclose on a suspended generator) or garbage-collected.
             self._finish("cancelled")
 
-    def _read_by(self) -> float:
+    def _read_bound(self) -> float:
         """When the next chunk must have come: the first-token or idle bound, or the deadline."""
         if self._first_at is None and self._first_chunk_by is not None:
             return min(self._deadline, self._first_chunk_by)
@@ -326,19 +353,41 @@ def stream_completion_tokens(tail: bytes) -> int | None:
     OpenAI-style servers send `"usage": null` on every chunk but the last when usage is
     asked for; only a usage object counts. None when no event in `tail` has one.
     """
+    if b'"usage"' not in tail:
+        return None
+    # Servers send each chunk on one data line: read the line of the last "usage" first.
+    end = len(tail)
+    while (at := tail.rfind(b'"usage"', 0, end)) >= 0:
+        end = at
+        line_end = tail.find(b"\n", at)
+        line = tail[tail.rfind(b"\n", 0, at) + 1 : len(tail) if line_end < 0 else line_end]
+        line = line.strip()
+        if line.startswith(b"data:"):
+            tokens = _usage_tokens(line[5:])
+            if tokens is not None:
+                return tokens
+    # An event whose JSON spans several data lines: join each event's lines.
     for event in reversed(_EVENT_END.split(tail)):
         if b'"usage"' not in event:
             continue
         data = b"\n".join(
             line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")
         )
-        try:
-            usage = json.loads(data).get("usage")
-        except (ValueError, AttributeError):
-            continue
-        tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-        if isinstance(tokens, int) and not isinstance(tokens, bool):
+        tokens = _usage_tokens(data)
+        if tokens is not None:
             return tokens
+    return None
+
+
+def _usage_tokens(data: bytes) -> int | None:
+    """`usage.completion_tokens` of one event's data; None when it has no usage object."""
+    try:
+        usage = json.loads(data).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, int) and not isinstance(tokens, bool):
+        return tokens
     return None
 
 
@@ -391,6 +440,10 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         # Awaited before each call until it has run once (the router's lazy start).
         self.before_first_call: Callable[[], Awaitable[None]] | None = None
         self._rr = itertools.count()
+        # Parsing a URL costs more than the rest of a call's routing: each replica's URL for
+        # each path is built once (a call goes to a handful of API paths).
+        self._targets: dict[tuple[str, str, bytes], httpx.URL] = {}
+        self._where: dict[Replica, str] = {}
 
     def pick(self) -> Lane:
         """The replica with the fewest outstanding calls (then most headroom, then turns)."""
@@ -418,9 +471,21 @@ class RoutingTransport(httpx.AsyncBaseTransport):
 
     def where(self, lane: Lane) -> str:
         """How errors name a replica: role and redacted URL."""
-        return f"{self.role} at {lane.replica.shown_url}"
+        shown = self._where.get(lane.replica)
+        if shown is None:
+            shown = self._where[lane.replica] = f"{self.role} at {lane.replica.shown_url}"
+        return shown
 
     def _target(self, request: httpx.Request, replica: Replica) -> httpx.URL:
+        key = (replica.url, request.url.path, request.url.query)
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            target = self._targets[key] = self._build_target(request, replica)
+        return target
+
+    def _build_target(self, request: httpx.Request, replica: Replica) -> httpx.URL:
         path = request.url.path
         if self._base_path and path.startswith(self._base_path):
             path = path[len(self._base_path) :]
@@ -440,26 +505,15 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             extensions["timeout"] = timeout
         return extensions
 
-    def _with_priority(
-        self, outgoing: httpx.Request, payload: dict[str, Any], lane: Lane, slot: Slot
-    ) -> httpx.Request:
-        """`outgoing` with vLLM's `priority` set to the call's session rank (see `engine_rank`);
-        `payload` is its JSON body, parsed once by the caller."""
+    def _priority_body(self, payload: dict[str, Any], lane: Lane, slot: Slot) -> bytes:
+        """The request body with vLLM's `priority` set to the call's session rank (see
+        `engine_rank`); `payload` is the body's JSON, parsed once by the caller."""
         admission = lane.admission
         now = asyncio.get_running_loop().time()
         attained = admission.ledger.attained(slot.session_id, now)
         aging = getattr(admission.order, "aging_rate", 0.0)
         payload["priority"] = engine_rank(attained, aging * slot.waited_s)
-        headers = [
-            (k, v) for k, v in outgoing.headers.multi_items() if k.lower() != "content-length"
-        ]
-        return httpx.Request(
-            outgoing.method,
-            outgoing.url,
-            headers=headers,
-            content=json.dumps(payload, separators=(",", ":")).encode(),
-            extensions=outgoing.extensions,
-        )
+        return json.dumps(payload, separators=(",", ":")).encode()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Admit, forward and wrap the response body so the slot comes back."""
@@ -474,21 +528,29 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         streamed = payload is not None and payload.get("stream") is True
         lane = self.pick()
         where = self.where(lane)
-        headers: list[tuple[str, str]] = [
-            (k, v) for k, v in request.headers.multi_items() if k.lower() != "host"
-        ]
+        target = self._target(request, lane.replica)
+        headers = request.headers.copy()
+        headers["host"] = target.netloc.decode("ascii")
         if info is not None:
-            headers.extend(info.headers().items())
-        outgoing = httpx.Request(
-            request.method,
-            self._target(request, lane.replica),
-            headers=headers,
-            content=body,
-            extensions=self._extensions(request),
-        )
+            headers.update(info.headers())
+        extensions = self._extensions(request)
         slot = await lane.admission.acquire(session_id)
-        if lane.replica.priority and payload is not None:
-            outgoing = self._with_priority(outgoing, payload, lane, slot)
+        try:
+            if lane.replica.priority and payload is not None:
+                # Built after admission: the priority depends on the session's service.
+                headers.pop("content-length", None)
+                outgoing = httpx.Request(
+                    request.method,
+                    target,
+                    headers=headers,
+                    content=self._priority_body(payload, lane, slot),
+                    extensions=extensions,
+                )
+            else:
+                outgoing = _readdressed(request, target, headers, extensions)
+        except BaseException:
+            slot.release(Outcome("error"))
+            raise
         loop = asyncio.get_running_loop()
         started_at = loop.time()
         deadline = started_at + self.request_timeout_s
@@ -545,6 +607,22 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             stream=stream,
             extensions={**response.extensions, REPLICA_EXTENSION: where},
         )
+
+
+def _readdressed(
+    request: httpx.Request, url: httpx.URL, headers: httpx.Headers, extensions: dict[str, Any]
+) -> httpx.Request:
+    """`request` sent to `url` with `headers` and `extensions`, its body shared (read once).
+
+    A copy (httpx requests copy as they pickle) rather than a new `httpx.Request`, which
+    parses every header again: that costs more than the rest of a call's routing.
+    """
+    outgoing = copy.copy(request)
+    outgoing.url = url
+    outgoing.headers = headers
+    outgoing.stream = request.stream
+    outgoing.extensions = extensions
+    return outgoing
 
 
 def _transport_reason(exc: httpx.TransportError, connect_timeout_s: float | None) -> str:

@@ -499,24 +499,54 @@ async def measure_wave(
     )
 
 
-def wave_time_s(profile: Profile, spec: PointSpec, sample: WaveSample) -> float | None:
-    """What `profile`'s step model gives for the engine steps `sample` took, as it took them.
+def schedule_features(spec: PointSpec, sample: Sample) -> list[float] | None:
+    """Totals of the steps a measured wave (or lone request) ran, one per step term.
 
-    A wave that reached the engine staggered ran more, smaller steps than one sent together,
-    and `measure_wave`'s per-step statistic then measures a different schedule from the
-    emulator's. This sums the step model over the schedule the engine actually ran instead,
-    which its counters give in totals: steps (`iterations`), prompt tokens (the wave's and
-    the blocker's, each computed once), decode sequence-steps (each request's tokens after
-    its first), and context tokens (a prefill step holds the prompt, decode step i of a
-    request p + i tokens). Compare it with `sample.span_s`. None without a step count.
+    `[steps, prompt tokens, decode sequence-steps, context tokens, guided sequence-steps]`:
+    under the additive step model the wave's span is these dotted with the profile's terms
+    (`TERMS`), plus the HTTP server's per-request time. Steps come from the engine's own
+    counter (`vllm:iteration_tokens_total`), the rest from the wave's token counts: each
+    prompt (the blocker's too) is computed once, each request's tokens after its first are
+    decode steps, and a prefill step holds the prompt, decode step i of a request p + i
+    tokens of context. A wave that reached the engine staggered ran more, smaller steps than
+    one sent together; its totals say so, where a per-step statistic would compare
+    different schedules. A lone guided request (`measure_guided`) ran one step per token.
+    None when the step count is not known (a server without the counter).
     """
-    if sample.iterations is None:
+    n, p = sample.completion_tokens, sample.prompt_tokens
+    if isinstance(sample, WaveSample):
+        if sample.iterations is None:
+            return None
+        steps, c, blocker = sample.iterations, spec.concurrency, sample.blocker_prompt_tokens
+    elif spec.kind == "itl" and spec.concurrency == 1:
+        steps, c, blocker = float(n), 1, 0
+    else:
         return None
-    c, p, n = spec.concurrency, sample.prompt_tokens, sample.completion_tokens
-    prefill = c * p + sample.blocker_prompt_tokens
     decodes = c * (n - 1)
-    context = sample.blocker_prompt_tokens + c * (n * p + n * (n - 1) // 2)
-    return profile.step_s(prefill, decodes, context) + profile.base_s * (sample.iterations - 1)
+    return [
+        float(steps),
+        float(c * p + blocker),
+        float(decodes),
+        float(blocker + c * (n * p + n * (n - 1) // 2)),
+        float(decodes if spec.guided else 0),
+    ]
+
+
+def sample_span_s(sample: Sample) -> float:
+    """Seconds from a wave's first send to its last token (a lone guided request's likewise)."""
+    if isinstance(sample, WaveSample):
+        return sample.span_s
+    return sample.value_s * max(1, sample.completion_tokens - 1)  # `lone_step_s` x (n - 1)
+
+
+def wave_time_s(profile: Profile, spec: PointSpec, sample: Sample) -> float | None:
+    """`profile`'s additive step model over the steps `sample` ran (`schedule_features`);
+    compare with `sample_span_s` less the per-request HTTP time. None without a step count."""
+    features = schedule_features(spec, sample)
+    if features is None:
+        return None
+    terms: list[float] = [getattr(profile, t) for t in TERMS]
+    return float(sum(f * t for f, t in zip(features, terms, strict=True)))
 
 
 # How long after its blocker a wave is sent (for the blocker to reach the engine first).
@@ -945,9 +975,29 @@ def _overhead_weight(point: Point) -> float:
     return 0.0
 
 
-def fit_step_model(points: Sequence[Point], limits: EngineLimits) -> Fit:
-    """Fit the step terms (and the TTFT overhead) to `points`, minimising relative error.
+def _by_schedule(point: Point) -> list[tuple[list[float], float]] | None:
+    """A wave point's rows from the schedules its rounds ran: (features, span) per round."""
+    if point.spec.kind != "itl" or not point.samples:
+        return None
+    rows = []
+    for sample in point.samples:
+        features = schedule_features(point.spec, sample)
+        span = sample_span_s(sample)
+        if features is None or span <= 0:
+            return None
+        rows.append((features, span))
+    return rows
 
+
+def fit_step_model(points: Sequence[Point], limits: EngineLimits) -> Fit:
+    """Fit the step terms (and the HTTP server's per-request time) to `points`, minimising
+    relative error.
+
+    A TTFT point is one row, its features read off the emulator's engine (`point_features`).
+    A wave whose server counts its steps gives one row per round from the schedule it ran
+    (`schedule_features`, against its span), so a wave that reached the engine staggered is
+    fitted as it ran; without a step count, one row from the per-step statistic of a wave
+    sent together. Every TTFT and every span carries one per-request HTTP time.
     Must be called outside a running event loop (see `point_features`).
 
     Raises:
@@ -957,15 +1007,36 @@ def fit_step_model(points: Sequence[Point], limits: EngineLimits) -> Fit:
         raise ValueError("no points to fit")
     if any(p.value_s <= 0 for p in points):
         raise ValueError("every point needs a positive measured time")
-    features = point_features(points, limits)
-    rows = [[*f, _overhead_weight(p)] for f, p in zip(features, points, strict=True)]
-    if all(_overhead_weight(p) == 0.0 for p in points):
-        rows = [r[:-1] for r in rows]
-    weighted = [[v / p.value_s for v in r] for r, p in zip(rows, points, strict=True)]
-    x = nnls(weighted, [1.0] * len(points))
-    predicted = tuple(sum(v * c for v, c in zip(r, x, strict=True)) for r in rows)
-    overhead = x[len(TERMS)] if len(x) > len(TERMS) else 0.0
-    return Fit(dict(zip(TERMS, x, strict=False)), overhead, tuple(points), predicted)
+    scheduled = [_by_schedule(p) for p in points]
+    probed = [p for p, rows in zip(points, scheduled, strict=True) if rows is None]
+    probe_features = iter(point_features(probed, limits)) if probed else iter(())
+    # Per point: its rows (features + overhead weight) and their targets.
+    blocks: list[tuple[list[list[float]], list[float]]] = []
+    for point, by_round in zip(points, scheduled, strict=True):
+        if by_round is None:
+            blocks.append(([[*next(probe_features), _overhead_weight(point)]], [point.value_s]))
+        else:
+            blocks.append(([[*f, 1.0] for f, _ in by_round], [span for _, span in by_round]))
+    keep_overhead = any(row[-1] != 0.0 for rows, _ in blocks for row in rows)
+    if not keep_overhead:
+        blocks = [([row[:-1] for row in rows], ts) for rows, ts in blocks]
+    # Relative errors; every point weighs the same, whatever its number of rows.
+    weighted: list[list[float]] = []
+    ones: list[float] = []
+    for rows, ts in blocks:
+        share = 1.0 / len(rows) ** 0.5
+        for row, t in zip(rows, ts, strict=True):
+            weighted.append([v / t * share for v in row])
+            ones.append(share)
+    x = nnls(weighted, ones)
+    predicted = []
+    for point, (rows, ts) in zip(points, blocks, strict=True):
+        model = [sum(v * c for v, c in zip(r, x, strict=True)) for r in rows]
+        # In the point's own unit: its value scaled by the median model / measured ratio.
+        ratio = statistics.median(m / t for m, t in zip(model, ts, strict=True))
+        predicted.append(point.value_s * ratio)
+    overhead = x[len(TERMS)] if keep_overhead else 0.0
+    return Fit(dict(zip(TERMS, x, strict=False)), overhead, tuple(points), tuple(predicted))
 
 
 # -- the profile --------------------------------------------------------------------------

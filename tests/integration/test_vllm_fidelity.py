@@ -2,19 +2,20 @@
 
 No constants from another machine: the tiny model's profile is fitted here, with
 `serving.calibrate`, to the coder server of the session fixture, from some points (TTFT at
-three prompt lengths; the time per step of waves of 1 and 8 requests at a short context and
-of 1 and 64 at a long one). The emulator with that profile must then predict points it was
-not fitted to (waves of 4, 16 and 32 requests) and the makespan of a short workflow run on
-both real servers (its recorded calls replayed on the emulator: bench/trace.py), within
+three prompt lengths; waves of 1 and 8 requests at a short context and of 1 and 64 at a long
+one; lone requests guided by the plan schema). The emulator with that profile must then
+predict points it was not fitted to (waves of 4, 16 and 32 requests) and the makespan of a
+short workflow run (its recorded calls replayed on the emulator: bench/trace.py), within
 `TOLERANCE`.
 
-Waves are measured the way the workflow loads the servers (docs/real-vllm.md, "Calibrate"):
-streamed requests (the profile streams every 16 tokens, `--stream-interval`), timed
-client-side over the whole wave, (last token - first token) / (tokens - 1). Calibration and
-held-out points are measured in the same interleaved rounds and each keeps its median; a
-wave that reached the engine staggered (more engine steps than a wave sent together) is
-measured again. A profile whose decode cost is 2x off must miss the held-out points: the
-test can tell a wrong model shape from a different CPU.
+Waves are streamed, as the workflow's calls are, and sent behind a one-step blocker so they
+reach the engine together. Each wave is judged on the schedule the engine ran
+(`serving.calibrate.schedule_features`: its step count from the engine's counter, its token
+totals from the wave) against its span from the first send to the last token, in the fit
+and in the held-out check alike: a wave that an API process short of CPU handed over one
+request at a time still compares like with like. Calibration and held-out points are
+measured in the same interleaved rounds. A profile whose decode steps cost twice as much
+must miss the held-out points: the test can tell a wrong model shape from a different CPU.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from serving.calibrate import (
     measure_points,
     probe_prompt_builder,
     read_server_info,
+    sample_span_s,
     wave_time_s,
 )
 from serving.clock import run as run_clock
@@ -256,7 +258,7 @@ def _schedule_errors(
         assert isinstance(sample, WaveSample)
         predicted = wave_time_s(profile, point.spec, sample)
         assert predicted is not None, "the server reports no engine step count"
-        out.append((sample, (predicted + overhead_s) / sample.span_s - 1))
+        out.append((sample, (predicted + overhead_s) / sample_span_s(sample) - 1))
     return out
 
 

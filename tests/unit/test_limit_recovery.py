@@ -2,7 +2,7 @@
 
 The server is a small continuous-batching model on a virtual clock: sequences grow while
 they decode, the KV cache holds `capacity_of(now)` tokens, a sequence that no longer fits preempts
-the newest running one (vLLM's recompute: it goes back to waiting and starts over), and a
+the newest running one (vLLM's recompute: it goes back to waiting with its tokens), and a
 waiting one is admitted when its current size fits. The router side keeps demand saturating:
 whenever the limit allows, another call is admitted. No sockets, no event loop: the test
 feeds `ServerSnapshot`s and `Sample`s to the limit as the router would.
@@ -84,8 +84,7 @@ class ScriptedServer:
         # Out of blocks: preempt the newest running sequence until the rest fit.
         while self.used() > capacity:
             victim = max((c for c in self.calls if c.running), key=lambda c: c.admitted_at)
-            victim.running = False
-            victim.generated = 0
+            victim.running = False  # it keeps its tokens, to recompute once readmitted
             self.preemptions += 1
             self.preemptions_at.append(now)
         # Admit waiting sequences, oldest first, while their current size fits.
@@ -125,6 +124,7 @@ class Run:
     times: list[float]
     limits: list[int]
     in_flight: list[int]
+    states: list[str]
     server: ScriptedServer
 
     def limit_at(self, t: float) -> int:
@@ -145,7 +145,7 @@ class Run:
 def run(limit: AdaptiveLimit, server: ScriptedServer, until_s: float) -> Run:
     """Saturating demand through `limit` into `server`, scraped once a second."""
     limit.watch_server(0.0, stale_after_s=3 * SCRAPE_S)
-    out = Run([], [], [], server)
+    out = Run([], [], [], [], server)
     now = 0.0
     next_scrape = SCRAPE_S
     in_flight: list[_Call] = []
@@ -171,6 +171,8 @@ def run(limit: AdaptiveLimit, server: ScriptedServer, until_s: float) -> Run:
                         in_flight=len(in_flight) + 1,
                         ttft_s=0.2,
                         itl_s=(service_s - 0.2) / (OUTPUT_TOKENS - 1),
+                        service_s=service_s,
+                        kind="review",
                     )
                 )
             while len(in_flight) < limit.limit:
@@ -181,10 +183,13 @@ def run(limit: AdaptiveLimit, server: ScriptedServer, until_s: float) -> Run:
             snap = server.snapshot(now)
             if snap.kv_capacity_tokens is not None:
                 limit.set_kv_capacity(snap.kv_capacity_tokens)
+            # As `Admission.on_snapshot` does: the ages of the calls holding slots first.
+            limit.set_in_flight([(now - call.admitted_at, "review") for call in in_flight])
             limit.on_snapshot(snap, now)
             out.times.append(now)
             out.limits.append(limit.limit)
             out.in_flight.append(len(in_flight))
+            out.states.append(limit.server_state(now))
             next_scrape += SCRAPE_S
     return out
 
@@ -231,8 +236,10 @@ def test_limit_recovers_after_a_server_restart() -> None:
     full = _fit(FULL_CAPACITY_TOKENS)
     before = result.limit_at(down[0] - 1)
     assert full - 3 <= before <= full + 3, result.limits
-    # Scrapes fail while it is down: the limit backs off instead of admitting into a void.
-    assert result.limit_at(down[1] - 1) < before
+    # Scrapes fail while it is down: saturated, never idle, so the limit does not grow.
+    outage = [i for i, t in enumerate(result.times) if down[0] + 3 <= t < down[1]]
+    assert {result.states[i] for i in outage} == {"saturated"}
+    assert max(result.limits[i] for i in outage) <= before
     # It comes back and grows to what fits again, without a storm on the fresh server.
     assert result.limit_at(down[1] + 120) >= full - 3, result.limits
     assert result.preemptions(down[1], 900.0) <= 3

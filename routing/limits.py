@@ -206,11 +206,11 @@ class _CallSizeTrack:
     ) -> float | None:
         """How many calls fit in `room_tokens` at the cache's peak, those in flight included.
 
-        `calls` are (age, kind) of the calls in flight; the `running` oldest hold
-        `used_tokens`. Each is projected to grow through its kind's mean output, then end;
-        fresh calls are of the youngest call's kind. The peak comes now or just before some
-        call ends: at each such moment, what the calls still running hold leaves room for
-        so many fresh calls, each as far into its output.
+        `calls` are (age, kind) of the calls in flight; the `running` oldest are the server's
+        running sequences, which hold `used_tokens`. Each call is projected to grow through
+        its kind's mean output, then end; fresh calls are of the youngest call's kind. The
+        peak comes now or just before some call ends: at each such moment, what the calls
+        still running hold leaves room for so many fresh calls, each as far into its output.
 
         Returns:
             Calls in flight plus fresh calls that fit (fewer than in flight when those
@@ -226,7 +226,10 @@ class _CallSizeTrack:
             output_now = sum(
                 sizes[i].output_tokens * min(1.0, ages[i] / sizes[i].service_s) for i in held_now
             )
-            self.prompt_tokens = max(0.0, (used_tokens - output_now) / len(held_now))
+            # Sequences that others admitted (the server may have several clients) are
+            # taken to be like ours.
+            per_sequence = used_tokens / running
+            self.prompt_tokens = max(0.0, per_sequence - output_now / len(held_now))
         prompt = self.prompt_tokens
         if prompt is None:
             return None

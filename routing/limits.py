@@ -327,6 +327,7 @@ class AdaptiveLimit:
         self._ttft = _LatencyTrack(window)
         self._sizes = _CallSizeTrack(window)
         self._in_flight_calls: Sequence[tuple[float, str]] | None = None
+        self._projecting = False  # the KV bound came from the projection
         self._last_in_flight = 0.0
         self._last_backoff_at = -math.inf
         self._watch_since: float | None = None
@@ -393,10 +394,14 @@ class AdaptiveLimit:
 
         A cache at `kv_hold` or more, or preemptions (vLLM preempts only for blocks), means
         the server holds as many sequences as fit and queues the rest for blocks, which it
-        hands out exactly as they free. The KV bound already sizes the limit to what fits;
-        cutting the estimate as well would leave blocks idle once the sequences end.
+        hands out exactly as they free. A KV bound that projects the calls in flight already
+        sizes the limit to what fits; cutting the estimate as well would leave blocks idle
+        once the sequences end. Without the projection (no call has ended yet, or no ages
+        from the admission) the bound sees only present sizes, and the back-off stays.
         """
         snap, prev = self._snapshot, self._previous
+        if not self._projecting:
+            return False  # a bound from the sizes seen now cannot see them grow: back off
         if snap is None or not snap.ok or now - snap.taken_at > self._stale_after_s:
             return False
         preempted = prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total
@@ -450,6 +455,7 @@ class AdaptiveLimit:
             room = self.kv_hold * capacity
             calls = self._in_flight_calls
             fitting = self._sizes.fitting(calls, used, int(snap.running), room)
+            self._projecting = fitting is not None
             if fitting is not None:
                 self._move_kv_bound(fitting)
                 return

@@ -141,26 +141,35 @@ def test_calls_admitted_before_a_back_off_do_not_compound_it() -> None:
     assert limit.limit == 41
 
 
-def test_a_full_kv_cache_is_left_to_the_kv_bound() -> None:
-    # A queue waiting for blocks, a full cache, a preemption: the server holds what fits and
-    # hands out blocks as they free. The KV bound sizes the limit to that; the estimate is
-    # not cut as for a compute queue, which would leave blocks idle once sequences end.
-    limit = AdaptiveLimit(initial=64, backoff_cooldown_s=0.0)
-    limit.set_kv_capacity(70_000)
-    limit.watch_server(0.0, stale_after_s=3.0)
-    limit.on_snapshot(_quiet(12, 1.0, waiting=6, kv_usage=0.95), 1.0)
-    limit.on_snapshot(_quiet(12, 2.0, waiting=7, kv_usage=0.99), 2.0)
-    assert limit.server_state(2.0) == "saturated"
-    limit.on_snapshot(ServerSnapshot(3.0, running=11, waiting=8, kv_usage=0.99,
-                                     preemptions_total=1), 3.0)  # fmt: skip
-    assert limit.estimate == 64 and not limit.slow_start
-    assert limit.limit == 10  # 0.9 x 11 / 0.99
-    # The same queue with half the cache free is a compute queue: back off.
-    compute = AdaptiveLimit(initial=64, backoff_cooldown_s=0.0)
-    compute.watch_server(0.0, stale_after_s=3.0)
-    compute.on_snapshot(_quiet(12, 1.0, waiting=6, kv_usage=0.5), 1.0)
-    compute.on_snapshot(_quiet(12, 2.0, waiting=7, kv_usage=0.5), 2.0)
-    assert compute.limit == 14  # 0.75 x (12 running + 7 waiting)
+def test_a_full_kv_cache_is_left_to_a_projecting_kv_bound() -> None:
+    # A full cache, then a preemption: the server holds what fits and hands out blocks as
+    # sequences end. A KV bound that projects the calls in flight sizes the limit to that;
+    # the estimate is not cut as for a compute queue, which would leave blocks idle later.
+    def fill(limit: AdaptiveLimit) -> None:
+        limit.on_snapshot(_quiet(12, 1.0, kv_usage=0.99), 1.0)
+        full = ServerSnapshot(taken_at=2.0, running=12, kv_usage=0.99, preemptions_total=1)
+        limit.on_snapshot(full, 2.0)
+
+    projecting = _learned()
+    projecting.backoff_cooldown_s = 0.0
+    projecting.set_in_flight([(50.0, "plan")] * 12)
+    fill(projecting)
+    assert projecting.server_state(2.0) == "saturated"
+    assert projecting.estimate == 64 and not projecting.slow_start
+    assert projecting.limit <= 12
+    # Before any call has ended the bound sees only present sizes: back off from the load.
+    blind = AdaptiveLimit(initial=64, backoff_cooldown_s=0.0)
+    blind.set_kv_capacity(70_000)
+    blind.watch_server(0.0, stale_after_s=3.0)
+    fill(blind)
+    assert blind.estimate == 9  # 0.75 x 12 running
+    # A queue with half the cache free is a compute queue: back off, projection or not.
+    compute = _learned()
+    compute.backoff_cooldown_s = 0.0
+    compute.set_in_flight([(50.0, "plan")] * 12)
+    compute.on_snapshot(_quiet(12, 1.0, waiting=2, kv_usage=0.5), 1.0)
+    compute.on_snapshot(_quiet(12, 2.0, waiting=2, kv_usage=0.5), 2.0)
+    assert compute.estimate == 10.5  # 0.75 x (12 running + 2 waiting)
 
 
 def test_latency_of_calls_run_above_the_limit_does_not_shrink_it_again() -> None:

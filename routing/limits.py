@@ -3,8 +3,8 @@
 As in Netflix concurrency-limits, a `Limit` is fed one `Sample` per completed request;
 `routing.admission.Admission` enforces whatever it says. A limit that also reads the server
 is a `ServerWatcher` (fed `/metrics` snapshots), may be `KvBounded` (told the KV cache
-size) and an `InFlightWatcher` (told the ages of the calls it admitted); the router and the
-admission check for those pieces, not for a class.
+size) and an `InFlightWatcher` (told the age and stage of each call it admitted); the
+router and the admission check for those pieces, not for a class.
 
 `AdaptiveLimit` is a gradient (Vegas-like) limit on inter-token latency. Decode steps grow
 roughly linearly with batch size, ITL(b) = a + c*b, so throughput b/ITL(b) keeps rising but
@@ -16,7 +16,9 @@ timeouts; these back off multiplicatively, and a stale or failed scrape counts a
 never as idle. KV: a full cache or preemptions; the server then runs what fits and queues
 the rest for blocks, which it hands out exactly as sequences end. That is the KV bound's to
 answer: sequences grow until they end, so it projects the calls in flight from their ages
-and the sizes recent calls reached, and admits what fits at the cache's coming peak.
+and the sizes recent calls of their stage reached, and admits what fits at the cache's
+coming peak. Before any call has ended nothing says how far calls grow: the bound then
+divides by the sizes seen now, and a full cache backs off as compute saturation does.
 """
 
 from __future__ import annotations

@@ -237,16 +237,28 @@ class _CallSizeTrack:
             return None
         new = sizes[0] if sizes else self._all
         fresh = room_tokens / (prompt + new.output_tokens)  # once every call now has ended
-        # Seconds until each call ends: the moments the cache may peak, now included.
-        ends = [max(0.0, size.service_s - age) for age, size in zip(ages, sizes, strict=True)]
-        for moment in {0.0, *ends}:
-            held = sum(
-                prompt + size.output_tokens * min(1.0, (age + moment) / size.service_s)
-                for age, size, end in zip(ages, sizes, ends, strict=True)
-                if end >= moment
-            )
-            one = prompt + new.output_tokens * min(1.0, moment / new.service_s)
-            fresh = min(fresh, (room_tokens - held) / max(1.0, one))
+        # The moments the cache may peak: now, and just before each call ends. A call still
+        # running at `moment` holds prompt + output x (age + moment) / service, so what all
+        # of them hold is `base + moment x rate`, summed from the last to end backwards.
+        ending = sorted(
+            (
+                (max(0.0, size.service_s - age), age, size)
+                for age, size in zip(ages, sizes, strict=True)
+            ),
+            key=lambda item: item[0],
+            reverse=True,
+        )
+        base = rate = 0.0
+        for i, (end, age, size) in enumerate(ending):
+            base += prompt + size.output_tokens * min(1.0, age / size.service_s)
+            if end > 0:
+                rate += size.output_tokens / size.service_s
+            if i + 1 < len(ending) and ending[i + 1][0] == end:
+                continue  # the calls ending together are all still held just before
+            one = prompt + new.output_tokens * min(1.0, end / new.service_s)
+            fresh = min(fresh, (room_tokens - base - end * rate) / max(1.0, one))
+        if not ending or ending[-1][0] > 0:
+            fresh = min(fresh, (room_tokens - base) / max(1.0, prompt))  # now
         # Negative `fresh`: the calls in flight already overfill it by about that many.
         return max(0.0, len(ages) + fresh)
 

@@ -2,7 +2,9 @@
 
 One `Admission` per replica, shared by every graph run in the process. The limit comes
 from a `routing.limits.Limit`; the order among waiters from a `routing.orders.WaitOrder`.
-Every slot is given back exactly once (`Slot.release` is idempotent).
+Every slot is given back exactly once (`Slot.release` is idempotent). A slot carries its
+call's stage and admission time: a limit that projects the calls in flight
+(`routing.limits.InFlightWatcher`) is told their ages and stages before each scrape.
 
 Prefix hold (`prefix_hold_s`): a session's calls share a long prompt prefix (the coders of
 one plan), and a server computes a shared prefix once only for requests admitted after the
@@ -21,7 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from routing.limits import Limit, Sample, ServerWatcher
+from routing.calls import current_call
+from routing.limits import InFlightWatcher, Limit, Sample, ServerWatcher
 from routing.orders import FifoOrder, ServiceLedger, Waiter, WaitOrder
 from routing.vllm_metrics import ServerSnapshot
 
@@ -74,6 +77,7 @@ class Slot:
         "_admission",
         "_area_at_admit",
         "admitted_at",
+        "kind",
         "prefix",
         "released",
         "session_id",
@@ -87,8 +91,10 @@ class Slot:
         admitted_at: float,
         waited_s: float,
         area_at_admit: float = 0.0,
+        kind: str = "-",
     ) -> None:
         self._admission = admission
+        self.kind = kind
         self._area_at_admit = area_at_admit
         self.session_id = session_id
         self.admitted_at = admitted_at
@@ -141,6 +147,8 @@ class Admission:
         self._queues: dict[str, deque[Waiter]] = {}
         self._queued = 0
         self._in_flight = 0
+        self._holders: set[Slot] = set()  # their admission times age the limit's projection
+        self._kinds: dict[int, str] = {}  # waiter seq -> its call's stage
         self._seq = itertools.count()
         self._area = 0.0  # integral of in_flight over loop time, for per-call averages
         self._area_at: float | None = None
@@ -176,13 +184,20 @@ class Admission:
         return self._in_flight + self.queued
 
     async def acquire(self, session_id: str = "-") -> Slot:
-        """Wait for a slot; a caller cancelled while queued leaves the queue cleanly."""
+        """Wait for a slot; a caller cancelled while queued leaves the queue cleanly.
+
+        The call's stage (`routing.calls.current_call`) goes with its slot: the limit keeps
+        call sizes per stage.
+        """
         loop = asyncio.get_running_loop()
         now = loop.time()
+        info = current_call.get()
+        kind = info.stage if info is not None else "-"
         hold = self._holds(session_id)
         if not hold and self._queued == 0 and self._in_flight < self.limit:
-            return self._admit(session_id, now, now)
+            return self._admit(session_id, now, now, kind)
         waiter = Waiter(session_id, now, next(self._seq), loop.create_future())
+        self._kinds[waiter.seq] = kind
         if hold:
             self._hold(waiter)
         else:
@@ -202,8 +217,12 @@ class Admission:
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
         """Feed a `/metrics` scrape to a limit that reads the server; admit whoever now fits."""
+        now = asyncio.get_running_loop().time()
+        if isinstance(self.limit_algorithm, InFlightWatcher):
+            calls = [(now - s.admitted_at, s.kind) for s in self._holders]
+            self.limit_algorithm.set_in_flight(calls)
         if isinstance(self.limit_algorithm, ServerWatcher):
-            self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
+            self.limit_algorithm.on_snapshot(snapshot, now)
         self._dispatch()
         self._notify()
 
@@ -277,6 +296,7 @@ class Admission:
             self._notify()
 
     def _forget(self, waiter: Waiter) -> None:
+        self._kinds.pop(waiter.seq, None)
         held = self._held.get(waiter.session_id)
         if held is not None and waiter in held:
             held.remove(waiter)
@@ -308,13 +328,14 @@ class Admission:
             self._area += self._in_flight * (now - self._area_at)
         self._area_at = now
 
-    def _admit(self, session_id: str, now: float, enqueued_at: float) -> Slot:
+    def _admit(self, session_id: str, now: float, enqueued_at: float, kind: str = "-") -> Slot:
         self._account(now)
         self._in_flight += 1
         self.admitted += 1
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self.ledger.begin(session_id, now)
-        slot = Slot(self, session_id, now, now - enqueued_at, self._area)
+        slot = Slot(self, session_id, now, now - enqueued_at, self._area, kind)
+        self._holders.add(slot)
         if self.prefix_hold_s is not None:
             slot.prefix = _WARMING
             self._count(_WARMING, session_id, +1)
@@ -327,6 +348,7 @@ class Admission:
         now = asyncio.get_running_loop().time()
         self._account(now)
         self._in_flight -= 1
+        self._holders.discard(slot)
         self.ledger.end(slot.session_id, slot.admitted_at, now)
         if slot.prefix is not None:
             self._count(slot.prefix, slot.session_id, -1)
@@ -352,6 +374,8 @@ class Admission:
                     ttft_s=outcome.ttft_s,
                     itl_s=outcome.itl_s,
                     tpot_s=outcome.tpot_s,
+                    service_s=held,
+                    kind=slot.kind,
                 )
             )
         if self.observer is not None:
@@ -372,11 +396,13 @@ class Admission:
             if not queue:
                 del self._queues[session_id]
             if waiter.future.done():  # cancelled but not yet forgotten
+                self._kinds.pop(waiter.seq, None)
                 continue
             if not waiter.held and self._holds(session_id):
                 self._hold(waiter)  # its session's leader was admitted ahead of it
                 continue
-            waiter.future.set_result(self._admit(session_id, now, waiter.enqueued_at))
+            kind = self._kinds.pop(waiter.seq, "-")
+            waiter.future.set_result(self._admit(session_id, now, waiter.enqueued_at, kind))
 
     def _notify(self) -> None:
         if self.observer is not None:

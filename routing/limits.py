@@ -2,15 +2,23 @@
 
 As in Netflix concurrency-limits, a `Limit` is fed one `Sample` per completed request;
 `routing.admission.Admission` enforces whatever it says. A limit that also reads the server
-is a `ServerWatcher` (fed `/metrics` snapshots) and may be `KvBounded` (told the KV cache
-size); the router checks for those pieces, not for a class.
+is a `ServerWatcher` (fed `/metrics` snapshots), may be `KvBounded` (told the KV cache
+size) and an `InFlightWatcher` (told the age and stage of each call it admitted); the
+router and the admission check for those pieces, not for a class.
 
 `AdaptiveLimit` is a gradient (Vegas-like) limit on inter-token latency. Decode steps grow
 roughly linearly with batch size, ITL(b) = a + c*b, so throughput b/ITL(b) keeps rising but
 its elasticity d ln X / d ln b = a / ITL(b) = ITL_floor / ITL falls: holding ITL below
-`itl_tolerance` x its floor is growing "while throughput still improves enough". Server
-signals (queueing inside vLLM, a nearly full KV cache, rising preemptions, 429/503/timeouts)
-back off multiplicatively; a stale or failed scrape counts as saturated, never as idle.
+`itl_tolerance` x its floor is growing "while throughput still improves enough".
+
+Two kinds of saturation. Compute: a queue inside vLLM while its KV cache has room, 429/503,
+timeouts; these back off multiplicatively, and a stale or failed scrape counts as this kind,
+never as idle. KV: a full cache or preemptions; the server then runs what fits and queues
+the rest for blocks, which it hands out exactly as sequences end. That is the KV bound's to
+answer: sequences grow until they end, so it projects the calls in flight from their ages
+and the sizes recent calls of their stage reached, and admits what fits at the cache's
+coming peak. Before any call has ended nothing says how far calls grow: the bound then
+divides by the sizes seen now, and a full cache backs off as compute saturation does.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import math
 import re
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -41,6 +50,8 @@ class Sample:
         ttft_s: Time to the first body chunk of a streamed answer.
         itl_s: Mean time between tokens of a streamed answer.
         tpot_s: End-to-end time per output token of a non-streamed answer.
+        service_s: Time from admission to completion.
+        kind: What sort of call it was (the workflow stage), for sizes kept per kind.
     """
 
     at: float
@@ -50,6 +61,8 @@ class Sample:
     ttft_s: float | None = None
     itl_s: float | None = None
     tpot_s: float | None = None
+    service_s: float | None = None
+    kind: str = "-"
 
 
 class Limit(Protocol):
@@ -84,6 +97,15 @@ class KvBounded(Protocol):
 
     def set_kv_capacity(self, tokens: int) -> None:
         """The server's KV capacity in tokens (`cache_config_info`: blocks x block size)."""
+        ...
+
+
+@runtime_checkable
+class InFlightWatcher(Protocol):
+    """A limit that projects the calls holding its slots: the admission says how old they are."""
+
+    def set_in_flight(self, calls: Sequence[tuple[float, str]]) -> None:
+        """(age, kind) of each call holding a slot; given before each snapshot."""
         ...
 
 
@@ -127,12 +149,128 @@ class _LatencyTrack:
         return min(1.0, tolerance * self.floor / statistics.median(self._recent))
 
 
+@dataclass
+class _CallSize:
+    """Moving means over one kind of call: tokens generated, seconds holding a slot."""
+
+    output_tokens: float
+    service_s: float
+
+
+class _CallSizeTrack:
+    """What the calls in flight will hold in the KV cache at its peak, projected by age.
+
+    Completed calls say how long a call holds its slot (`service_s`) and how many tokens it
+    generates in that time (`1 + (service - ttft) / itl`, or `service / tpot`): moving means
+    over about `window` calls of each kind (the workflow stage: a replica that serves long
+    plans and long-prompt reviews sees a mix whose mean fits neither), and over all calls
+    for a kind not seen to end yet. A call in flight is `age / service` of the way through
+    its output, both counted from admission. The prompt's share is what the cache holds
+    beyond the running calls' output: the gauge counts a shared prefix once, which no
+    prompt length can say.
+    """
+
+    def __init__(self, window: int) -> None:
+        self._weight = 1.0 / window
+        self._sizes: dict[str, _CallSize] = {}
+        self._all: _CallSize | None = None
+        self.prompt_tokens: float | None = None  # KV per running call beyond its output
+
+    def add_call(self, sample: Sample) -> None:
+        if sample.service_s is None or sample.service_s <= 0:
+            return
+        if sample.itl_s is not None and sample.itl_s > 0 and sample.ttft_s is not None:
+            tokens = 1.0 + max(0.0, sample.service_s - sample.ttft_s) / sample.itl_s
+        elif sample.tpot_s is not None and sample.tpot_s > 0:
+            tokens = sample.service_s / sample.tpot_s
+        else:
+            return
+        self._all = self._mean(self._all, tokens, sample.service_s)
+        self._sizes[sample.kind] = self._mean(
+            self._sizes.get(sample.kind), tokens, sample.service_s
+        )
+
+    def _mean(self, old: _CallSize | None, tokens: float, service_s: float) -> _CallSize:
+        if old is None:
+            return _CallSize(tokens, service_s)
+        w = self._weight
+        return _CallSize(
+            old.output_tokens + w * (tokens - old.output_tokens),
+            old.service_s + w * (service_s - old.service_s),
+        )
+
+    def fitting(
+        self,
+        calls: Sequence[tuple[float, str]],
+        used_tokens: float,
+        running: int,
+        room_tokens: float,
+    ) -> float | None:
+        """How many calls fit in `room_tokens` at the cache's peak, those in flight included.
+
+        `calls` are (age, kind) of the calls in flight; the `running` oldest are the server's
+        running sequences, which hold `used_tokens`. Each call is projected to grow through
+        its kind's mean output, then end; fresh calls are of the youngest call's kind. The
+        peak comes now or just before some call ends: at each such moment, what the calls
+        still running hold leaves room for so many fresh calls, each as far into its output.
+
+        Returns:
+            Calls in flight plus fresh calls that fit (fewer than in flight when those
+            overfill it); None before a call has ended.
+        """
+        if self._all is None:
+            return None
+        by_age = sorted(calls, key=lambda call: call[0])  # youngest first
+        sizes = [self._sizes.get(kind, self._all) for _, kind in by_age]
+        ages = [age for age, _ in by_age]
+        held_now = range(max(0, len(ages) - running), len(ages))
+        if running > 0 and len(held_now) > 0:
+            output_now = sum(
+                sizes[i].output_tokens * min(1.0, ages[i] / sizes[i].service_s) for i in held_now
+            )
+            # Sequences that others admitted (the server may have several clients) are
+            # taken to be like ours.
+            per_sequence = used_tokens / running
+            self.prompt_tokens = max(0.0, per_sequence - output_now / len(held_now))
+        prompt = self.prompt_tokens
+        if prompt is None:
+            return None
+        new = sizes[0] if sizes else self._all
+        fresh = room_tokens / (prompt + new.output_tokens)  # once every call now has ended
+        # The moments the cache may peak: now, and just before each call ends. A call still
+        # running at `moment` holds prompt + output x (age + moment) / service, so what all
+        # of them hold is `base + moment x rate`, summed from the last to end backwards.
+        ending = sorted(
+            (
+                (max(0.0, size.service_s - age), age, size)
+                for age, size in zip(ages, sizes, strict=True)
+            ),
+            key=lambda item: item[0],
+            reverse=True,
+        )
+        base = rate = 0.0
+        for i, (end, age, size) in enumerate(ending):
+            base += prompt + size.output_tokens * min(1.0, age / size.service_s)
+            if end > 0:
+                rate += size.output_tokens / size.service_s
+            if i + 1 < len(ending) and ending[i + 1][0] == end:
+                continue  # the calls ending together are all still held just before
+            one = prompt + new.output_tokens * min(1.0, end / new.service_s)
+            fresh = min(fresh, (room_tokens - base - end * rate) / max(1.0, one))
+        if not ending or ending[-1][0] > 0:
+            fresh = min(fresh, (room_tokens - base) / max(1.0, prompt))  # now
+        # Negative `fresh`: the calls in flight already overfill it by about that many.
+        return max(0.0, len(ages) + fresh)
+
+
 class AdaptiveLimit:
     """Slow start, then a gradient limit on router-seen ITL/TTFT, bounded by the server's KV.
 
     Defaults are deployment-independent: latency targets are ratios to each replica's own
     observed floor, the server signals are relative (waiting > 0, KV near full), and the KV
-    bound is the server's own capacity divided by the size of the sequences it now holds.
+    bound is the server's own capacity over what its sequences hold at the coming peak,
+    projected from the calls' ages and the sizes recent calls reached (before any call
+    has ended, over the size of the sequences it holds now).
 
     Phases:
         slow start: double the limit once per scrape (and add one per busy completion) while
@@ -154,7 +292,8 @@ class AdaptiveLimit:
         backoff: Multiplicative decrease on an overload signal.
         backoff_cooldown_s: At most one back-off per this many seconds (gauges lag).
         kv_hold: KV usage at which growth stops; also the fill the KV bound aims at.
-        kv_saturated: KV usage at which the limit backs off.
+        kv_saturated: KV usage at which the server counts as saturated (no growth; the KV
+            bound, not a back-off, answers it).
         window: Samples in the recent-latency median.
         max_growth_per_s: Growth cap per second (as a fraction) after slow start, so that
             the limit cannot outrun the server's gauges between two scrapes.
@@ -200,6 +339,9 @@ class AdaptiveLimit:
         self._itl = _LatencyTrack(window)
         self._tpot = _LatencyTrack(window)
         self._ttft = _LatencyTrack(window)
+        self._sizes = _CallSizeTrack(window)
+        self._in_flight_calls: Sequence[tuple[float, str]] | None = None
+        self._projecting = False  # the KV bound came from the projection
         self._last_in_flight = 0.0
         self._last_backoff_at = -math.inf
         self._watch_since: float | None = None
@@ -220,7 +362,7 @@ class AdaptiveLimit:
 
     @property
     def kv_bound(self) -> float | None:
-        """Sequences of the currently observed size that fit in `kv_hold` of the KV cache."""
+        """Calls that fit in `kv_hold` of the KV cache at its projected peak."""
         return self._kv_bound
 
     def set_kv_capacity(self, tokens: int) -> None:
@@ -261,6 +403,24 @@ class AdaptiveLimit:
             return "hold"
         return "spare"
 
+    def _kv_pressure(self, now: float) -> bool:
+        """Whether a fresh scrape puts the saturation on the KV cache, not on compute.
+
+        A cache at `kv_hold` or more, or preemptions (vLLM preempts only for blocks), means
+        the server holds as many sequences as fit and queues the rest for blocks, which it
+        hands out exactly as they free. A KV bound that projects the calls in flight already
+        sizes the limit to what fits; cutting the estimate as well would leave blocks idle
+        once the sequences end. Without the projection (no call has ended yet, or no ages
+        from the admission) the bound sees only present sizes, and the back-off stays.
+        """
+        snap, prev = self._snapshot, self._previous
+        if not self._projecting:
+            return False  # a bound from the sizes seen now cannot see them grow: back off
+        if snap is None or not snap.ok or now - snap.taken_at > self._stale_after_s:
+            return False
+        preempted = prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total
+        return preempted or (snap.kv_usage is not None and snap.kv_usage >= self.kv_hold)
+
     def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
         """Keep the scrape; bound by KV, back off when saturated, double in slow start."""
         if snapshot.ok and self._snapshot is not None and self._snapshot.ok:
@@ -272,10 +432,14 @@ class AdaptiveLimit:
             self._update_kv_bound(snapshot)
         state = self.server_state(now)
         if state == "saturated":
-            loads = [self._last_in_flight] if self._last_in_flight > 0 else []
-            if snapshot.ok:
-                loads.append(snapshot.running + snapshot.waiting)
-            self._back_off(now, min(loads, default=None))
+            self.slow_start = False
+            if not self._kv_pressure(now):
+                # The server's own count is the load now; a sample's is an average over a
+                # call that may have started long before.
+                load = snapshot.running + snapshot.waiting if snapshot.ok else None
+                if load is None and self._last_in_flight > 0:
+                    load = self._last_in_flight
+                self._back_off(now, load)
             return
         busy = max(snapshot.running + snapshot.waiting, self._last_in_flight) >= self._estimate / 2
         if self.slow_start and state == "spare" and busy and self._latency_ok():
@@ -289,14 +453,36 @@ class AdaptiveLimit:
             since, base = self._growth_from = (now, self._estimate)
         self._grow_to(min(value, 2 * base))
 
+    def set_in_flight(self, calls: Sequence[tuple[float, str]]) -> None:
+        """(age, kind) of each call holding a slot; given before each snapshot."""
+        self._in_flight_calls = list(calls)
+
     def _update_kv_bound(self, snap: ServerSnapshot) -> None:
-        if snap.kv_usage is None or snap.running < 1 or snap.kv_usage <= 0:
+        if snap.kv_usage is None:
+            return
+        capacity = self.kv_capacity_tokens
+        if capacity is not None and self._in_flight_calls is not None:
+            # Sequences grow until they end: project the calls in flight from their ages
+            # and recent calls' sizes, so that a young batch (a restart, a new phase) is
+            # not taken for a batch of small sequences.
+            used = snap.kv_usage * capacity
+            room = self.kv_hold * capacity
+            calls = self._in_flight_calls
+            fitting = self._sizes.fitting(calls, used, int(snap.running), room)
+            self._projecting = fitting is not None
+            if fitting is not None:
+                self._move_kv_bound(fitting)
+                return
+        if snap.running < 1 or snap.kv_usage <= 0:
             return  # nothing held: keep the last bound, the sizes it saw are still likely
-        if self.kv_capacity_tokens is not None:
-            tokens_per_seq = snap.kv_usage * self.kv_capacity_tokens / snap.running
-            bound = self.kv_hold * self.kv_capacity_tokens / tokens_per_seq
+        if capacity is not None:
+            tokens_per_seq = snap.kv_usage * capacity / snap.running
+            bound = self.kv_hold * capacity / tokens_per_seq
         else:  # the same ratio, in fractions of the cache
             bound = self.kv_hold * snap.running / snap.kv_usage
+        self._move_kv_bound(bound)
+
+    def _move_kv_bound(self, bound: float) -> None:
         # Sequences grow while they decode: trust a shrinking bound at once, a growing one slowly.
         if self._kv_bound is None or bound < self._kv_bound:
             self._kv_bound = bound
@@ -342,6 +528,7 @@ class AdaptiveLimit:
         if not sample.ok:
             return
         self._last_in_flight = sample.in_flight
+        self._sizes.add_call(sample)
         if sample.itl_s is not None:
             self._itl.add(sample.itl_s)
         if sample.tpot_s is not None:
@@ -350,7 +537,9 @@ class AdaptiveLimit:
             self._ttft.add(sample.ttft_s)
         state = self.server_state(sample.at)
         if state == "saturated":
-            self._back_off(sample.at, sample.in_flight)
+            self.slow_start = False
+            if not self._kv_pressure(sample.at):
+                self._back_off(sample.at, sample.in_flight)
             return
         # Grow only while the limit is in use: an idle replica says nothing about the knee.
         busy = sample.in_flight >= self._estimate / 2

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
+from routing.admission import Admission, Outcome
+from routing.calls import CallInfo, call_scope
 from routing.limits import UNLIMITED, AdaptiveLimit, FixedLimit, Sample, make_limit
 from routing.vllm_metrics import ServerSnapshot
 
@@ -128,14 +131,45 @@ def test_one_lucky_sample_does_not_set_the_floor() -> None:
 
 
 def test_calls_admitted_before_a_back_off_do_not_compound_it() -> None:
-    # The server stays saturated while 100 calls admitted under the old limit drain.
+    # The server's queue stays while 100 calls admitted under the old limit drain.
     limit = AdaptiveLimit(initial=100, backoff=0.5, backoff_cooldown_s=3.0)
     limit.watch_server(0.0, stale_after_s=3.0)
     for t in range(1, 12):
-        full = ServerSnapshot(taken_at=t, running=100 - 2 * t, waiting=4, kv_usage=0.99)
-        limit.on_snapshot(full, float(t))
-    # Half the load at the last back-off (t = 10: 80 running + 4 waiting), not 100 / 2**4.
-    assert limit.limit == 42
+        queue = ServerSnapshot(taken_at=t, running=100 - 2 * t, waiting=4, kv_usage=0.5)
+        limit.on_snapshot(queue, float(t))
+    # Half the load at the last back-off (t = 11: 78 running + 4 waiting), not 100 / 2**4.
+    assert limit.limit == 41
+
+
+def test_a_full_kv_cache_is_left_to_a_projecting_kv_bound() -> None:
+    # A full cache, then a preemption: the server holds what fits and hands out blocks as
+    # sequences end. A KV bound that projects the calls in flight sizes the limit to that;
+    # the estimate is not cut as for a compute queue, which would leave blocks idle later.
+    def fill(limit: AdaptiveLimit) -> None:
+        limit.on_snapshot(_quiet(12, 1.0, kv_usage=0.99), 1.0)
+        full = ServerSnapshot(taken_at=2.0, running=12, kv_usage=0.99, preemptions_total=1)
+        limit.on_snapshot(full, 2.0)
+
+    projecting = _learned()
+    projecting.backoff_cooldown_s = 0.0
+    projecting.set_in_flight([(50.0, "plan")] * 12)
+    fill(projecting)
+    assert projecting.server_state(2.0) == "saturated"
+    assert projecting.estimate == 64 and not projecting.slow_start
+    assert projecting.limit <= 12
+    # Before any call has ended the bound sees only present sizes: back off from the load.
+    blind = AdaptiveLimit(initial=64, backoff_cooldown_s=0.0)
+    blind.set_kv_capacity(70_000)
+    blind.watch_server(0.0, stale_after_s=3.0)
+    fill(blind)
+    assert blind.estimate == 9  # 0.75 x 12 running
+    # A queue with half the cache free is a compute queue: back off, projection or not.
+    compute = _learned()
+    compute.backoff_cooldown_s = 0.0
+    compute.set_in_flight([(50.0, "plan")] * 12)
+    compute.on_snapshot(_quiet(12, 1.0, waiting=2, kv_usage=0.5), 1.0)
+    compute.on_snapshot(_quiet(12, 2.0, waiting=2, kv_usage=0.5), 2.0)
+    assert compute.estimate == 10.5  # 0.75 x (12 running + 2 waiting)
 
 
 def test_latency_of_calls_run_above_the_limit_does_not_shrink_it_again() -> None:
@@ -323,3 +357,92 @@ def test_ttft_steers_the_limit_only_without_the_servers_queue_gauge() -> None:
     _drive(blind, lambda b: 0.0046 + 0.00004 * b, ttft_of=long_prompt_phase())
     assert watched.limit >= 120, watched.limit
     assert blind.limit < watched.limit / 2, blind.limit
+
+
+def _learned(answers: int = 20) -> AdaptiveLimit:
+    """A limit that has seen calls of 4,000 tokens, each holding its slot for 100 s."""
+    limit = AdaptiveLimit(initial=64)
+    limit.set_kv_capacity(70_000)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    for _ in range(answers):
+        limit.on_sample(
+            Sample(at=1.0, in_flight=1, ttft_s=1.0, itl_s=99.0 / 3999, service_s=100.0, kind="plan")
+        )
+    return limit
+
+
+def test_a_young_batch_is_projected_to_its_final_size() -> None:
+    # Ten calls a second old hold 1,040 tokens each (a 1,000-token prompt): by their end
+    # each holds 5,000. 0.9 x 70k / 5,000 = 12.6 fit, not 0.9 x 70k / 1,040 = 60.
+    limit = _learned()
+    limit.set_in_flight([(1.0, "plan")] * 10)
+    limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000), 2.0)
+    assert limit.kv_bound == pytest.approx(12.6, abs=0.1)
+    assert limit.limit == 12
+
+
+def test_a_staggered_batch_is_not_held_to_every_call_at_its_final_size() -> None:
+    # Twelve calls spread over their 100 s: as the old ones end, the young ones grow into
+    # their room. More fit than twelve at 5,000 tokens each, at least the 21 of their mean.
+    limit = _learned()
+    ages = [100.0 * (i + 0.5) / 12 for i in range(12)]
+    used = sum(1_000 + 4_000 * age / 100.0 for age in ages)
+    limit.set_in_flight([(age, "plan") for age in ages])
+    limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=12, kv_usage=used / 70_000), 2.0)
+    assert limit.limit >= 21, limit.kv_bound
+
+
+def test_the_projection_waits_for_a_completed_call() -> None:
+    # Before any call has ended nothing says how far calls grow: the sizes seen now bound it.
+    limit = AdaptiveLimit(initial=64)
+    limit.set_kv_capacity(70_000)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    limit.set_in_flight([(1.0, "plan")] * 10)
+    limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000), 2.0)
+    assert limit.kv_bound == pytest.approx(0.9 * 70_000 / 1_040)
+
+
+class _InFlightSpy(FixedLimit):
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.calls: list[list[tuple[float, str]]] = []
+
+    def set_in_flight(self, calls: Sequence[tuple[float, str]]) -> None:
+        self.calls.append(sorted(calls))
+
+
+@pytest.mark.looptime
+async def test_admission_tells_the_limit_its_calls_ages_and_stages() -> None:
+    spy = _InFlightSpy()
+    admission = Admission("reasoning", spy)
+    with call_scope(CallInfo("a", "plan", "reasoning")):
+        first = await admission.acquire("a")
+    with call_scope(CallInfo("b", "review", "reasoning")):
+        second = await admission.acquire("b")
+    await asyncio.sleep(5.0)
+    late = await admission.acquire("c")  # outside any call scope
+    await asyncio.sleep(1.0)
+    admission.on_snapshot(ServerSnapshot(taken_at=6.0))
+    first.release(Outcome())
+    admission.on_snapshot(ServerSnapshot(taken_at=6.0))
+    assert spy.calls == [
+        [(1.0, "-"), (6.0, "plan"), (6.0, "review")],
+        [(1.0, "-"), (6.0, "review")],
+    ]
+    second.release(Outcome())
+    late.release(Outcome())
+
+
+def test_sizes_are_kept_per_kind_of_call() -> None:
+    # Plans generate 4,000 tokens over 100 s; reviews hold a long prompt and generate 400
+    # over 10 s. Ten young reviews are projected as reviews, not as the plans seen before.
+    limit = _learned()
+    for _ in range(20):
+        limit.on_sample(
+            Sample(at=1.0, in_flight=1, ttft_s=1.0, itl_s=9.0 / 399, service_s=10.0, kind="review")
+        )
+    limit.set_in_flight([(1.0, "review")] * 4)
+    used = 4 * (10_000 + 40)
+    limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=4, kv_usage=used / 70_000), 2.0)
+    # 0.9 x 70k / (10,000 + 400) = 6.06 reviews fit; as plans (5,000-token answers) 4.5.
+    assert limit.kv_bound == pytest.approx(6.06, abs=0.05)

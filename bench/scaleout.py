@@ -3,25 +3,26 @@
 `python -m bench.scaleout --json bench/results/scaleout.json` (`make bench-scaleout`) starts,
 all on loopback and on the real clock: a throwaway redis-server and Postgres (Debian's
 packages; `make redis postgresql`), and two emulated vLLM servers (`tandem emulate`) with
-the `scaleout-*` profiles below. Then two runs of `--sessions` sessions, each submitted to a
-queue (`tandem submit`'s path) once every worker has registered:
+the `scaleout-*` profiles below. Then three runs of `--sessions` sessions, each submitted to
+a queue (`tandem submit`'s path) once every worker has registered:
 
-    one_process   one `tandem worker --concurrency SESSIONS`
-    workers       `--workers` `tandem worker` processes; `--kill-at` of the way through
-                  (a fraction of the first run's makespan) the one holding the most sessions
-                  is killed with SIGKILL
+    one       one `tandem worker --concurrency SESSIONS`
+    workers   `--workers` `tandem worker --concurrency C` processes
+    killed    the same again; `--kill-at` of the way through (a fraction of the first run's
+              makespan), once a worker has coded files of the sessions it holds, the worker
+              holding the most sessions is killed with SIGKILL
 
-Both share Redis admission (`--limit` per replica, the same for both) and Postgres
-checkpoints. Throughout, each server's `/metrics` is read every `--scrape-ms` for the largest
-`vllm:num_requests_running`: the servers' own count, not Tandem's.
+All share Redis admission (`--limit` per replica, the same for all) and Postgres
+checkpoints. Throughout, each server's `/metrics` is read every `--scrape-ms` for the
+largest `vllm:num_requests_running`: the servers' own count, not Tandem's.
 
 At the kill, the killed worker's sessions and the coder files their checkpoints hold (done
 before the kill) are read from Postgres. After the run each of those files must be in its
 session's folder (none lost), and no other worker may have coded it again in the same round
 (the workers journal each coded file in the queue, `graph.queue`); each of those sessions
-must have ended on another worker, resumed from its checkpoint.
+must have ended ok on another worker, resumed from its checkpoint.
 
-The makespan is from the submission to the last session's recorded end. The JSON has the
+A makespan runs from the submission to the last session's recorded end. The JSON has the
 figures and a `checks` map; the exit code is 1 when a check fails.
 """
 
@@ -286,17 +287,20 @@ def running_of(page: str) -> int:
 async def scrape_peaks(urls: dict[Role, str], peaks: RunningPeaks, interval_s: float) -> None:
     """Read each server's /metrics every `interval_s` into `peaks` until cancelled."""
     async with httpx.AsyncClient(timeout=max(1.0, interval_s * 5)) as client:
+
+        async def read(role: Role) -> None:
+            try:
+                response = await client.get(f"{urls[role]}/metrics")
+                response.raise_for_status()
+            except httpx.HTTPError:
+                peaks.misses[role] += 1
+                return
+            peaks.samples[role] += 1
+            peaks.peak[role] = max(peaks.peak[role], running_of(response.text))
+
         while True:
             started = time.monotonic()
-            for role, url in urls.items():
-                try:
-                    response = await client.get(f"{url}/metrics")
-                    response.raise_for_status()
-                except httpx.HTTPError:
-                    peaks.misses[role] += 1
-                    continue
-                peaks.samples[role] += 1
-                peaks.peak[role] = max(peaks.peak[role], running_of(response.text))
+            await asyncio.gather(*(read(role) for role in urls))
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
 
@@ -309,6 +313,7 @@ class Kill:
     sessions: list[str]
     # session -> {(path, round)} of coder files finished (checkpointed) before the kill
     finished: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -324,6 +329,8 @@ class RunResult:
     coded: list[tuple[str, int, str, str]]
     workspace: Path
     kill: Kill | None = None
+    # CPU seconds the worker processes used (the killed one up to its kill)
+    worker_cpu_s: float | None = None
 
     @property
     def sessions_ok(self) -> int:
@@ -485,11 +492,24 @@ async def run_sessions(
                     await asyncio.sleep(0.1)
                 makespan_s = time.monotonic() - started
             coded = await queue.coded()
+            cpu = [process_cpu_s(p.pid) for p in processes if p.poll() is None]
     finally:
         _stop(processes)
+    known = [c for c in cpu if c is not None]
+    cpu_s = sum(known) + (kill.cpu_s if kill else 0.0) if len(known) == len(cpu) else None
     return RunResult(
-        label, workers, concurrency, makespan_s, peaks, outcomes, coded, workspace, kill
+        label, workers, concurrency, makespan_s, peaks, outcomes, coded, workspace, kill, cpu_s
     )
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of a live process (Linux /proc); None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the command: state is field 3; utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _kill_busiest(
@@ -509,12 +529,13 @@ async def _kill_busiest(
         return None
     worker_id = max(coding, key=lambda w: len(held[w]))
     process = next(p for p in processes if p.pid == _worker_pid(worker_id))
+    cpu_s = process_cpu_s(process.pid)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=10)
     # Read again once it is dead: its claims stay until its heartbeat expires, and now
     # nothing it does can change them.
     sessions = sorted(sid for sid, w in (await queue.claims()).items() if w == worker_id)
-    kill = Kill(worker_id, at_s, sessions)
+    kill = Kill(worker_id, at_s, sessions, cpu_s=cpu_s or 0.0)
     kill.finished = await finished_files(postgres_url, kill.sessions)
     return kill
 
@@ -656,6 +677,7 @@ def _run_summary(run: RunResult) -> dict[str, Any]:
         "workers": run.workers,
         "concurrency_per_worker": run.concurrency,
         "makespan_s": round(run.makespan_s, 2),
+        "worker_cpu_s": None if run.worker_cpu_s is None else round(run.worker_cpu_s, 1),
         "statuses": statuses,
         "sessions_by_worker": by_worker,
         "sessions_resumed": sum(1 for o in run.outcomes.values() if o.resumed),
@@ -673,13 +695,13 @@ def _run_summary(run: RunResult) -> dict[str, Any]:
 class ScaleoutConfig:
     """The benchmark's knobs (see `main`'s options)."""
 
-    sessions: int = 16
+    sessions: int = 12
     workers: int = 4
-    concurrency: int = 6
+    concurrency: int = 5
     limit: int = 8
-    files: int = 8
+    files: int = 6
     max_tokens: dict[str, int] = field(
-        default_factory=lambda: {"plan": 256, "code": 96, "review": 128}
+        default_factory=lambda: {"plan": 128, "code": 64, "review": 64}
     )
     kill_at: float = 0.4
     scrape_s: float = 0.1
@@ -746,11 +768,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.scaleout", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--sessions", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=6, help="sessions per worker at once")
-    parser.add_argument("--limit", type=int, default=8, help="fixed admission limit per replica")
-    parser.add_argument("--files", type=int, default=8, help="files each session's request names")
+    parser.add_argument("--sessions", type=int, default=ScaleoutConfig.sessions)
+    parser.add_argument("--workers", type=int, default=ScaleoutConfig.workers)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=ScaleoutConfig.concurrency,
+        help="sessions per worker at once",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=ScaleoutConfig.limit, help="fixed admission limit per replica"
+    )
+    parser.add_argument(
+        "--files", type=int, default=ScaleoutConfig.files, help="files each session's request names"
+    )
     parser.add_argument(
         "--kill-at", type=float, default=0.4, help="fraction of the one-process makespan"
     )

@@ -54,6 +54,12 @@ if TYPE_CHECKING:
 
 # How often an idle worker looks at the queue: from the first to the second, doubling.
 IDLE_POLL_S = (0.05, 0.5)
+# After a claim, a worker holding n sessions waits n times this before the next one, so a
+# burst of submissions spreads over the workers instead of filling the first to wake.
+CLAIM_SPACING_S = 0.05
+# Longest wait before retrying a store that failed (and before re-queueing a session whose
+# checkpoint could not be read, so a broken store does not spin through its claims).
+RETRY_AFTER_S = 2.0
 QUEUE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -194,7 +200,8 @@ class SessionWorker:
         submitted session has ended); unfinished ones go back on the queue."""
         from graph.queue import STORE_ERRORS
 
-        beat = asyncio.create_task(self._heartbeat(stop))
+        done = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(done))
         poll_s = IDLE_POLL_S[0]
         try:
             while not stop.is_set():
@@ -212,6 +219,7 @@ class SessionWorker:
                 if claim is not None:
                     poll_s = IDLE_POLL_S[0]
                     self._start(claim)
+                    await self._wait(stop, CLAIM_SPACING_S * len(self._running))
                     continue
                 if until_empty and not self._running and (await self.queue.tick()).drained:
                     break
@@ -219,9 +227,10 @@ class SessionWorker:
                 poll_s = min(IDLE_POLL_S[1], poll_s * 2)
         finally:
             await self._give_back()
-            beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
+            # Ended by an event, not by cancelling: a cancel that lands inside a Redis call
+            # can be lost there, and the loop would renew the heartbeat forever.
+            done.set()
+            await beat
         return self.tally
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float | None) -> None:
@@ -234,16 +243,17 @@ class SessionWorker:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        """Renew this worker's heartbeat (and re-queue dead workers' sessions) while it runs."""
+    async def _heartbeat(self, done: asyncio.Event) -> None:
+        """Renew this worker's heartbeat (and re-queue dead workers' sessions) until `done`."""
         from graph.queue import STORE_ERRORS
 
-        while not stop.is_set():
+        while not done.is_set():
             try:
                 await self.queue.tick()
             except STORE_ERRORS as exc:
                 self._store_error(exc)
-            await asyncio.sleep(self.queue.heartbeat_ttl_s / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.queue.heartbeat_ttl_s / 3)
 
     def _store_error(self, exc: BaseException) -> None:
         if not self._store_down:
@@ -261,7 +271,28 @@ class SessionWorker:
         task.add_done_callback(done)
 
     async def _run(self, claim: Claim) -> SessionOutcome | None:
-        """Run (or resume) one claimed session; None when it was interrupted to be given back."""
+        """Run (or resume) one claimed session and record how it ended; None when it was
+        interrupted or could not start, and went back on the queue."""
+        try:
+            outcome = await self._outcome(claim)
+        except Exception as exc:  # the checkpoint store failed before the session ran
+            self._say(
+                f"could not run {claim.session_id} ({type(exc).__name__}: {exc}); "
+                "it goes back on the queue"
+            )
+            await asyncio.sleep(RETRY_AFTER_S)
+            await self._release([claim.session_id])
+            return None
+        if outcome is None:
+            return None
+        await self._record(outcome)
+        self.tally.add(outcome.status)
+        why = f" ({outcome.error})" if outcome.error else ""
+        self._say(f"ended {claim.session_id}: {outcome.status}{why}")
+        return outcome
+
+    async def _outcome(self, claim: Claim) -> SessionOutcome | None:
+        """How the claimed session ends: refused, already finished, or run to its end."""
         from langchain_core.runnables import RunnableConfig
 
         from graph.queue import MAX_ATTEMPTS, SessionOutcome
@@ -273,42 +304,62 @@ class SessionWorker:
         )
         if claim.request is None:
             outcome.error = claim.problem
-        elif claim.attempts > MAX_ATTEMPTS:
+            return outcome
+        if claim.attempts > MAX_ATTEMPTS:
             outcome.status = "error"
             outcome.error = f"claimed {claim.attempts} times without ending; not run again"
-        else:
-            config: RunnableConfig = {"configurable": {"thread_id": sid}}
-            snapshot = await self.graph.aget_state(config)
-            outcome.resumed = bool(snapshot.values)
-            if outcome.resumed and not snapshot.next:
-                outcome.status = str(snapshot.values.get("status") or "unknown")
-                outcome.manifest_path = str(snapshot.values.get("manifest_path") or "")
-            else:
-                self._say(
-                    f"{'resume' if outcome.resumed else 'start'} {sid} (claim {claim.attempts})"
-                )
-                result = await run_session(
-                    self.graph,
-                    None if outcome.resumed else claim.request.request,
-                    sid,
-                    context=claim.request.run_context(self.context),
-                    fanout=self.fanout,
-                    workspace=self.workspace,
-                    on_event=self._on_event,
-                    resume=outcome.resumed,
-                )
-                await self._flush_journal()
-                if result.status == "interrupted":
-                    return None
-                outcome.status, outcome.error = result.status, result.error
-                outcome.files_ok, outcome.files_failed = result.files_ok, result.files_failed
-                outcome.wall_s, outcome.manifest_path = result.wall_s, result.manifest_path
-        await self.queue.complete(outcome)
-        self.tally.add(outcome.status)
-        self._say(
-            f"ended {sid}: {outcome.status}" + (f" ({outcome.error})" if outcome.error else "")
+            return outcome
+        config: RunnableConfig = {"configurable": {"thread_id": sid}}
+        snapshot = await self.graph.aget_state(config)
+        outcome.resumed = bool(snapshot.values)
+        if outcome.resumed and not snapshot.next:
+            outcome.status = str(snapshot.values.get("status") or "unknown")
+            outcome.manifest_path = str(snapshot.values.get("manifest_path") or "")
+            return outcome
+        self._say(f"{'resume' if outcome.resumed else 'start'} {sid} (claim {claim.attempts})")
+        result = await run_session(
+            self.graph,
+            None if outcome.resumed else claim.request.request,
+            sid,
+            context=claim.request.run_context(self.context),
+            fanout=self.fanout,
+            workspace=self.workspace,
+            on_event=self._on_event,
+            resume=outcome.resumed,
         )
+        await self._flush_journal()
+        if result.status == "interrupted":
+            return None
+        outcome.status, outcome.error = result.status, result.error
+        outcome.files_ok, outcome.files_failed = result.files_ok, result.files_failed
+        outcome.wall_s, outcome.manifest_path = result.wall_s, result.manifest_path
         return outcome
+
+    async def _record(self, outcome: SessionOutcome) -> None:
+        """Record the outcome, retrying while Redis is away (the claim holds the session)."""
+        from graph.queue import STORE_ERRORS
+
+        wait_s = IDLE_POLL_S[0]
+        while True:
+            try:
+                await self.queue.complete(outcome)
+                self._store_down = False
+                return
+            except STORE_ERRORS as exc:
+                self._store_error(exc)
+            await asyncio.sleep(wait_s)
+            wait_s = min(RETRY_AFTER_S, wait_s * 2)
+
+    async def _release(self, session_ids: list[str]) -> None:
+        from graph.queue import STORE_ERRORS
+
+        try:
+            self.tally.released += await self.queue.release(session_ids)
+        except STORE_ERRORS as exc:
+            self._say(
+                f"could not give {len(session_ids)} session(s) back ({exc}); they go "
+                "back once this worker's heartbeat expires"
+            )
 
     def _on_event(self, event: SessionEvent) -> None:
         """Journal each finished coder file in the queue (which worker coded it)."""
@@ -330,19 +381,23 @@ class SessionWorker:
 
     async def _give_back(self) -> None:
         """Interrupt the sessions in hand and put them back on the queue."""
-        from graph.queue import STORE_ERRORS
+
+        from graph.queue import SessionOutcome
 
         tasks = dict(self._running)
         for task in tasks.values():
             task.cancel()
         outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        unfinished = [sid for sid, out in zip(tasks, outcomes, strict=True) if out is None]
+        # Interrupted, or cancelled before it ran: back on the queue (a no-op for a session
+        # whose outcome was recorded, which dropped the claim).
+        unfinished = [
+            sid
+            for sid, out in zip(tasks, outcomes, strict=True)
+            if not isinstance(out, SessionOutcome)
+        ]
         await self._flush_journal()
-        try:
-            self.tally.released += await self.queue.release(unfinished)
-        except STORE_ERRORS as exc:
-            self._say(f"could not give {len(unfinished)} session(s) back ({exc}); they go back "
-                      "once this worker's heartbeat expires")  # fmt: skip
+        if unfinished:
+            await self._release(unfinished)
         for sid in unfinished:
             self._say(f"gave back {sid}")
 

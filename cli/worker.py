@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -79,6 +80,12 @@ def queue_url(given: str | None, settings: Settings) -> str:
     if not given.startswith(QUEUE_SCHEMES):
         raise CliError("--queue must be a redis://, rediss:// or unix:// URL")
     return given
+
+
+def _check_queue_name(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise typer.BadParameter(f"{value!r}: use 1 to 64 letters, digits, '-' or '_'")
+    return value
 
 
 @contextlib.asynccontextmanager
@@ -413,9 +420,10 @@ def worker(
     concurrency: Annotated[
         int, typer.Option(min=1, max=4096, help="Most sessions this worker runs at once.")
     ] = 4,
-    name: Annotated[str, typer.Option(help="The queue's name (several may share a Redis).")] = (
-        "default"
-    ),
+    name: Annotated[
+        str,
+        typer.Option(callback=_check_queue_name, help="The queue's name (several share a Redis)."),
+    ] = "default",
     limit: Annotated[
         str | None,
         typer.Option(
@@ -451,8 +459,6 @@ def worker(
 
     settings = load_settings()
     url = queue_url(queue, settings)
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise CliError("--name: use letters, digits, '-' and '_'")
     check_workspace(settings.workspace)
     options = _WorkerOptions(concurrency, name, until_empty, quiet)
     code = run_on_clock(_work(settings, url, options, limit, order), virtual=False)
@@ -539,7 +545,9 @@ def submit(
             show_default=False,
         ),
     ] = None,
-    name: Annotated[str, typer.Option(help="The queue's name.")] = "default",
+    name: Annotated[
+        str, typer.Option(callback=_check_queue_name, help="The queue's name.")
+    ] = "default",
     max_tokens: Annotated[
         str | None,
         typer.Option(

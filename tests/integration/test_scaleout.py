@@ -117,6 +117,17 @@ def _worker(stack: Stack, name: str, workspace: Path, *extra: str) -> subprocess
     )
 
 
+def _output(process: subprocess.Popen[str], timeout_s: float) -> str:
+    """The process's output once it exits; killed (and the test failed) past `timeout_s`."""
+    try:
+        out, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        raise AssertionError(f"worker still running after {timeout_s:.0f} s:\n{out}") from None
+    return out
+
+
 def test_sigterm_gives_sessions_back_and_another_worker_resumes_them(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -157,9 +168,14 @@ def test_sigterm_gives_sessions_back_and_another_worker_resumes_them(
             raise AssertionError("the worker did not start coding")
 
     first = _worker(stack, "term", workspace)
-    asyncio.run(wait_for_claims())
+    try:
+        asyncio.run(wait_for_claims())
+    except BaseException:
+        first.kill()
+        first.communicate()
+        raise
     first.send_signal(signal.SIGTERM)
-    out, _ = first.communicate(timeout=60)
+    out = _output(first, 60)
     assert first.returncode == 0, out
     assert "given back: 2" in out
     for sid in session_ids:
@@ -167,7 +183,7 @@ def test_sigterm_gives_sessions_back_and_another_worker_resumes_them(
         assert manifest["status"] == "interrupted"
 
     second = _worker(stack, "term", workspace, "--until-empty")
-    out, _ = second.communicate(timeout=180)
+    out = _output(second, 180)
     assert second.returncode == 0, out
     assert all(f"resume {sid}" in out for sid in session_ids), out
 
@@ -203,7 +219,19 @@ def test_submit_refuses_a_bad_request_and_a_worker_rejects_a_forged_one(
 
     asyncio.run(forge())
     worker = _worker(stack, "forged", tmp_path / "ws", "--until-empty")
-    out, _ = worker.communicate(timeout=120)
+    out = _output(worker, 120)
     assert worker.returncode == 1, out
     assert "ended f-1: rejected" in out and "the request is empty" in out
     assert not (tmp_path / "ws" / "f-1").exists()
+
+
+async def test_workers_starting_together_on_a_fresh_database_all_open_their_checkpointer() -> None:
+    from graph.checkpoints import open_checkpointer
+
+    async def open_one(url: str) -> bool:
+        async with open_checkpointer(url, max_connections=4) as saver:
+            return saver is not None
+
+    with postgres_server() as url:
+        opened = await asyncio.wait_for(asyncio.gather(*(open_one(url) for _ in range(4))), 60)
+    assert opened == [True] * 4

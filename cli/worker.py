@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 
 # How often an idle worker looks at the queue: from the first to the second, doubling.
 IDLE_POLL_S = (0.05, 0.5)
-# After a claim, a worker holding n sessions waits n times this before the next one, so a
-# burst of submissions spreads over the workers instead of filling the first to wake.
+# After a claim, a worker holding n sessions waits n times this before the next one (when
+# other workers are live), so a burst of submissions spreads over the workers instead of
+# filling the first to wake.
 CLAIM_SPACING_S = 0.05
 # Longest wait before retrying a store that failed (and before re-queueing a session whose
 # checkpoint could not be read, so a broken store does not spin through its claims).
@@ -197,6 +198,7 @@ class SessionWorker:
         self._changed = asyncio.Event()
         self._journal: set[asyncio.Task[None]] = set()
         self._store_down = False
+        self._peers = 1  # live workers at the last heartbeat, this one included
 
     def _say(self, text: str) -> None:
         if self.console is not None:
@@ -226,7 +228,8 @@ class SessionWorker:
                 if claim is not None:
                     poll_s = IDLE_POLL_S[0]
                     self._start(claim)
-                    await self._wait(stop, CLAIM_SPACING_S * len(self._running))
+                    if self._peers > 1:
+                        await self._wait(stop, CLAIM_SPACING_S * len(self._running))
                     continue
                 if until_empty and not self._running and (await self.queue.tick()).drained:
                     break
@@ -256,7 +259,7 @@ class SessionWorker:
 
         while not done.is_set():
             try:
-                await self.queue.tick()
+                self._peers = (await self.queue.tick()).workers
             except STORE_ERRORS as exc:
                 self._store_error(exc)
             with contextlib.suppress(TimeoutError):

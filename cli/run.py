@@ -65,7 +65,8 @@ def parse_max_tokens(text: str) -> dict[str, int]:
     return caps
 
 
-def _check_limit(value: str | None) -> str | None:
+def check_limit(value: str | None) -> str | None:
+    """Typer callback: a `--limit` value `make_limit` accepts (or none)."""
     from routing.limits import make_limit
 
     if value is not None:
@@ -76,7 +77,8 @@ def _check_limit(value: str | None) -> str | None:
     return value
 
 
-def _check_max_tokens(value: str | None) -> str | None:
+def check_max_tokens(value: str | None) -> str | None:
+    """Typer callback: a `--max-tokens` value `parse_max_tokens` accepts (or none)."""
     if value is not None:
         parse_max_tokens(value)
     return value
@@ -343,7 +345,7 @@ def run(
     limit: Annotated[
         str | None,
         typer.Option(
-            callback=_check_limit,
+            callback=check_limit,
             help="Admission limit per GPU: adaptive | unlimited | fixed-N (default: TANDEM_LIMIT).",
             show_default=False,
         ),
@@ -372,7 +374,7 @@ def run(
     max_tokens: Annotated[
         str | None,
         typer.Option(
-            callback=_check_max_tokens,
+            callback=check_max_tokens,
             help="Output token caps per stage, e.g. plan=512,code=768,review=384.",
             show_default=False,
         ),

@@ -32,9 +32,9 @@ from cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError
 from cli.run import (
     FINISHED,
     Order,
-    _check_limit,
-    _check_max_tokens,
     build_runtime_or_explain,
+    check_limit,
+    check_max_tokens,
     check_workspace,
     checkpointer,
     output_console,
@@ -430,7 +430,7 @@ def worker(
     limit: Annotated[
         str | None,
         typer.Option(
-            callback=_check_limit,
+            callback=check_limit,
             help="Admission limit per GPU: adaptive | unlimited | fixed-N (default: TANDEM_LIMIT).",
             show_default=False,
         ),
@@ -554,7 +554,7 @@ def submit(
     max_tokens: Annotated[
         str | None,
         typer.Option(
-            callback=_check_max_tokens,
+            callback=check_max_tokens,
             help="Output token caps per stage, e.g. plan=512,code=768,review=384.",
             show_default=False,
         ),

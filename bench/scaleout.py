@@ -33,11 +33,9 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import glob
 import json
 import os
 import platform
-import pwd
 import shutil
 import signal
 import socket
@@ -54,6 +52,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
+from bench.services import REDIS_INSTALL_HINT, PostgresServer, RedisServer, free_port
 from graph.queue import SessionOutcome, SessionQueue, SessionRequest
 from serving.emulator.profiles import Profile, dump_profile_file, get_profile
 from serving.roles import Role
@@ -103,13 +102,6 @@ def request_text(files: int) -> str:
 # -- the stack: Redis, Postgres, two emulated servers ---------------------------------------
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -128,85 +120,29 @@ def redis_server(workdir: Path) -> Iterator[str]:
     Raises:
         RuntimeError: redis-server is not installed (`make redis`) or did not start.
     """
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("needs redis-server: make redis (apt-get install -y redis-server)")
-    port = free_port()
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if shutil.which("redis-server") is None:
+        raise RuntimeError(REDIS_INSTALL_HINT)
+    server = RedisServer(workdir)
+    server.start()
     try:
-        _wait_port(port, process, "redis-server", 10)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def _pg_bin_dir() -> Path | None:
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
-    )
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
+        server.stop()
 
 
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     """A throwaway Postgres cluster on loopback (trust auth); yields its URL.
 
-    Postgres refuses to run as root, so as root it runs as the `postgres` user.
-
     Raises:
         RuntimeError: Postgres is not installed (`make postgresql`).
     """
-    bin_dir = _pg_bin_dir()
-    if bin_dir is None:
-        raise RuntimeError("needs Debian's postgresql: make postgresql")
-    root = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
-    data, port = root / "data", free_port()
-    user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam(user)
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-
-    def run(*argv: str) -> None:
-        command = [str(bin_dir / argv[0]), *argv[1:]]
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", user, "--", *command]
-        subprocess.run(command, check=True, capture_output=True, text=True)
-
+    server = PostgresServer()
     try:
-        run("initdb", "-D", str(data), "-A", "trust", "-E", "UTF8", "--no-sync")
-        run(
-            "pg_ctl",
-            "-D",
-            str(data),
-            "-l",
-            str(root / "server.log"),
-            "-o",
-            f"-p {port} -h 127.0.0.1 -k {root} -F",
-            "-w",
-            "start",
-        )
-        yield f"postgresql://{user}@127.0.0.1:{port}/postgres"
+        server.start()
+        yield server.url
     finally:
-        if (data / "postmaster.pid").exists():
-            run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 def _python_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -53,13 +53,13 @@ def test_profile_reproduces_its_point(name: str, index: int) -> None:
         assert predicted == pytest.approx(measured(point), rel=0.10)
 
 
-def test_one_published_point_is_a_known_gap_and_no_derived_point_is() -> None:
+def test_two_published_points_are_known_gaps_and_no_derived_point_is() -> None:
     published = [p for cal in CALIBRATIONS.values() for p in cal.points if not p.derived]
     assert len(published) >= 15
     gaps = [p for p in published if p.engine_gap]
     assert [
         (g.kind, getattr(g, "concurrency", None), getattr(g, "input_tokens", None)) for g in gaps
-    ] == [("throughput", 16, 1024)]
+    ] == [("throughput", 16, 1024), ("throughput", 32, 1024)]
     assert not any(p.engine_gap for cal in CALIBRATIONS.values() for p in cal.points if p.derived)
     assert worst_error(rows(PROFILES, CALIBRATIONS)) <= 0.10
 

@@ -144,13 +144,22 @@ def phases(calls: Sequence[CallRecord]) -> list[_Phase]:
 
 
 async def replay_makespan(
-    calls: Sequence[CallRecord], profiles: Mapping[Role, Profile], *, one_server: bool = False
+    calls: Sequence[CallRecord],
+    profiles: Mapping[Role, Profile],
+    *,
+    one_server: bool = False,
+    request_overhead_s: float = 0.0,
 ) -> float:
     """Seconds the emulator takes for `calls`, issued as the real run issued them.
 
     `one_server`: every role was served by the same server, so one engine (the first
     profile's) serves them all, their calls batched together as the real server batched them.
+    `request_overhead_s`: the HTTP server's time per request outside engine steps
+    (`tandem calibrate`'s TTFT overhead: tokenising, detokenising, streaming), which the
+    emulated engine does not spend; each call pays it before its engine sees it.
     """
+    if request_overhead_s < 0:
+        raise ValueError("request_overhead_s must be >= 0")
     if not calls:
         return 0.0
     loop = asyncio.get_running_loop()
@@ -168,7 +177,7 @@ async def replay_makespan(
 
     async def one(offset_s: float, call: CallRecord) -> None:
         nonlocal counter
-        await asyncio.sleep(offset_s)
+        await asyncio.sleep(offset_s + request_overhead_s)
         counter += 1
         chars = call.prompt_tokens * CHARS_PER_TOKEN
         prompt = f"{counter}:{call.session_id}:" + "x" * chars

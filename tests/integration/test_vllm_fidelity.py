@@ -328,8 +328,10 @@ def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated)
     A random-weight model plans and answers at lengths of its own, so the same workload run
     on the emulator would do different work; replaying the recorded calls (bench/trace.py:
     same token counts, same dependencies, the same client-side gaps) asks only what the
-    emulator is for: how long the servers take. One run per calibration round (interleaved
-    with the points); the median run's replay must be within `TOLERANCE`.
+    emulator is for: how long the servers take. Each replayed call also pays the HTTP
+    server's per-request time the fit found, as the held-out waves do: the emulated engine
+    has no API process. One run per calibration round (interleaved with the points); the
+    median run's replay must be within `TOLERANCE`.
     """
     # Every call went to the calibrated server: one engine with its profile serves them all.
     profiles: dict[Role, Profile] = {
@@ -339,7 +341,9 @@ def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated)
     runs = []
     for real_s, calls in calibrated.workflows:
         assert calls, "the real run recorded no calls (no usage in the answers?)"
-        replay = replay_makespan(calls, profiles, one_server=True)
+        replay = replay_makespan(
+            calls, profiles, one_server=True, request_overhead_s=calibrated.overhead_s
+        )
         replayed_s = run_clock(replay, virtual=True)
         runs.append((replayed_s / real_s - 1, real_s, replayed_s, calls))
     lines = []

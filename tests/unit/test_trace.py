@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 
+import pytest
+
 from bench.policies import get_policy
 from bench.runner import _run_with_router
 from bench.trace import CallRecord, RecordingTransport, phases, replay_makespan, usage_of
@@ -143,3 +145,25 @@ def test_the_recorder_marks_calls_that_asked_for_structured_output() -> None:
 
     run(main(), virtual=False)
     assert [c.guided for c in recorder.records] == [False, True]
+
+
+def test_each_call_pays_the_request_overhead_once_and_a_chain_pays_it_per_call() -> None:
+    profile = get_profile("h100-nvl-coder-8b")
+    lone = [CallRecord("coder", "s", "code", 0.0, 1.0, 400, 300)]
+    # Two calls at once (one phase), then one that waited for both (a second phase).
+    chain = [
+        CallRecord("coder", "s", "code", 0.0, 1.0, 400, 300),
+        CallRecord("coder", "s", "code", 0.0, 1.0, 400, 300),
+        CallRecord("coder", "s", "review", 1.0, 2.0, 400, 300),
+    ]
+    coder = {"coder": profile}
+    bare, charged = (
+        run(replay_makespan(lone, coder, request_overhead_s=o), virtual=True) for o in (0.0, 0.05)
+    )
+    assert abs((charged - bare) - 0.05) < 1e-6
+    bare, charged = (
+        run(replay_makespan(chain, coder, request_overhead_s=o), virtual=True) for o in (0.0, 0.05)
+    )
+    assert abs((charged - bare) - 0.10) < 1e-6  # two phases, the parallel calls overlap theirs
+    with pytest.raises(ValueError, match="request_overhead_s"):
+        run(replay_makespan(lone, coder, request_overhead_s=-1.0), virtual=True)

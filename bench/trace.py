@@ -149,6 +149,7 @@ async def replay_makespan(
     *,
     one_server: bool = False,
     request_overhead_s: float = 0.0,
+    spans: list[tuple[CallRecord, float, float]] | None = None,
 ) -> float:
     """Seconds the emulator takes for `calls`, issued as the real run issued them.
 
@@ -157,6 +158,8 @@ async def replay_makespan(
     `request_overhead_s`: the HTTP server's time per request outside engine steps
     (`tandem calibrate`'s TTFT overhead: tokenising, detokenising, streaming), which the
     emulated engine does not spend; each call pays it before its engine sees it.
+    `spans`, when given, gets each call with its start and end on the replay's clock
+    (seconds from the replay's start), for a per-call comparison with the real run.
     """
     if request_overhead_s < 0:
         raise ValueError("request_overhead_s must be >= 0")
@@ -177,7 +180,9 @@ async def replay_makespan(
 
     async def one(offset_s: float, call: CallRecord) -> None:
         nonlocal counter
-        await asyncio.sleep(offset_s + request_overhead_s)
+        await asyncio.sleep(offset_s)
+        started = loop.time() - t0
+        await asyncio.sleep(request_overhead_s)
         counter += 1
         chars = call.prompt_tokens * CHARS_PER_TOKEN
         prompt = f"{counter}:{call.session_id}:" + "x" * chars
@@ -190,6 +195,8 @@ async def replay_makespan(
             guided=call.guided,
         )
         await handle.result()
+        if spans is not None:
+            spans.append((call, started, loop.time() - t0))
 
     async def session(items: list[CallRecord]) -> None:
         start = min(c.start_s for c in items) - t0_real

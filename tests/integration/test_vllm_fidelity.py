@@ -341,25 +341,26 @@ def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated)
     runs = []
     for real_s, calls in calibrated.workflows:
         assert calls, "the real run recorded no calls (no usage in the answers?)"
+        spans: list[tuple[CallRecord, float, float]] = []
         replay = replay_makespan(
-            calls, profiles, one_server=True, request_overhead_s=calibrated.overhead_s
+            calls, profiles, one_server=True, request_overhead_s=calibrated.overhead_s, spans=spans
         )
         replayed_s = run_clock(replay, virtual=True)
-        runs.append((replayed_s / real_s - 1, real_s, replayed_s, calls))
+        runs.append((replayed_s / real_s - 1, real_s, replayed_s, spans))
     lines = []
-    for i, (off, real_s, replayed_s, calls) in enumerate(runs):
-        t0 = min(c.start_s for c in calls)
+    for i, (off, real_s, replayed_s, spans) in enumerate(runs):
+        t0 = min(c.start_s for c, _, _ in spans)
         per_call = "\n".join(
-            f"    {c.session_id} {c.stage:7s} {c.role:9s}{' guided' if c.guided else '       '} "
-            f"prompt {c.prompt_tokens:5d} out "
-            f"{c.completion_tokens:4d}  start {c.start_s - t0:6.3f} s  took "
-            f"{c.end_s - c.start_s:6.3f} s "
-            f"({(c.end_s - c.start_s) / max(1, c.completion_tokens) * 1e3:5.2f} ms/token)"
-            for c in sorted(calls, key=lambda c: c.start_s)
+            f"    {c.session_id} {c.stage:7s}{' guided' if c.guided else '       '} "
+            f"prompt {c.prompt_tokens:5d} out {c.completion_tokens:4d}  real: start "
+            f"{c.start_s - t0:6.3f} s took {c.end_s - c.start_s:6.3f} s "
+            f"({(c.end_s - c.start_s) / max(1, c.completion_tokens) * 1e3:5.2f} ms/token)  "
+            f"emulator: start {start:6.3f} s took {end - start:6.3f} s"
+            for c, start, end in sorted(spans, key=lambda s: s[0].start_s)
         )
         lines.append(
-            f"  run {i + 1}: real {real_s:.2f} s ({len(calls)} calls, "
-            f"{sum(c.completion_tokens for c in calls)} output tokens); replayed on the "
+            f"  run {i + 1}: real {real_s:.2f} s ({len(spans)} calls, "
+            f"{sum(c.completion_tokens for c, _, _ in spans)} output tokens); replayed on the "
             f"emulator {replayed_s:.2f} s ({off:+.0%})\n{per_call}"
         )
     median_off = statistics.median(off for off, *_ in runs)

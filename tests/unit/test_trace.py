@@ -165,5 +165,10 @@ def test_each_call_pays_the_request_overhead_once_and_a_chain_pays_it_per_call()
         run(replay_makespan(chain, coder, request_overhead_s=o), virtual=True) for o in (0.0, 0.05)
     )
     assert abs((charged - bare) - 0.10) < 1e-6  # two phases, the parallel calls overlap theirs
+    spans: list[tuple[CallRecord, float, float]] = []
+    took = run(replay_makespan(chain, coder, request_overhead_s=0.05, spans=spans), virtual=True)
+    assert [c.stage for c, _, _ in spans] == ["code", "code", "review"]
+    assert spans[0][1] == 0.0 and abs(spans[-1][2] - took) < 1e-9
+    assert spans[2][1] >= max(end for _, _, end in spans[:2])  # the review waited for both
     with pytest.raises(ValueError, match="request_overhead_s"):
         run(replay_makespan(lone, coder, request_overhead_s=-1.0), virtual=True)

@@ -519,6 +519,8 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         """Admit, forward and wrap the response body so the slot comes back."""
         if self.before_first_call is not None:
             await self.before_first_call()
+        if request.method != "POST":
+            return await self._pass_through(request)
         info = current_call.get()
         session_id = info.session_id if info is not None else "-"
         body = await request.aread()
@@ -607,6 +609,30 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             stream=stream,
             extensions={**response.extensions, REPLICA_EXTENSION: where},
         )
+
+    async def _pass_through(self, request: httpx.Request) -> httpx.Response:
+        """A read of the server's state (`GET /v1/models`): no GPU work, so it takes no
+        admission slot, waits behind no prefix leader and says nothing about latency."""
+        lane = self.pick()
+        where = self.where(lane)
+        target = self._target(request, lane.replica)
+        headers = request.headers.copy()
+        headers["host"] = target.netloc.decode("ascii")
+        outgoing = _readdressed(request, target, headers, self._extensions(request))
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                response = await lane.transport.handle_async_request(outgoing)
+        except TimeoutError:
+            raise httpx.ReadTimeout(
+                f"{where}: no answer within the request timeout "
+                f"({self.request_timeout_s:g} s, request_timeout_s)",
+                request=request,
+            ) from None
+        except httpx.TransportError as exc:
+            reason = _transport_reason(exc, self.connect_timeout_s)
+            raise type(exc)(f"{where}: {reason}", request=request) from exc
+        response.extensions = {**response.extensions, REPLICA_EXTENSION: where}
+        return response
 
 
 def _readdressed(

@@ -443,3 +443,41 @@ async def test_a_router_nobody_started_starts_on_its_first_call() -> None:
     await asyncio.sleep(3.5)
     assert len(scraped) >= 6  # both replicas, every second since the first call
     await router.aclose()
+
+
+@pytest.mark.looptime
+async def test_a_models_read_takes_no_slot_and_waits_behind_no_call() -> None:
+    """GET /v1/models (the context window lookup) is not GPU work: with the one slot held by
+    a streaming call, it is answered at once and counts as no admitted call."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url}")
+        if request.method == "GET":
+            return httpx.Response(200, json={"data": [{"id": "coder-8b", "max_model_len": 8}]})
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, content=_sse(5, 0.5, 0.5)
+        )
+
+    router = Router(
+        {"coder": [_replica("http://h/v1", "gpu1", httpx.MockTransport(handler))]},
+        limit="fixed-1",
+    )
+    async with router:
+        client = router.client("coder")
+        base = router.base_url("coder")
+        with call_scope(CallInfo("s", "code", "coder", "a.py")):
+            streaming = await client.send(
+                client.build_request("POST", f"{base}/chat/completions", json=CHAT), stream=True
+            )
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            models = await client.get(f"{base}/models")
+            took = loop.time() - start
+        assert models.json()["data"][0]["max_model_len"] == 8
+        assert took < 0.01  # the one slot is the stream's, and the read did not wait for it
+        assert router.stats()["coder@gpu1"]["admitted"] == 1
+        await streaming.aread()
+        await streaming.aclose()
+    assert seen == ["POST http://h/v1/chat/completions", "GET http://h/v1/models"]
+    assert _idle(router)

@@ -57,8 +57,10 @@ postgresql:
 
 # Real-engine benchmark on this CPU machine (docs/real-vllm.md): start both vLLM CPU servers,
 # run every policy against them on the real clock, stop the servers (also on failure).
-BENCH_CPU_WORKLOAD ?= --sessions 16 --tasks 8 --arrival-spread-s 2
-BENCH_CPU_TOKENS ?= plan=384,code=256,review=256
+# The random-weight model fills JSON strings toward their schema bounds and a plan must list
+# every file the request names, so its plans are sized for it: 2 named files, plan 1024 tokens.
+BENCH_CPU_WORKLOAD ?= --sessions 16 --tasks 2 --arrival-spread-s 2
+BENCH_CPU_TOKENS ?= plan=1024,code=256,review=512
 BENCH_CPU_POLICIES ?= seed-current,seed-phase3,fixed-4,fixed-8,fixed-16,fixed-32,fixed-64,adaptive
 
 bench-cpu: $(STAMP) vllm-cpu

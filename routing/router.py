@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,11 @@ if TYPE_CHECKING:
 from routing.transport import Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
 
-STALE_AFTER_INTERVALS = 3
+# A snapshot is stamped when its page arrived; the next one arrives at most one interval
+# plus one scrape timeout (two intervals) later from a server that still answers. Older than
+# that, the scraper itself has stopped (a failed or timed-out scrape is reported at once).
+SCRAPE_TIMEOUT_INTERVALS = 2
+STALE_AFTER_INTERVALS = 1 + SCRAPE_TIMEOUT_INTERVALS + 1
 
 
 def lane_finish_s(lane: Lane, expected_output_tokens: int) -> float | None:
@@ -304,16 +309,21 @@ class Router:
     async def _scrape_loop(self, lane: Lane, watcher: ServerWatcher) -> None:
         loop = asyncio.get_running_loop()
         url = lane.replica.scrape_url()
+        timeout_s = SCRAPE_TIMEOUT_INTERVALS * self.scrape_interval_s
         async with httpx.AsyncClient(
-            transport=_Unclosed(lane.transport), timeout=2 * self.scrape_interval_s
+            transport=_Unclosed(lane.transport), timeout=timeout_s
         ) as client:
             while True:
-                taken_at = loop.time()
+                sent_at = loop.time()
                 try:
-                    async with asyncio.timeout(2 * self.scrape_interval_s):
-                        snapshot = await scrape(client, url, taken_at)
+                    async with asyncio.timeout(timeout_s):
+                        snapshot = await scrape(client, url, sent_at)
                 except TimeoutError:
-                    snapshot = ServerSnapshot.failed(taken_at, "scrape timed out")
+                    snapshot = ServerSnapshot.failed(sent_at, "scrape timed out")
+                if snapshot.ok:
+                    # The page says how the server was when it answered: a server slow to
+                    # answer (its API process busy) is not thereby out of date.
+                    snapshot = dataclasses.replace(snapshot, taken_at=loop.time())
                 # The page that gives the load also gives the KV cache size.
                 if snapshot.kv_capacity_tokens is not None and isinstance(watcher, KvBounded):
                     watcher.set_kv_capacity(snapshot.kv_capacity_tokens)

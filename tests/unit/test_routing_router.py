@@ -282,6 +282,45 @@ async def test_scrapers_feed_the_adaptive_limit_and_stale_means_saturated() -> N
     await router.aclose()
 
 
+@pytest.mark.looptime
+async def test_a_server_slow_to_answer_its_metrics_is_not_taken_for_a_stale_one() -> None:
+    """Each /metrics page takes 1.8 s (inside the 2 s scrape timeout): a snapshot then starts
+    1.8 s old, and the next arrives 2.8 s after it. Stamped at the send, one would read as
+    stale (over 3 intervals) between pages and the limit would back off; stamped when the page
+    came, the server stays "spare". A scraper that stops getting pages still ends "saturated"."""
+    page = (
+        (FIXTURES / "vllm_metrics_v1.txt").read_text().replace('engine="0"} 3.0', 'engine="0"} 0.0')
+    )  # no queue
+    answering = [True]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            await asyncio.sleep(1.8 if answering[0] else 3600.0)
+            return httpx.Response(200, text=page)
+        return httpx.Response(200, json={})
+
+    router = Router(
+        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
+        limit="adaptive",
+        scrape_interval_s=1.0,
+    )
+    await router.start()
+    limit = router.lanes("reasoning")[0].admission.limit_algorithm
+    assert isinstance(limit, AdaptiveLimit)
+    loop = asyncio.get_running_loop()
+    before = limit.limit
+    states = []
+    for _ in range(60):  # 30 s, polled every half second
+        await asyncio.sleep(0.5)
+        states.append(limit.server_state(loop.time()))
+    assert "saturated" not in states[4:], states
+    assert limit.limit >= before  # never backed off (the page's 42 running let it grow)
+    answering[0] = False
+    await asyncio.sleep(10.0)  # timed-out scrapes: failed snapshots
+    assert limit.server_state(loop.time()) == "saturated"
+    await router.aclose()
+
+
 def test_bad_policy_strings_fail_fast() -> None:
     eps: dict[Role, list[Replica]] = {"coder": [Replica("http://h/v1", "m", "gpu1")]}
     with pytest.raises(ValueError):

@@ -526,13 +526,12 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         # Parsed once, and only when something reads it: the stream flag, or a priority field.
         wanted = b'"stream"' in body or any(lane.replica.priority for lane in self.lanes)
-        payload = _json_object(body) if request.method == "POST" and wanted else None
+        payload = _json_object(body) if wanted else None
         streamed = payload is not None and payload.get("stream") is True
         lane = self.pick()
         where = self.where(lane)
         target = self._target(request, lane.replica)
-        headers = request.headers.copy()
-        headers["host"] = target.netloc.decode("ascii")
+        headers = _host_headers(request, target)
         if info is not None:
             headers.update(info.headers())
         extensions = self._extensions(request)
@@ -571,11 +570,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
                     request=request,
                 ) from None
             slot.release(Outcome("dropped"))
-            raise httpx.ReadTimeout(
-                f"{where}: no answer within the request timeout "
-                f"({self.request_timeout_s:g} s, request_timeout_s)",
-                request=request,
-            ) from None
+            raise self._request_timed_out(where, request) from None
         except httpx.TransportError as exc:
             # A slow answer says the server is loaded; a refused or unopened connection does not.
             overload = isinstance(exc, httpx.TimeoutException) and not isinstance(
@@ -616,23 +611,32 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         lane = self.pick()
         where = self.where(lane)
         target = self._target(request, lane.replica)
-        headers = request.headers.copy()
-        headers["host"] = target.netloc.decode("ascii")
+        headers = _host_headers(request, target)
         outgoing = _readdressed(request, target, headers, self._extensions(request))
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 response = await lane.transport.handle_async_request(outgoing)
         except TimeoutError:
-            raise httpx.ReadTimeout(
-                f"{where}: no answer within the request timeout "
-                f"({self.request_timeout_s:g} s, request_timeout_s)",
-                request=request,
-            ) from None
+            raise self._request_timed_out(where, request) from None
         except httpx.TransportError as exc:
             reason = _transport_reason(exc, self.connect_timeout_s)
             raise type(exc)(f"{where}: {reason}", request=request) from exc
         response.extensions = {**response.extensions, REPLICA_EXTENSION: where}
         return response
+
+    def _request_timed_out(self, where: str, request: httpx.Request) -> httpx.ReadTimeout:
+        return httpx.ReadTimeout(
+            f"{where}: no answer within the request timeout "
+            f"({self.request_timeout_s:g} s, request_timeout_s)",
+            request=request,
+        )
+
+
+def _host_headers(request: httpx.Request, target: httpx.URL) -> httpx.Headers:
+    """`request`'s headers, with the Host of the replica it goes to."""
+    headers = request.headers.copy()
+    headers["host"] = target.netloc.decode("ascii")
+    return headers
 
 
 def _readdressed(

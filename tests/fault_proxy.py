@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 import uvicorn
+
+from bench.services import free_port
 
 Fate = Literal["503", "500", "hang", "cut", "pass"]
 Scope = dict[str, Any]
@@ -60,13 +61,6 @@ class FaultMix:
                 return fate  # type: ignore[return-value]
             draw -= rate
         return "pass"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FaultProxy:

@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
 
+from bench.services import free_port
 from serving.launch import (
     DEFAULT_LOG_DIR,
     ServerGroup,
@@ -81,12 +81,6 @@ def _role_env(group: ServerGroup, role: Role) -> dict[str, str]:
     return build_env(group.profile, role)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def vllm_servers() -> Iterator[VllmServers]:
     """Start the two real vLLM CPU servers (about 35 s on 2 cores) and stop them at the end.
@@ -105,7 +99,7 @@ def vllm_servers() -> Iterator[VllmServers]:
         )
     profile = load_profile("cpu-tiny")
     for role in ROLES:
-        profile.roles[role] = profile.roles[role].model_copy(update={"port": _free_port()})
+        profile.roles[role] = profile.roles[role].model_copy(update={"port": free_port()})
     group = ServerGroup(profile, python=python, log_dir=DEFAULT_LOG_DIR / "pytest")
     try:
         group.start()

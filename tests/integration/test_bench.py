@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.services import free_port
 from cli.app import main as tandem
 
 pytestmark = pytest.mark.integration
@@ -186,15 +186,9 @@ def test_saturated_rate_is_capped_by_the_kv_cache() -> None:
     assert short > long
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_real_clock_smoke_over_loopback_http(tmp_path: Path) -> None:
     path = tmp_path / "real.json"
-    port = _free_port()
+    port = free_port()
     code = bench_main(
         [
             "--metrics-port", str(port),

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import httpx
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.services import free_port
 from serving.emulator.app import create_app
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_emulator_serves_over_http() -> None:
-    port = _free_port()
+    port = free_port()
     app = create_app("cpu-tiny", served_model_name="tiny", max_coalesced_steps=1)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())

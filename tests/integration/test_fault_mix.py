@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.services import free_port
 from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.sessions import SessionResult, run_many
@@ -32,7 +33,7 @@ from routing.fanout import FanoutPolicy
 from routing.router import Router
 from serving.emulator.app import create_app
 from serving.emulator.transport import InProcessTransport
-from tests.fault_proxy import FaultMix, FaultProxy, free_port
+from tests.fault_proxy import FaultMix, FaultProxy
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pytest
 from langgraph_sdk import get_client
 from langgraph_sdk.errors import UnprocessableEntityError
 
+from bench.services import free_port
 from nodes.context import MAX_REQUEST_CHARS
 
 pytestmark = pytest.mark.integration
@@ -70,12 +70,6 @@ def _langgraph_bin() -> Path:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     pytest.fail("no `langgraph` binary in .venv/bin: install the dev extras (langgraph-cli[inmem])")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _server_env(workspace: Path) -> dict[str, str]:
@@ -149,7 +143,7 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
     log_dir = tmp_path_factory.mktemp("langgraph-dev")
     assert not log_dir.resolve().is_relative_to(REPO_ROOT), "the log must live outside the repo"
     workspace = tmp_path_factory.mktemp("workspace")
-    port = _free_port()
+    port = free_port()
     log_path = log_dir / "server.log"
     command = [str(binary), "dev", "--no-browser", "--no-reload", "--n-jobs-per-worker", "4"]
     command += ["--host", "127.0.0.1", "--port", str(port)]

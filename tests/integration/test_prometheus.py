@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.services import free_port
 from routing.exporter import TandemMetrics
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -23,12 +23,6 @@ pytestmark = [
         reason="needs the prometheus binary: apt-get install -y prometheus",
     ),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -50,7 +44,7 @@ def test_prometheus_scrapes_tandem_series(
     metrics.session_progress("s1", 2, 8)
     metrics.parallel_tasks(6)
 
-    prom_port = _free_port()
+    prom_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"

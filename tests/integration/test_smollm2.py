@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import py_compile
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import PrivateAttr
 
+from bench.services import free_port
 from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.settings import load_settings
@@ -47,12 +47,6 @@ TOKENS = {"plan": 512, "code": 512, "review": 384}
 BROKEN = "```python\ndef broken(:\n```"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def smollm2_url() -> Iterator[tuple[str, str, float | None, float | None]]:
     """(base URL, served name, temperature, top-p) of one SmolLM2 server on a free port."""
@@ -61,7 +55,7 @@ def smollm2_url() -> Iterator[tuple[str, str, float | None, float | None]]:
     python = venv_python()
     ensure_model(python)
     profile = load_profile("smollm2-cpu")
-    spec = profile.roles["coder"].model_copy(update={"port": _free_port(), "env": {}})
+    spec = profile.roles["coder"].model_copy(update={"port": free_port(), "env": {}})
     profile.roles = {"coder": spec}
     group = ServerGroup(
         profile, python=python, log_dir=DEFAULT_LOG_DIR / "pytest-smollm2", roles=["coder"]

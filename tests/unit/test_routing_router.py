@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,6 +54,20 @@ def _sse(n_tokens: int, first_s: float, gap_s: float) -> AsyncIterator[bytes]:
 
 def _replica(url: str, gpu: str, handler: httpx.MockTransport) -> Replica:
     return Replica(url=url, model="coder-8b", gpu=gpu, transport=handler)
+
+
+async def _scraped_adaptive(handler: Any) -> tuple[Router, AdaptiveLimit]:
+    """A started router with one adaptive reasoning replica served by `handler`, scraped
+    every second, and its limit."""
+    router = Router(
+        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
+        limit="adaptive",
+        scrape_interval_s=1.0,
+    )
+    await router.start()
+    limit = router.lanes("reasoning")[0].admission.limit_algorithm
+    assert isinstance(limit, AdaptiveLimit)
+    return router, limit
 
 
 def _idle(router: Router) -> bool:
@@ -263,15 +278,8 @@ async def test_scrapers_feed_the_adaptive_limit_and_stale_means_saturated() -> N
             return httpx.Response(200, text=page) if up[0] else httpx.Response(502)
         return httpx.Response(200, json={})
 
-    router = Router(
-        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
-        limit="adaptive",
-        scrape_interval_s=1.0,
-    )
-    await router.start()
+    router, limit = await _scraped_adaptive(handler)
     await router.start()  # idempotent
-    limit = router.lanes("reasoning")[0].admission.limit_algorithm
-    assert isinstance(limit, AdaptiveLimit)
     await asyncio.sleep(0.5)
     assert limit.server_state(asyncio.get_running_loop().time()) == "hold"  # waiting=3
     before = limit.limit
@@ -299,14 +307,7 @@ async def test_a_server_slow_to_answer_its_metrics_is_not_taken_for_a_stale_one(
             return httpx.Response(200, text=page)
         return httpx.Response(200, json={})
 
-    router = Router(
-        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
-        limit="adaptive",
-        scrape_interval_s=1.0,
-    )
-    await router.start()
-    limit = router.lanes("reasoning")[0].admission.limit_algorithm
-    assert isinstance(limit, AdaptiveLimit)
+    router, limit = await _scraped_adaptive(handler)
     loop = asyncio.get_running_loop()
     before = limit.limit
     states = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from routing.calls import current_call
-from routing.limits import InFlightWatcher, Limit, Sample, ServerWatcher
+from routing.limits import InFlightWatcher, Limit, OutputCapped, Sample, ServerWatcher
 from routing.orders import FifoOrder, ServiceLedger, Waiter, WaitOrder
 from routing.vllm_metrics import ServerSnapshot
 
@@ -183,16 +183,18 @@ class Admission:
         """In flight plus queued."""
         return self._in_flight + self.queued
 
-    async def acquire(self, session_id: str = "-") -> Slot:
+    async def acquire(self, session_id: str = "-", max_tokens: int | None = None) -> Slot:
         """Wait for a slot; a caller cancelled while queued leaves the queue cleanly.
 
         The call's stage (`routing.calls.current_call`) goes with its slot: the limit keeps
-        call sizes per stage.
+        call sizes per stage, and is told the call's output cap (`max_tokens`), if any.
         """
         loop = asyncio.get_running_loop()
         now = loop.time()
         info = current_call.get()
         kind = info.stage if info is not None else "-"
+        if max_tokens is not None and isinstance(self.limit_algorithm, OutputCapped):
+            self.limit_algorithm.note_output_cap(kind, max_tokens)
         hold = self._holds(session_id)
         if not hold and self._queued == 0 and self._in_flight < self.limit:
             return self._admit(session_id, now, now, kind)

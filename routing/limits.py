@@ -17,8 +17,10 @@ never as idle. KV: a full cache or preemptions; the server then runs what fits a
 the rest for blocks, which it hands out exactly as sequences end. That is the KV bound's to
 answer: sequences grow until they end, so it projects the calls in flight from their ages
 and the sizes recent calls of their stage reached, and admits what fits at the cache's
-coming peak. Before any call has ended nothing says how far calls grow: the bound then
-divides by the sizes seen now, and a full cache backs off as compute saturation does.
+coming peak. Before a call of a kind has ended, its cap (`max_tokens`) says how far it may
+grow, and the projection holds it at that; without one, nothing says how far calls grow:
+the bound then divides by the sizes seen now, and a full cache backs off as compute
+saturation does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ from typing import Literal, Protocol, runtime_checkable
 from routing.vllm_metrics import ServerSnapshot
 
 UNLIMITED = 1_000_000
+# Before a call of a kind has ended, a call of it is taken at this share of its output cap:
+# the mean length if lengths were spread evenly up to the cap. The whole cap (TGI's
+# reservation by max total tokens) let agentic-long's first wave of plans run at half the
+# batch the reasoning GPU's cache holds (adaptive's makespan 1,850 s against 1,760 s at this
+# share, mean over seeds 0-2); no prior let it admit 16 plans that then overfilled it.
+CAP_PRIOR_FRACTION = 0.5
 
 ServerState = Literal["unknown", "spare", "hold", "saturated"]
 
@@ -101,6 +109,15 @@ class KvBounded(Protocol):
 
 
 @runtime_checkable
+class OutputCapped(Protocol):
+    """A limit told each call's output cap (`max_tokens`) at admission, per kind of call."""
+
+    def note_output_cap(self, kind: str, max_tokens: int) -> None:
+        """A call of `kind` may generate up to `max_tokens` tokens."""
+        ...
+
+
+@runtime_checkable
 class InFlightWatcher(Protocol):
     """A limit that projects the calls holding its slots: the admission says how old they are."""
 
@@ -157,6 +174,11 @@ class _CallSize:
     service_s: float
 
 
+def _through(age: float, size: _CallSize) -> float:
+    """How far through its output a call of this size is at `age` (a capped one: all the way)."""
+    return 1.0 if size.service_s <= 0 else min(1.0, age / size.service_s)
+
+
 class _CallSizeTrack:
     """What the calls in flight will hold in the KV cache at its peak, projected by age.
 
@@ -168,13 +190,32 @@ class _CallSizeTrack:
     its output, both counted from admission. The prompt's share is what the cache holds
     beyond the running calls' output: the gauge counts a shared prefix once, which no
     prompt length can say.
+
+    A kind not yet seen to end, whose calls carry an output cap (`max_tokens`), is taken at
+    `CAP_PRIOR_FRACTION` of its cap, held from admission: the first wave of long calls,
+    where nothing else says how far they grow, cannot be admitted on the sizes they have
+    when young and then overfill the cache as they grow.
     """
 
     def __init__(self, window: int) -> None:
         self._weight = 1.0 / window
         self._sizes: dict[str, _CallSize] = {}
         self._all: _CallSize | None = None
+        self._caps: dict[str, int] = {}  # the largest output cap seen per kind
         self.prompt_tokens: float | None = None  # KV per running call beyond its output
+
+    def note_cap(self, kind: str, max_tokens: int) -> None:
+        if max_tokens > 0:
+            self._caps[kind] = max(max_tokens, self._caps.get(kind, 0))
+
+    def _size(self, kind: str) -> _CallSize | None:
+        """The kind's mean size; else its cap, held from admission (`service_s` 0); else
+        the mean over all kinds."""
+        if (size := self._sizes.get(kind)) is not None:
+            return size
+        if (cap := self._caps.get(kind)) is not None:
+            return _CallSize(CAP_PRIOR_FRACTION * cap, 0.0)
+        return self._all
 
     def add_call(self, sample: Sample) -> None:
         if sample.service_s is None or sample.service_s <= 0:
@@ -216,17 +257,24 @@ class _CallSizeTrack:
 
         Returns:
             Calls in flight plus fresh calls that fit (fewer than in flight when those
-            overfill it); None before a call has ended.
+            overfill it); None while a call in flight is of a kind with neither a call
+            ended nor a cap.
         """
-        if self._all is None:
-            return None
         by_age = sorted(calls, key=lambda call: call[0])  # youngest first
-        sizes = [self._sizes.get(kind, self._all) for _, kind in by_age]
+        known = [self._size(kind) for _, kind in by_age]
+        new = known[0] if known else self._all
+        if new is None or any(size is None for size in known):
+            return None  # a kind with neither a call ended nor a cap: nothing says how far
+        sizes = [size for size in known if size is not None]
         ages = [age for age, _ in by_age]
         held_now = range(max(0, len(ages) - running), len(ages))
         if running > 0 and len(held_now) > 0:
+            # A capped call's output so far is unknown: counting none of it leaves more to
+            # the prompt, the cautious side.
             output_now = sum(
-                sizes[i].output_tokens * min(1.0, ages[i] / sizes[i].service_s) for i in held_now
+                sizes[i].output_tokens * _through(ages[i], sizes[i])
+                for i in held_now
+                if sizes[i].service_s > 0
             )
             # Sequences that others admitted (the server may have several clients) are
             # taken to be like ours.
@@ -235,14 +283,14 @@ class _CallSizeTrack:
         prompt = self.prompt_tokens
         if prompt is None:
             return None
-        new = sizes[0] if sizes else self._all
         fresh = room_tokens / (prompt + new.output_tokens)  # once every call now has ended
         # The moments the cache may peak: now, and just before each call ends. A call still
         # running at `moment` holds prompt + output x (age + moment) / service, so what all
-        # of them hold is `base + moment x rate`, summed from the last to end backwards.
+        # of them hold is `base + moment x rate`, summed from the last to end backwards. A
+        # capped call holds its cap from admission and is not counted on to end.
         ending = sorted(
             (
-                (max(0.0, size.service_s - age), age, size)
+                (max(0.0, size.service_s - age) if size.service_s > 0 else math.inf, age, size)
                 for age, size in zip(ages, sizes, strict=True)
             ),
             key=lambda item: item[0],
@@ -250,12 +298,15 @@ class _CallSizeTrack:
         )
         base = rate = 0.0
         for i, (end, age, size) in enumerate(ending):
-            base += prompt + size.output_tokens * min(1.0, age / size.service_s)
-            if end > 0:
+            base += prompt + size.output_tokens * _through(age, size)
+            if 0 < end < math.inf:
                 rate += size.output_tokens / size.service_s
             if i + 1 < len(ending) and ending[i + 1][0] == end:
                 continue  # the calls ending together are all still held just before
-            one = prompt + new.output_tokens * min(1.0, end / new.service_s)
+            if end == math.inf:
+                fresh = min(fresh, (room_tokens - base) / max(1.0, prompt + new.output_tokens))
+                continue
+            one = prompt + new.output_tokens * _through(end, new)
             fresh = min(fresh, (room_tokens - base - end * rate) / max(1.0, one))
         if not ending or ending[-1][0] > 0:
             fresh = min(fresh, (room_tokens - base) / max(1.0, prompt))  # now
@@ -461,6 +512,10 @@ class AdaptiveLimit:
     def set_in_flight(self, calls: Sequence[tuple[float, str]]) -> None:
         """(age, kind) of each call holding a slot; given before each snapshot."""
         self._in_flight_calls = list(calls)
+
+    def note_output_cap(self, kind: str, max_tokens: int) -> None:
+        """A call of `kind` may generate up to `max_tokens`: its size until one such ends."""
+        self._sizes.note_cap(kind, max_tokens)
 
     def _update_kv_bound(self, snap: ServerSnapshot) -> None:
         if snap.kv_usage is None:

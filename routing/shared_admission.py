@@ -604,16 +604,17 @@ class SharedAdmission(Admission):
         """The shared counters as the last script saw them."""
         return self._shared
 
-    async def acquire(self, session_id: str = "-") -> Slot:
+    async def acquire(self, session_id: str = "-", max_tokens: int | None = None) -> Slot:
         """Wait for a shared slot (a local one while Redis is away).
 
         A caller cancelled while queued leaves the shared queue, and a slot granted in the
-        same instant is given back.
+        same instant is given back. `max_tokens` is for the local fallback's limit (the
+        shared limit projects no calls).
         """
         if self._redis is None:
             raise RuntimeError(f"admission {self.name}: start() was not called")
         if self._fallback is not None:
-            return await self._fallback.acquire(session_id)
+            return await self._fallback.acquire(session_id, max_tokens)
         loop = asyncio.get_running_loop()
         ticket = f"{self.worker_id}:{next(self._tickets):012d}"
         waiter = _Waiter(session_id, loop.time(), loop.create_future())
@@ -627,7 +628,7 @@ class SharedAdmission(Admission):
             self._withdraw(ticket, waiter)
             raise
         if result is _FALLBACK:
-            return await self._local_acquire(session_id)
+            return await self._local_acquire(session_id, max_tokens)
         return self._granted(ticket, waiter)
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
@@ -714,11 +715,11 @@ class SharedAdmission(Admission):
             self._outbox.cancels.append(ticket)
             self._send_soon()
 
-    async def _local_acquire(self, session_id: str) -> Slot:
+    async def _local_acquire(self, session_id: str, max_tokens: int | None) -> Slot:
         # The loop may have rejoined Redis meanwhile: then this call waits on the shared budget.
         if self._fallback is None:
-            return await self.acquire(session_id)
-        return await self._fallback.acquire(session_id)
+            return await self.acquire(session_id, max_tokens)
+        return await self._fallback.acquire(session_id, max_tokens)
 
     # -- Redis -----------------------------------------------------------------------
 

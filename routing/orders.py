@@ -1,4 +1,5 @@
-"""Who is admitted next when a replica is full: FIFO, or program-aware LAS with aging.
+"""Who is admitted next when a replica is full: FIFO, program-aware LAS with aging, or the
+oldest session first.
 
 Waiters queue per session (FIFO within a session); an order ranks the sessions' heads.
 LAS (least attained service, per session, as in Autellix's program-level scheduling)
@@ -11,6 +12,12 @@ a session's LAS rank is a line in time, attained(t) - aging_rate * (t - enqueued
 intercept + (active calls - aging_rate) * t, so heads are kept in one heap per slope (per
 count of calls the session has running), keyed by intercept; the ledger tells the order
 when a session's line changes. A pick compares the tops of the few slope heaps.
+
+Oldest session first ranks heads by when their session arrived (its first call at any
+replica, shared through the ledger), so sessions finish in the order they came. When
+sessions are all about the same size, that is what minimises mean session latency: LAS
+then serves them all about equally and they all finish near the end. It has no flood
+protection: a session with many calls holds the replica until its calls are through.
 """
 
 from __future__ import annotations
@@ -35,17 +42,31 @@ class Waiter:
     held: bool = False
 
 
+# A session with no call running or ending for this long arrives anew at its next call
+# (a thread continued later does not keep its first arrival).
+SESSION_IDLE_S = 60.0
+
+
 @dataclass
 class _Account:
     done_s: float = 0.0
     active: int = 0
     start_sum: float = 0.0
+    arrived_at: float | None = None  # when its current activity began (oldest-first order)
+    touched_at: float = 0.0  # its last call admitted, ended, or asked for
 
 
 class ServiceLedger:
-    """Slot-seconds of service each session has attained, across all replicas (one clock)."""
+    """Slot-seconds of service each session has attained, across all replicas (one clock),
+    and when each session arrived.
 
-    def __init__(self) -> None:
+    Args:
+        idle_s: A session with no call running, admitted, ended or asked for in this long
+            arrives anew at its next call.
+    """
+
+    def __init__(self, *, idle_s: float = SESSION_IDLE_S) -> None:
+        self.idle_s = idle_s
         self._accounts: dict[str, _Account] = {}
         self._watchers: list[Callable[[str], None]] = []
 
@@ -56,6 +77,7 @@ class ServiceLedger:
     def begin(self, session_id: str, now: float) -> None:
         """A call of `session_id` was admitted at `now`."""
         acc = self._accounts.setdefault(session_id, _Account())
+        self._arrive(acc, now)  # a call admitted at once never waited in an order
         acc.active += 1
         acc.start_sum += now
         self._changed(session_id)
@@ -66,7 +88,20 @@ class ServiceLedger:
         acc.active -= 1
         acc.start_sum -= started_at
         acc.done_s += max(0.0, now - started_at)
+        acc.touched_at = max(acc.touched_at, now)
         self._changed(session_id)
+
+    def arrived(self, session_id: str, now: float) -> float:
+        """When `session_id` arrived: the first time it asked for a slot (at `now` or before),
+        on any replica, unless it has since been idle for more than `idle_s`; then it
+        arrives anew at `now`."""
+        return self._arrive(self._accounts.setdefault(session_id, _Account()), now)
+
+    def _arrive(self, acc: _Account, now: float) -> float:
+        if acc.arrived_at is None or (acc.active == 0 and now - acc.touched_at > self.idle_s):
+            acc.arrived_at = now
+        acc.touched_at = max(acc.touched_at, now)
+        return acc.arrived_at
 
     def attained(self, session_id: str, now: float) -> float:
         """Service so far, counting calls still running up to `now`."""
@@ -221,8 +256,50 @@ class LasOrder:
         heapq.heapify(self._by_age)
 
 
+class OldestOrder:
+    """The head of the session that arrived first (`ServiceLedger.arrived`), then by arrival.
+
+    Args:
+        ledger: Shared accounts: a session's arrival is the same on every replica.
+    """
+
+    def __init__(self, ledger: ServiceLedger) -> None:
+        self.ledger = ledger
+        self._heads: dict[str, Waiter] = {}
+        self._heap: list[tuple[float, int, str]] = []
+
+    def key(self, head: Waiter) -> tuple[float, int]:
+        """The rank `pick` minimises: (the session's arrival, the head's arrival)."""
+        return (self.ledger.arrived(head.session_id, head.enqueued_at), head.seq)
+
+    def set_head(self, session_id: str, head: Waiter | None) -> None:
+        """Index the session's new head by its session's arrival (or forget the session)."""
+        if head is None:
+            self._heads.pop(session_id, None)
+            return
+        self._heads[session_id] = head
+        heapq.heappush(self._heap, (*self.key(head), session_id))
+        if len(self._heap) > 4 * len(self._heads) + 64:
+            self._heap = [e for e in self._heap if self._is_head(e[2], e[1])]
+            heapq.heapify(self._heap)
+
+    def pick(self, now: float) -> str:
+        """The session that arrived first among those waiting."""
+        heap = self._heap
+        while not self._is_head(heap[0][2], heap[0][1]):
+            heapq.heappop(heap)  # that head has left
+        return heap[0][2]
+
+    def _is_head(self, session_id: str, seq: int) -> bool:
+        head = self._heads.get(session_id)
+        return head is not None and head.seq == seq
+
+
+ORDERS = ("fifo", "las", "oldest")
+
+
 def make_order(name: str, ledger: ServiceLedger) -> WaitOrder:
-    """ "fifo" or "las".
+    """ "fifo", "las" or "oldest".
 
     Raises:
         ValueError: an unknown order.
@@ -231,4 +308,6 @@ def make_order(name: str, ledger: ServiceLedger) -> WaitOrder:
         return FifoOrder()
     if name == "las":
         return LasOrder(ledger)
-    raise ValueError(f"unknown order {name!r}: use fifo or las")
+    if name == "oldest":
+        return OldestOrder(ledger)
+    raise ValueError(f"unknown order {name!r}: use one of {', '.join(ORDERS)}")

@@ -61,8 +61,9 @@ class Router:
     Args:
         endpoints: Replicas per role.
         limit: "unlimited", "fixed-N" or "adaptive" (one limit per replica).
-        order: "fifo" or "las" (least attained service per session, with aging; "las" also
-            holds a session's calls behind its prefix leader, see `routing.admission`).
+        order: "fifo", "las" (least attained service per session, with aging) or "oldest"
+            (the session that arrived first); "las" and "oldest" also hold a session's calls
+            behind its prefix leader, see `routing.admission`.
         metrics: Where to export `tandem_*` series.
         scrape_interval_s: How often adaptive limits read each server's `/metrics`.
         request_timeout_s: Bound on one call from admission to the end of its body.
@@ -141,7 +142,7 @@ class Router:
                         self.ledger,
                         observer,
                         # Program-aware orders keep a session's prefix computed once.
-                        prefix_hold_s=PREFIX_HOLD_S if order == "las" else None,
+                        prefix_hold_s=PREFIX_HOLD_S if order != "fifo" else None,
                     )
                 if observer is not None:
                     observer.on_state(admission.limit, 0, 0)

@@ -302,6 +302,10 @@ return s
 _FALLBACK: Final = object()  # a waiter's future result: Redis went away, admit locally
 
 
+# Orders the Redis scripts rank by.
+SHARED_ORDERS = ("fifo", "las")
+
+
 class AdmissionStoreUnavailable(RuntimeError):
     """Redis could not be reached when a shared admission started."""
 
@@ -409,7 +413,7 @@ class SharedAdmission(Admission):
             worker must use the same name for the same replica.
         limit: The limit algorithm (run by the leader; the others read its value).
         url: `redis://` or `rediss://` URL.
-        order: "fifo" or "las".
+        order: "fifo" or "las" ("oldest" is refused: ValueError).
         ledger: In-process service accounts, used by the local fallback's order.
         observer: Metrics sink (replica-wide in-flight and queue).
         key_prefix: Prefix of every key; the service hashes are shared by all replicas
@@ -439,6 +443,12 @@ class SharedAdmission(Admission):
         on_degraded: Callable[[bool], None] | None = None,
         max_connections: int = 32,
     ) -> None:
+        if order not in SHARED_ORDERS:
+            # The in-Redis rank knows FIFO and LAS; a session's arrival is per process.
+            raise ValueError(
+                f"order {order!r} is not available with a shared admission budget "
+                f"(TANDEM_ADMISSION_URL): use one of {', '.join(SHARED_ORDERS)}"
+            )
         ledger = ledger or ServiceLedger()
         super().__init__(name, limit, make_order(order, ledger), ledger, observer)
         if lease_ttl_s <= 0:

@@ -20,6 +20,7 @@ from graph.sessions import SessionResult
         ("adaptive+auto", "auto", "las", True),
         ("adaptive-fifo", "reasoning", "fifo", False),
         ("adaptive-nopriority", "reasoning", "las", False),
+        ("adaptive-oldest", "reasoning", "oldest", False),
     ],
 )
 def test_adaptive_policies(name: str, review_on: str, order: str, engine_priority: bool) -> None:

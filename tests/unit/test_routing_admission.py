@@ -1,4 +1,4 @@
-"""Admission: limits enforced, cancellation clean, FIFO and LAS-with-aging orders."""
+"""Admission: limits enforced, cancellation clean, FIFO, LAS-with-aging and oldest-first orders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pytest_socket import disable_socket, enable_socket
 
 from routing.admission import Admission, Outcome
 from routing.limits import FixedLimit
-from routing.orders import LasOrder, ServiceLedger
+from routing.orders import LasOrder, ServiceLedger, make_order
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,35 @@ async def test_las_lets_a_late_session_through_a_flood() -> None:
     late = await call("B", 1.0)
     assert late <= 1.0  # next free slot: B has attained nothing
     await asyncio.gather(*flood)
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+@pytest.mark.parametrize(
+    ("order", "admitted"),
+    [
+        ("oldest", ["A1", "A2", "B1"]),  # A came first: its next call goes before B's
+        ("fifo", ["A1", "B1", "A2"]),  # by when each call asked
+        ("las", ["A1", "B1", "A2"]),  # B has attained nothing yet
+    ],
+)
+@pytest.mark.looptime
+async def test_the_oldest_order_lets_the_earlier_session_finish_first(
+    order: str, admitted: list[str]
+) -> None:
+    ledger = ServiceLedger()
+    adm = Admission("reasoning", FixedLimit(1), make_order(order, ledger), ledger)
+    seen: list[str] = []
+
+    async def call(name: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        slot = await adm.acquire(name[0])
+        seen.append(name)
+        await asyncio.sleep(1.0)
+        slot.release(Outcome())
+
+    # A's first call runs 0-1 s; B asks at 0.5 s; A asks its second call at 0.9 s.
+    await asyncio.gather(call("A1", 0.0), call("B1", 0.5), call("A2", 0.9))
+    assert seen == admitted
     assert adm.in_flight == 0 and adm.queued == 0
 
 

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections import deque
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routing.orders import FifoOrder, LasOrder, ServiceLedger, Waiter
+from routing.limits import FixedLimit
+from routing.orders import (
+    SESSION_IDLE_S,
+    FifoOrder,
+    LasOrder,
+    OldestOrder,
+    ServiceLedger,
+    Waiter,
+    make_order,
+)
+from routing.shared_admission import SharedAdmission
 
 SESSIONS = [f"s{i}" for i in range(6)]
 
@@ -29,7 +41,7 @@ ops = st.lists(
 class _Queues:
     """Per-session FIFO queues in front of an order, as `Admission` keeps them."""
 
-    def __init__(self, order: FifoOrder | LasOrder) -> None:
+    def __init__(self, order: FifoOrder | LasOrder | OldestOrder) -> None:
         self.order = order
         self.queues: dict[str, deque[Waiter]] = {}
         self.seq = itertools.count()
@@ -119,3 +131,57 @@ def test_las_index_stays_small_under_many_line_changes() -> None:
     assert entries <= 4 * len(SESSIONS) + 64
     assert order.pick(10_000.0) in SESSIONS
     queues.loop.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_oldest_pick_is_the_head_of_the_session_that_arrived_first(
+    history: list[tuple[str, int, int]],
+) -> None:
+    ledger = ServiceLedger(idle_s=math.inf)  # the idle rule: its own test below
+    order = OldestOrder(ledger)
+    queues = _Queues(order)
+    running: dict[str, list[float]] = {s: [] for s in SESSIONS}
+    first_ask: dict[str, float] = {}
+    now = 0.0
+    for op, index, quarters in history:
+        session_id = SESSIONS[index]
+        if op == "tick":
+            now += quarters / 4
+        elif op == "wait":
+            first_ask.setdefault(session_id, now)
+            queues.wait(session_id, now)
+        elif op == "begin":  # a call admitted elsewhere (another replica): it arrived too
+            first_ask.setdefault(session_id, now)
+            ledger.begin(session_id, now)
+            running[session_id].append(now)
+        elif op == "end" and running[session_id]:
+            ledger.end(session_id, running[session_id].pop(0), now)
+        elif op == "cancel" and session_id in queues.queues:
+            queues.pop_head(session_id)
+        elif op == "pick" and queues.queues:
+            heads = {h.session_id: h for h in queues.heads()}
+            expected = min(heads, key=lambda s: (first_ask[s], heads[s].seq))
+            assert order.pick(now) == expected
+            queues.pop_head(expected)
+            ledger.begin(expected, now)  # admitted
+            running[expected].append(now)
+    queues.loop.close()
+
+
+def test_a_session_idle_past_the_window_arrives_anew() -> None:
+    ledger = ServiceLedger()
+    assert ledger.arrived("s", 0.0) == 0.0
+    ledger.begin("s", 1.0)
+    assert ledger.arrived("s", 500.0) == 0.0  # a call still running: the same activity
+    ledger.end("s", 1.0, 520.0)
+    assert ledger.arrived("s", 520.0 + SESSION_IDLE_S) == 0.0  # back within the window
+    later = 520.0 + 3 * SESSION_IDLE_S
+    assert ledger.arrived("s", later) == later
+
+
+def test_the_oldest_order_is_refused_where_redis_ranks_the_waiters() -> None:
+    with pytest.raises(ValueError, match="order 'oldest' is not available with a shared"):
+        SharedAdmission("coder@0", FixedLimit(4), url="redis://127.0.0.1:1/0", order="oldest")
+    with pytest.raises(ValueError, match=r"unknown order 'sjf'.*fifo, las, oldest"):
+        make_order("sjf", ServiceLedger())

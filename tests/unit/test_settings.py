@@ -147,3 +147,14 @@ def test_cli_never_prints_the_api_key() -> None:
     assert proc.returncode != 0
     assert "TANDEM_CODER_URL" in proc.stderr
     assert "LEAKME" not in proc.stderr + proc.stdout
+
+
+def test_the_oldest_order_with_a_shared_budget_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TANDEM_ORDER", "oldest")
+    assert load_settings().order == "oldest"
+    monkeypatch.setenv("TANDEM_ADMISSION_URL", "redis://:hunter2@127.0.0.1:6379/0")
+    with pytest.raises(SettingsError, match="TANDEM_ORDER=oldest is not available") as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)

@@ -22,7 +22,10 @@ The model, all in Redis and changed only by Lua scripts (atomic, on Redis's cloc
                  one publishes.
     limit        one worker holds a leader lock (TTL, renewed by its loop), runs the limit
                  algorithm and writes the value; the others read it. Non-leaders push their
-                 completed calls' samples to a list the leader drains.
+                 completed calls' samples to a list the leader drains. Each ticket names its
+                 call's stage and output cap, and a lease keeps its grant time, so the
+                 leader's tick reads every worker's calls in flight and its limit projects
+                 them (KV bound, output-cap prior) as a single process's would.
     workers      sorted set of live workers (heartbeat with the lease TTL).
 
 One round trip per batch, not per call: a worker's enqueues, releases and cancels wait in an
@@ -54,6 +57,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,8 +69,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from routing.admission import Admission, AdmissionObserver, Outcome, Slot
+from routing.calls import current_call
 from routing.endpoints import redact_url
-from routing.limits import FixedLimit, Limit, Sample, ServerWatcher
+from routing.limits import (
+    FixedLimit,
+    InFlightWatcher,
+    Limit,
+    OutputCapped,
+    Sample,
+    ServerWatcher,
+)
 from routing.orders import ServiceLedger, WaitOrder, make_order
 from routing.vllm_metrics import ServerSnapshot
 
@@ -255,7 +267,8 @@ return s
 )
 
 # ARGV[7] local limit (written when leader), [8] number of held leases, then the leases,
-# then the waiting tickets. Returns state, leader flag, lost leases, granted tickets, samples.
+# then the waiting tickets. Returns state, leader flag, lost leases, granted tickets, samples,
+# and to the leader every lease's info (lease, "session<TAB>granted at" pairs) and Redis's now.
 _TICK = (
     _PRELUDE
     + """
@@ -295,6 +308,10 @@ s[#s + 1] = leader
 s[#s + 1] = lost
 s[#s + 1] = granted
 s[#s + 1] = samples
+if leader == 1 then
+  s[#s + 1] = redis.call('HGETALL', KEYS[2])
+  s[#s + 1] = stamp(now)
+end
 return s
 """.replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
 )
@@ -331,6 +348,36 @@ class _Waiter:
 class _Lease:
     lease_id: str
     in_flight_at_admit: int
+
+
+# A ticket (and the lease it becomes) names its call's stage and output cap, so that the
+# leader's limit can project every worker's calls in flight: "worker:seq:stage:max_tokens".
+_STAGE_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _ticket_call(ticket: str) -> tuple[str, int]:
+    """(stage, output cap or 0) of a ticket; ("-", 0) for a ticket that names neither."""
+    parts = ticket.split(":")
+    if len(parts) != 4:
+        return "-", 0
+    try:
+        return parts[2] or "-", max(0, int(parts[3]))
+    except ValueError:
+        return parts[2] or "-", 0
+
+
+def _calls_in_flight(lease_info: list[str], redis_now: float) -> list[tuple[float, str, int]]:
+    """(age, stage, output cap) of every lease, from the flat HGETALL of lease_info."""
+    calls = []
+    for lease, info in zip(lease_info[::2], lease_info[1::2], strict=True):
+        _, _, granted = info.partition("\t")
+        try:
+            age = max(0.0, redis_now - float(granted))
+        except ValueError:
+            continue
+        stage, cap = _ticket_call(lease)
+        calls.append((age, stage, cap))
+    return calls
 
 
 @dataclass
@@ -493,6 +540,8 @@ class SharedAdmission(Admission):
         self._scripts: dict[str, Any] = {}
         self._shared = SharedState(0, 0, max(1, limit.limit), 1)
         self._tickets = itertools.count()
+        # Leader only: (loop time of the last tick, (age then, stage) of every call in flight).
+        self._shared_calls: tuple[float, list[tuple[float, str]]] | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._leases: dict[Slot, _Lease] = {}
         self._fallback: _LocalFallback | None = None
@@ -618,15 +667,15 @@ class SharedAdmission(Admission):
         """Wait for a shared slot (a local one while Redis is away).
 
         A caller cancelled while queued leaves the shared queue, and a slot granted in the
-        same instant is given back. `max_tokens` is for the local fallback's limit (the
-        shared limit projects no calls).
+        same instant is given back. The call's stage and `max_tokens` travel in its ticket,
+        so that the leader's limit can project the calls of every worker.
         """
         if self._redis is None:
             raise RuntimeError(f"admission {self.name}: start() was not called")
         if self._fallback is not None:
             return await self._fallback.acquire(session_id, max_tokens)
         loop = asyncio.get_running_loop()
-        ticket = f"{self.worker_id}:{next(self._tickets):012d}"
+        ticket = self._ticket(max_tokens)
         waiter = _Waiter(session_id, loop.time(), loop.create_future())
         # Registered before the batch is sent, so a grant published at once is not missed.
         self._waiters[ticket] = waiter
@@ -642,7 +691,15 @@ class SharedAdmission(Admission):
         return self._granted(ticket, waiter)
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
-        """Feed a scrape to a limit that reads the server; the leader publishes the new limit."""
+        """Feed a scrape to a limit that reads the server; the leader publishes the new limit.
+
+        The leader's limit is told every worker's calls in flight (their ages and stages, as
+        the last tick read them from Redis, aged since), as `Admission` tells its own."""
+        now = asyncio.get_running_loop().time()
+        if self.leader and self._shared_calls is not None:
+            at, calls = self._shared_calls
+            if isinstance(self.limit_algorithm, InFlightWatcher):
+                self.limit_algorithm.set_in_flight([(age + now - at, kind) for age, kind in calls])
         if isinstance(self.limit_algorithm, ServerWatcher):
             self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
         if self._fallback is not None:
@@ -830,6 +887,21 @@ class SharedAdmission(Admission):
             fields = json.loads(raw)
             fields["at"] = now  # the sender's loop clock is not ours
             self.limit_algorithm.on_sample(Sample(**fields))
+        if self.leader and len(reply) > 9:
+            calls = _calls_in_flight(reply[8], float(reply[9]))
+            self._shared_calls = (now, [(age, stage) for age, stage, _ in calls])
+            if isinstance(self.limit_algorithm, OutputCapped):
+                for _, stage, cap in calls:
+                    if cap > 0:
+                        self.limit_algorithm.note_output_cap(stage, cap)
+        else:
+            self._shared_calls = None
+
+    def _ticket(self, max_tokens: int | None) -> str:
+        """A new ticket of this worker, naming the call's stage and output cap."""
+        info = current_call.get()
+        stage = _STAGE_UNSAFE.sub("_", info.stage)[:32] if info is not None else "-"
+        return f"{self.worker_id}:{next(self._tickets):012d}:{stage or '-'}:{max_tokens or 0}"
 
     async def _run(self) -> None:
         interval_s = min(1.0, self.lease_ttl_s / 3)

@@ -16,8 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from routing.admission import Outcome, Slot
+from routing.calls import CallInfo, current_call
 from routing.limits import FixedLimit
 from routing.shared_admission import AdmissionStoreUnavailable, SharedAdmission
+from routing.vllm_metrics import ServerSnapshot
 from tests.integration.redis_server import INSTALL_HINT, REDIS_SERVER, RedisServer, free_port
 
 pytestmark = [
@@ -143,6 +145,56 @@ async def test_las_order_lets_the_light_session_overtake_across_workers(
         holder.release(Outcome("ok"))
         await asyncio.gather(*tasks)
     assert order == ["light", "heavy"]
+
+
+class _Projecting(FixedLimit):
+    """A fixed limit that records what a projecting limit is told."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.in_flight: list[tuple[float, str]] = []
+        self.caps: dict[str, int] = {}
+
+    def set_in_flight(self, calls: list[tuple[float, str]]) -> None:
+        self.in_flight = list(calls)
+
+    def note_output_cap(self, kind: str, max_tokens: int) -> None:
+        self.caps[kind] = max(max_tokens, self.caps.get(kind, 0))
+
+
+async def test_the_leaders_limit_sees_every_workers_calls_with_their_stages_and_caps(
+    redis_server: RedisServer,
+) -> None:
+    limits = [_Projecting(8), _Projecting(8)]
+    admissions = [SharedAdmission(REPLICA, lim, url=redis_server.url) for lim in limits]
+    async with contextlib.AsyncExitStack() as stack:
+        for admission in admissions:  # the first to tick leads
+            await stack.enter_async_context(admission)
+        leader, other = admissions
+        assert leader.leader and not other.leader
+
+        async def call(admission: SharedAdmission, stage: str, cap: int) -> Slot:
+            token = current_call.set(CallInfo("s", stage, "coder"))
+            try:
+                return await admission.acquire("s", max_tokens=cap)
+            finally:
+                current_call.reset(token)
+
+        slots = [
+            await call(other, "review", 777),
+            await call(other, "review", 700),
+            await call(leader, "plan", 555),
+        ]
+        await asyncio.sleep(1.0)  # a call's age grows while it holds its slot
+        await leader._tick()  # what its loop does every second
+        leader.on_snapshot(ServerSnapshot(taken_at=asyncio.get_running_loop().time()))
+        other.on_snapshot(ServerSnapshot(taken_at=asyncio.get_running_loop().time()))
+        for slot in slots:
+            slot.release(Outcome("ok"))
+    assert sorted(kind for _, kind in limits[0].in_flight) == ["plan", "review", "review"]
+    assert all(0.9 <= age < 10.0 for age, _ in limits[0].in_flight), limits[0].in_flight
+    assert limits[0].caps == {"review": 777, "plan": 555}
+    assert limits[1].in_flight == [] and limits[1].caps == {}  # only the leader's limit acts
 
 
 async def test_a_cancelled_waiter_leaves_the_shared_queue(redis_server: RedisServer) -> None:

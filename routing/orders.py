@@ -14,10 +14,11 @@ count of calls the session has running), keyed by intercept; the ledger tells th
 when a session's line changes. A pick compares the tops of the few slope heaps.
 
 Oldest session first ranks heads by when their session arrived (its first call at any
-replica, shared through the ledger), so sessions finish in the order they came. When
-sessions are all about the same size, that is what minimises mean session latency: LAS
-then serves them all about equally and they all finish near the end. It has no flood
-protection: a session with many calls holds the replica until its calls are through.
+replica, shared through the ledger), so sessions tend to finish in the order they came.
+Where sessions are about the same size, LAS serves them all about equally and they all
+finish near the end; this order can lower mean session latency there, at some cost in
+makespan (docs/benchmark.md has the measured trade). It has no flood protection: a session
+with many calls holds the replica until its calls are through.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -66,6 +67,42 @@ class _Queues:
         return [q[0] for q in self.queues.values()]
 
 
+def _replay(
+    history: list[tuple[str, int, int]],
+    queues: _Queues,
+    ledger: ServiceLedger,
+    pick: Callable[[float], str],
+    on_arrival: Callable[[str, float], object] = lambda session_id, now: None,
+) -> None:
+    """Play `history` on `queues` and `ledger`; `pick(now)` checks and returns each pick.
+
+    `on_arrival` hears each session's asks and its calls admitted elsewhere.
+    """
+    running: dict[str, list[float]] = {s: [] for s in SESSIONS}
+    now = 0.0
+    for op, index, quarters in history:
+        session_id = SESSIONS[index]
+        if op == "tick":
+            now += quarters / 4
+        elif op == "wait":
+            on_arrival(session_id, now)
+            queues.wait(session_id, now)
+        elif op == "begin":  # a call admitted elsewhere (another replica)
+            on_arrival(session_id, now)
+            ledger.begin(session_id, now)
+            running[session_id].append(now)
+        elif op == "end" and running[session_id]:
+            ledger.end(session_id, running[session_id].pop(0), now)
+        elif op == "cancel" and session_id in queues.queues:
+            queues.pop_head(session_id)
+        elif op == "pick" and queues.queues:
+            picked = pick(now)
+            assert queues.pop_head(picked).session_id == picked
+            ledger.begin(picked, now)  # admitted: its line changes while others wait
+            running[picked].append(now)
+    queues.loop.close()
+
+
 @settings(max_examples=200, deadline=None)
 @given(ops, st.sampled_from([1.0, 0.5, 2.0]), st.sampled_from([5.0, 60.0]))
 def test_las_pick_is_the_lowest_rank(
@@ -74,30 +111,14 @@ def test_las_pick_is_the_lowest_rank(
     ledger = ServiceLedger()
     order = LasOrder(ledger, aging_rate=aging_rate, max_wait_s=max_wait_s)
     queues = _Queues(order)
-    running: dict[str, list[float]] = {s: [] for s in SESSIONS}
-    now = 0.0
-    for op, index, quarters in history:
-        session_id = SESSIONS[index]
-        if op == "tick":
-            now += quarters / 4
-        elif op == "wait":
-            queues.wait(session_id, now)
-        elif op == "begin":
-            ledger.begin(session_id, now)
-            running[session_id].append(now)
-        elif op == "end" and running[session_id]:
-            ledger.end(session_id, running[session_id].pop(0), now)
-        elif op == "cancel" and session_id in queues.queues:
-            queues.pop_head(session_id)
-        elif op == "pick" and queues.queues:
-            best = min(order.key(h, now) for h in queues.heads())
-            picked = order.pick(now)
-            assert order.key(queues.queues[picked][0], now) == best
-            waiter = queues.pop_head(picked)
-            ledger.begin(picked, now)  # admitted: its line changes while others wait
-            running[picked].append(now)
-            assert waiter.session_id == picked
-    queues.loop.close()
+
+    def pick(now: float) -> str:
+        best = min(order.key(h, now) for h in queues.heads())
+        picked = order.pick(now)
+        assert order.key(queues.queues[picked][0], now) == best
+        return picked
+
+    _replay(history, queues, ledger, pick)
 
 
 @settings(max_examples=100, deadline=None)
@@ -141,32 +162,17 @@ def test_oldest_pick_is_the_head_of_the_session_that_arrived_first(
     ledger = ServiceLedger(idle_s=math.inf)  # the idle rule: its own test below
     order = OldestOrder(ledger)
     queues = _Queues(order)
-    running: dict[str, list[float]] = {s: [] for s in SESSIONS}
     first_ask: dict[str, float] = {}
-    now = 0.0
-    for op, index, quarters in history:
-        session_id = SESSIONS[index]
-        if op == "tick":
-            now += quarters / 4
-        elif op == "wait":
-            first_ask.setdefault(session_id, now)
-            queues.wait(session_id, now)
-        elif op == "begin":  # a call admitted elsewhere (another replica): it arrived too
-            first_ask.setdefault(session_id, now)
-            ledger.begin(session_id, now)
-            running[session_id].append(now)
-        elif op == "end" and running[session_id]:
-            ledger.end(session_id, running[session_id].pop(0), now)
-        elif op == "cancel" and session_id in queues.queues:
-            queues.pop_head(session_id)
-        elif op == "pick" and queues.queues:
-            heads = {h.session_id: h for h in queues.heads()}
-            expected = min(heads, key=lambda s: (first_ask[s], heads[s].seq))
-            assert order.pick(now) == expected
-            queues.pop_head(expected)
-            ledger.begin(expected, now)  # admitted
-            running[expected].append(now)
-    queues.loop.close()
+
+    def pick(now: float) -> str:
+        heads = {h.session_id: h for h in queues.heads()}
+        expected = min(heads, key=lambda s: (first_ask[s], heads[s].seq))
+        assert order.pick(now) == expected
+        return expected
+
+    _replay(
+        history, queues, ledger, pick, lambda session_id, now: first_ask.setdefault(session_id, now)
+    )
 
 
 def test_a_session_idle_past_the_window_arrives_anew() -> None:

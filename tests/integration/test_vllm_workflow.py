@@ -198,11 +198,15 @@ def _check_manifest(ws: Path, result: SessionResult, max_files: int) -> dict[str
         (session_dir / "manifest.json").resolve()
     }
     assert {p.resolve() for p in _files_under(session_dir)} == expected
-    if written:  # the plan and a review; a session whose every file failed has nothing to review
-        assert manifest["usage"]["reasoning"]["calls"] >= 2
+    # The plan, and a review if a file was written (a session whose every file failed has
+    # nothing to review). A review whose answer was unusable (a random-weight reviewer's JSON
+    # past max_tokens) is not counted as an answer: its files and the session say why.
+    assert manifest["usage"]["reasoning"]["calls"] >= 1
+    if written and manifest["usage"]["reasoning"]["calls"] < 2:
+        assert all(manifest["files"][p]["verdict"] == "unreviewed" for p in written), manifest
+        assert str(manifest.get("error", "")).startswith("review:"), manifest.get("error")
+    if written:
         assert manifest["usage"]["coder"]["calls"] >= len(written)
-    else:
-        assert manifest["usage"]["reasoning"]["calls"] >= 1
     return manifest
 
 

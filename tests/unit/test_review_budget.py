@@ -84,6 +84,7 @@ async def test_a_refused_review_ends_the_session_with_a_clear_error(tmp_path: Pa
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert manifest["files_unreviewed"] == ["a.py"]
     assert manifest["files"]["a.py"]["verdict"] == "unreviewed"
+    assert manifest["error"].startswith("review: ") and "context length" in manifest["error"]
 
 
 async def test_a_refused_coder_request_fails_only_that_file(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from rich.console import Console
 from cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError
 from graph.settings import Settings, load_settings, redact
 from nodes.context import MAX_REQUEST_CHARS, ServerOptions
+from routing.orders import OrderName
 
 if TYPE_CHECKING:
     from graph.runtime import Runtime
@@ -45,7 +46,7 @@ FINISHED = ("ok", "partial")
 PLAIN_WIDTH = 160
 
 Clock = Literal["real", "virtual"]
-Order = Literal["fifo", "las", "oldest"]
+Order = OrderName
 
 
 def parse_max_tokens(text: str) -> dict[str, int]:

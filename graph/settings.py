@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, PromptStyle, RunContext
 from routing.endpoints import redact
 from routing.limits import make_limit
+from routing.orders import SHARED_ORDERS, OrderName
 
 __all__ = ["Settings", "SettingsError", "check_url", "load_settings", "redact"]
 
@@ -81,7 +82,7 @@ class Settings(BaseSettings):
     limit: str = Field(
         "adaptive", description="Admission limit per GPU: adaptive | unlimited | fixed-N"
     )
-    order: Literal["fifo", "las", "oldest"] = "las"
+    order: OrderName = "las"
     admission_url: SecretStr | None = Field(
         None,
         description="Redis URL (redis://host:6379/0) shared by every Tandem process: one "
@@ -156,10 +157,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _order_the_shared_budget_can_keep(self) -> Settings:
-        if self.admission_url is not None and self.order == "oldest":
+        if self.admission_url is not None and self.order not in SHARED_ORDERS:
             raise ValueError(
-                "TANDEM_ORDER=oldest is not available with TANDEM_ADMISSION_URL (the shared "
-                "budget ranks waiters in Redis by FIFO or LAS): use fifo or las"
+                f"TANDEM_ORDER={self.order} is not available with TANDEM_ADMISSION_URL (the "
+                f"shared budget ranks waiters in Redis): use one of {', '.join(SHARED_ORDERS)}"
             )
         return self
 

@@ -28,7 +28,7 @@ import heapq
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 
 @dataclass(eq=False)
@@ -296,7 +296,10 @@ class OldestOrder:
         return head is not None and head.seq == seq
 
 
-ORDERS = ("fifo", "las", "oldest")
+OrderName = Literal["fifo", "las", "oldest"]
+ORDERS: tuple[str, ...] = get_args(OrderName)
+# Orders a shared Redis budget can rank by (a session's arrival is per process).
+SHARED_ORDERS = ("fifo", "las")
 
 
 def make_order(name: str, ledger: ServiceLedger) -> WaitOrder:

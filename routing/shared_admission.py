@@ -79,7 +79,7 @@ from routing.limits import (
     Sample,
     ServerWatcher,
 )
-from routing.orders import ServiceLedger, WaitOrder, make_order
+from routing.orders import SHARED_ORDERS, ServiceLedger, WaitOrder, make_order
 from routing.vllm_metrics import ServerSnapshot
 
 logger = logging.getLogger(__name__)
@@ -266,9 +266,10 @@ return s
 """.replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
 )
 
-# ARGV[7] local limit (written when leader), [8] number of held leases, then the leases,
-# then the waiting tickets. Returns state, leader flag, lost leases, granted tickets, samples,
-# and to the leader every lease's info (lease, "session<TAB>granted at" pairs) and Redis's now.
+# ARGV[7] local limit (written when leader), [8] '1' to read the calls in flight, [9] number
+# of held leases, then the leases, then the waiting tickets. Returns state, leader flag, lost
+# leases, granted tickets, samples, and, to a leader that asked, every lease's info (lease,
+# "session<TAB>granted at" pairs) and Redis's now.
 _TICK = (
     _PRELUDE
     + """
@@ -287,16 +288,16 @@ if leader == 1 then
   redis.call('SET', KEYS[7], ARGV[7])
   samples = redis.call('LPOP', KEYS[11], __MAX_SAMPLES__) or {}
 end
-local held = tonumber(ARGV[8])
+local held = tonumber(ARGV[9])
 local lost = {}
-for i = 9, 8 + held do
+for i = 10, 9 + held do
   if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[i]) == 0 then
     lost[#lost + 1] = ARGV[i]
   end
 end
 dispatch()
 local granted = {}
-for i = 9 + held, #ARGV do
+for i = 10 + held, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
     granted[#granted + 1] = ARGV[i]
   else
@@ -308,7 +309,7 @@ s[#s + 1] = leader
 s[#s + 1] = lost
 s[#s + 1] = granted
 s[#s + 1] = samples
-if leader == 1 then
+if leader == 1 and ARGV[8] == '1' then
   s[#s + 1] = redis.call('HGETALL', KEYS[2])
   s[#s + 1] = stamp(now)
 end
@@ -317,10 +318,6 @@ return s
 )
 
 _FALLBACK: Final = object()  # a waiter's future result: Redis went away, admit locally
-
-
-# Orders the Redis scripts rank by.
-SHARED_ORDERS = ("fifo", "las")
 
 
 class AdmissionStoreUnavailable(RuntimeError):
@@ -701,7 +698,7 @@ class SharedAdmission(Admission):
             if isinstance(self.limit_algorithm, InFlightWatcher):
                 self.limit_algorithm.set_in_flight([(age + now - at, kind) for age, kind in calls])
         if isinstance(self.limit_algorithm, ServerWatcher):
-            self.limit_algorithm.on_snapshot(snapshot, asyncio.get_running_loop().time())
+            self.limit_algorithm.on_snapshot(snapshot, now)
         if self._fallback is not None:
             self._fallback.on_snapshot(snapshot)
         elif self.leader and self.limit_algorithm.limit != self._published_limit:
@@ -867,7 +864,16 @@ class SharedAdmission(Admission):
         """Renew leases and waiters, heartbeat, lead if possible, collect grants and samples."""
         leases = [lease.lease_id for lease in self._leases.values()]
         limit_now = max(1, self.limit_algorithm.limit)
-        reply = await self._call("tick", str(limit_now), str(len(leases)), *leases, *self._waiters)
+        now = asyncio.get_running_loop().time()
+        # The leases are read for a limit that projects them, and not on every poll: the
+        # loop ticks every POLL_MIN_S while calls wait, the scrapes come about once a second.
+        read_calls = isinstance(self.limit_algorithm, InFlightWatcher | OutputCapped) and (
+            self._shared_calls is None or now - self._shared_calls[0] >= POLL_MAX_S
+        )
+        reply = await self._call(
+            "tick", str(limit_now), "1" if read_calls else "0", str(len(leases)), *leases,
+            *self._waiters,
+        )  # fmt: skip
         self._observe_state(reply[:4])
         self.leader = bool(int(reply[4]))
         if self.leader:
@@ -887,15 +893,15 @@ class SharedAdmission(Admission):
             fields = json.loads(raw)
             fields["at"] = now  # the sender's loop clock is not ours
             self.limit_algorithm.on_sample(Sample(**fields))
-        if self.leader and len(reply) > 9:
+        if not self.leader:
+            self._shared_calls = None
+        elif len(reply) > 9:
             calls = _calls_in_flight(reply[8], float(reply[9]))
             self._shared_calls = (now, [(age, stage) for age, stage, _ in calls])
             if isinstance(self.limit_algorithm, OutputCapped):
                 for _, stage, cap in calls:
                     if cap > 0:
                         self.limit_algorithm.note_output_cap(stage, cap)
-        else:
-            self._shared_calls = None
 
     def _ticket(self, max_tokens: int | None) -> str:
         """A new ticket of this worker, naming the call's stage and output cap."""

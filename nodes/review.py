@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -191,6 +190,26 @@ def _plan_for_prompt(plan: dict[str, Any], budget_chars: int) -> str:
     return dumps_compact(slim)[: budget_chars // 2]
 
 
+class ReviewFailed(Exception):
+    """No valid review came back; the calls made for it still count (`usage`, `role`)."""
+
+    def __init__(
+        self, cause: OutputError | ModelInvalidRequestError, usage: dict[str, int], role: Role
+    ):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.usage = usage
+        self.role = role
+
+
+def _add_usage(usage_by_role: dict[str, dict[str, int]], role: Role, usage: dict[str, int]) -> None:
+    """Add one review's usage to `usage_by_role`, with the review calls `role` answered."""
+    for key, counts in ((role, usage), (REVIEW_ROLE_USAGE, {role: usage["calls"]})):
+        slot = usage_by_role.setdefault(key, {})
+        for name, value in counts.items():
+            slot[name] = slot.get(name, 0) + value
+
+
 async def run_review(
     models: ChatModels,
     session_id: str,
@@ -204,8 +223,9 @@ async def run_review(
     Returns (merged review, usage, role that reviewed); `batch_chars` bounds one call's prompt.
 
     Raises:
-        OutputError: a batch got no valid Review back.
-        ModelInvalidRequestError: the server refused a call (e.g. still too long).
+        ReviewFailed: a batch got no valid Review back (`OutputError`), or the server refused
+            a call (`ModelInvalidRequestError`, e.g. still too long); it carries what the
+            calls made so far used.
     """
     usage = Usage()
     role = review_role(models, ctx)
@@ -248,7 +268,10 @@ async def run_review(
             max_tokens=ctx.max_tokens.get("review"),
         )
 
-    reviews = await asyncio.gather(*(one(b) for b in batch_paths(paths, sizes, file_budget)))
+    try:
+        reviews = await asyncio.gather(*(one(b) for b in batch_paths(paths, sizes, file_budget)))
+    except (OutputError, ModelInvalidRequestError) as exc:
+        raise ReviewFailed(exc, usage.as_dict(), role) from exc
     merged = Review(
         verdicts=[v for r in reviews for v in r.verdicts],
         summary=" ".join(r.summary for r in reviews)[:4000],
@@ -281,34 +304,38 @@ async def review_round(
     verdicts = dict(state.get("verdicts", {}))
     update: dict[str, Any] = {}
     if to_review:
+        # Usage per role, plus the review calls each role answered (review_on may be "auto");
+        # calls whose answer was unusable count too.
+        usage_by_role: dict[str, dict[str, int]] = {}
         try:
             review, usage, role = await run_review(
                 models, session_id, dict(state), to_review, ctx, batch_chars
             )
-        except (OutputError, ModelInvalidRequestError) as exc:
+        except ReviewFailed as exc:
             # No verdict came: the files are unreviewed (never ok), and the session ends
             # with the reason.
+            _add_usage(usage_by_role, exc.role, exc.usage)
             reason = f"the review gave no valid answer: {exc}"[:REASON_CHARS]
             for path in to_review:
                 verdicts[path] = {"verdict": UNREVIEWED, "comments": reason}
-            return {"error": f"review: {exc}", "pending": [], "verdicts": verdicts}
-        # Usage per role, plus the review calls each role answered (review_on may be "auto").
-        usage_by_role: dict[str, dict[str, int]] = {
-            role: usage,
-            REVIEW_ROLE_USAGE: {role: usage["calls"]},
-        }
+            return {
+                "error": f"review: {exc}",
+                "pending": [],
+                "verdicts": verdicts,
+                "usage": usage_by_role,
+            }
+        _add_usage(usage_by_role, role, usage)
         given = {v.path: v for v in review.verdicts}
         missing = [p for p in to_review if p not in given]
         if missing:
-            with contextlib.suppress(OutputError, ModelInvalidRequestError):
+            try:
                 again, usage_again, role_again = await run_review(
                     models, session_id, dict(state), missing, ctx, batch_chars
                 )
-                answered = {role_again: usage_again["calls"]}
-                for key, counts in ((role_again, usage_again), (REVIEW_ROLE_USAGE, answered)):
-                    slot = usage_by_role.setdefault(key, {})
-                    for name, value in counts.items():
-                        slot[name] = slot.get(name, 0) + value
+            except ReviewFailed as exc:
+                _add_usage(usage_by_role, exc.role, exc.usage)  # still unreviewed, below
+            else:
+                _add_usage(usage_by_role, role_again, usage_again)
                 given.update({v.path: v for v in again.verdicts if v.path in missing})
         verdicts.update(merge_verdicts(to_review, given))
         update["usage"] = usage_by_role

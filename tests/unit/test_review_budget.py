@@ -121,3 +121,32 @@ async def test_context_window_is_read_from_the_servers_model_card() -> None:
         assert await runtime.models.context_tokens("coder") == get_profile("cpu-tiny").max_model_len
         assert await runtime.models.context_tokens("reasoning") == 32768
     await runtime.aclose()
+
+
+async def test_unusable_review_answers_still_count_in_the_usage(tmp_path: Path) -> None:
+    """A reviewer whose every answer is invalid JSON: the session ends `partial` with the
+    file unreviewed, and the answers it paid for are in the manifest's usage and review
+    share (they were dropped with the error before)."""
+
+    def reasoning_fn(messages: list[BaseMessage], kwargs: dict[str, Any]) -> str:
+        if schema_name(kwargs) == "Plan":
+            return plan_json(["a.py"])
+        return "not a review"
+
+    reasoning = ScriptedChatModel(responder=reasoning_fn)
+    _, coder = standard_models([])
+    graph = build_graph(
+        StaticModels(reasoning, coder),
+        defaults=RunContext(max_output_retries=1),
+        options=ServerOptions(workspace=tmp_path),
+    )
+    out = await graph.ainvoke({"request": "r", "session_id": "s1"})
+    assert out["status"] == "partial"
+    assert out["error"].startswith("review: ") and "invalid" in out["error"]
+    assert out["verdicts"]["a.py"]["verdict"] == "unreviewed"
+    # One plan answer and two review answers (the first and its one retry).
+    assert len(reasoning.calls) == 3
+    manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
+    assert manifest["usage"]["reasoning"]["calls"] == 3
+    assert manifest["review_calls"] == {"reasoning": 2, "coder": 0}
+    assert manifest["review_share"] == {"reasoning": 1.0, "coder": 0.0}

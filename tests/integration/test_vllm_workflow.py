@@ -199,8 +199,9 @@ def _check_manifest(ws: Path, result: SessionResult, max_files: int) -> dict[str
     }
     assert {p.resolve() for p in _files_under(session_dir)} == expected
     # The plan, and a review if a file was written (a session whose every file failed has
-    # nothing to review). A review whose answer was unusable (a random-weight reviewer's JSON
-    # past max_tokens) is not counted as an answer: its files and the session say why.
+    # nothing to review). Unusable review answers (a random-weight reviewer's JSON past
+    # max_tokens) count as calls; a review the server refused (its prompt past the context)
+    # gave no answer to count: then its files and the session say why.
     assert manifest["usage"]["reasoning"]["calls"] >= 1
     if written and manifest["usage"]["reasoning"]["calls"] < 2:
         assert all(manifest["files"][p]["verdict"] == "unreviewed" for p in written), manifest

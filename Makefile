@@ -62,6 +62,7 @@ postgresql:
 BENCH_CPU_WORKLOAD ?= --sessions 16 --tasks 2 --arrival-spread-s 2
 BENCH_CPU_TOKENS ?= plan=1024,code=256,review=512
 BENCH_CPU_POLICIES ?= seed-current,seed-phase3,fixed-4,fixed-8,fixed-16,fixed-32,fixed-64,adaptive
+BENCH_CPU_SEEDS ?= 3
 
 bench-cpu: $(STAMP) vllm-cpu
 	mkdir -p bench/results out/logs
@@ -75,7 +76,7 @@ bench-cpu: $(STAMP) vllm-cpu
 	grep -q '^export TANDEM_CODER_URL' out/logs/bench-cpu-serve.out || { echo "servers not ready"; exit 1; }; \
 	eval "$$(grep '^export ' out/logs/bench-cpu-serve.out)"; \
 	$(BIN)/python -m cli bench --clock real --endpoints env --workload adhoc \
-	  $(BENCH_CPU_WORKLOAD) --policies $(BENCH_CPU_POLICIES) --max-tokens $(BENCH_CPU_TOKENS) \
+	  $(BENCH_CPU_WORKLOAD) --policies $(BENCH_CPU_POLICIES) --max-tokens $(BENCH_CPU_TOKENS) --seeds $(BENCH_CPU_SEEDS) \
 	  --json bench/results/cpu-multi.json --plot bench/results/cpu-multi.png; \
 	rc=$$?; [ $$rc -ne 1 ] || echo "some sessions failed (the random-weight model's plans); results written"; \
 	[ $$rc -le 1 ]

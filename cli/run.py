@@ -46,7 +46,6 @@ FINISHED = ("ok", "partial")
 PLAIN_WIDTH = 160
 
 Clock = Literal["real", "virtual"]
-Order = OrderName
 
 
 def parse_max_tokens(text: str) -> dict[str, int]:
@@ -352,7 +351,7 @@ def run(
         ),
     ] = None,
     order: Annotated[
-        Order | None,
+        OrderName | None,
         typer.Option(
             help="Admission order across sessions (default: TANDEM_ORDER).", show_default=False
         ),

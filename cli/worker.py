@@ -31,7 +31,6 @@ from rich.console import Console
 from cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, CliError
 from cli.run import (
     FINISHED,
-    Order,
     build_runtime_or_explain,
     check_limit,
     check_max_tokens,
@@ -44,6 +43,7 @@ from cli.run import (
     stores_or_explain,
 )
 from graph.settings import Settings, load_settings, redact
+from routing.orders import OrderName
 
 if TYPE_CHECKING:
     from langgraph.graph.state import CompiledStateGraph
@@ -436,7 +436,7 @@ def worker(
         ),
     ] = None,
     order: Annotated[
-        Order | None,
+        OrderName | None,
         typer.Option(
             help="Admission order across sessions (default: TANDEM_ORDER).", show_default=False
         ),

@@ -191,13 +191,13 @@ def _plan_for_prompt(plan: dict[str, Any], budget_chars: int) -> str:
 
 
 class ReviewFailed(Exception):
-    """No valid review came back; the calls made for it still count (`usage`, `role`)."""
+    """No valid review came back (raised from the call's error); the calls made for it still
+    count (`usage`, `role`)."""
 
     def __init__(
         self, cause: OutputError | ModelInvalidRequestError, usage: dict[str, int], role: Role
     ):
         super().__init__(str(cause))
-        self.cause = cause
         self.usage = usage
         self.role = role
 

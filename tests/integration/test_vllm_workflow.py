@@ -26,6 +26,7 @@ from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.sessions import SessionResult, run_many, run_session
 from graph.settings import Settings
+from nodes.chat_stream import SseDecoder, StreamedAnswer
 from nodes.context import RunContext, ServerOptions
 from nodes.llm import strip_code_fence
 from nodes.schemas import Plan
@@ -66,15 +67,13 @@ class Call:
 
 
 def _answer_text(body: bytes) -> str:
-    """The content deltas of a streamed chat completion, joined."""
-    parts: list[str] = []
-    for line in body.decode(errors="replace").splitlines():
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            for choice in json.loads(line.removeprefix("data: ")).get("choices") or []:
-                parts.append((choice.get("delta") or {}).get("content") or "")
-    return "".join(parts)
+    """The content of a streamed chat completion (the client's own decoder and fold)."""
+    answer = StreamedAnswer()
+    with contextlib.suppress(ValueError):  # a malformed stream: the text read so far
+        for data in SseDecoder().feed(body):
+            if data != b"[DONE]":
+                answer.add(json.loads(data))
+    return answer.content
 
 
 class _Tap(httpx.AsyncByteStream):

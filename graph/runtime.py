@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,7 @@ def build_runtime(
     order: str | None = None,
     endpoints: dict[Role, list[Replica]] | None = None,
     metrics: TandemMetrics | None = None,
+    retry_jitter: Callable[[], float] | None = None,
 ) -> Runtime:
     """Router + models for `settings` (the emulator when no endpoint is configured).
 
@@ -150,6 +152,9 @@ def build_runtime(
         order: The router's admission order.
         endpoints: Replicas per role (the caller then runs any servers behind them).
         metrics: Where the router exports its series (one exporter may serve several runs).
+        retry_jitter: The uniform draw in [0, 1) that spreads retry back-offs (default: the
+            process's random source; a benchmark passes a seeded one, so that a run on the
+            virtual clock repeats exactly).
     """
     apps: dict[Role, Any] = {}
     if endpoints is None:
@@ -184,7 +189,10 @@ def build_runtime(
             "coder": Sampling(settings.coder_temperature, settings.coder_top_p),
         },
         call_retry=CallRetry(
-            retries=settings.retries, base_s=settings.retry_base_s, cap_s=settings.retry_cap_s
+            retries=settings.retries,
+            base_s=settings.retry_base_s,
+            cap_s=settings.retry_cap_s,
+            random=retry_jitter or random.random,
         ),
     )
     return Runtime(settings=settings, router=router, models=models, metrics=metrics, emulators=apps)

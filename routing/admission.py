@@ -147,7 +147,9 @@ class Admission:
         self._queues: dict[str, deque[Waiter]] = {}
         self._queued = 0
         self._in_flight = 0
-        self._holders: set[Slot] = set()  # their admission times age the limit's projection
+        # Their admission times age the limit's projection. A dict, not a set: slots hash by
+        # identity, and a set's order (memory addresses) would reach the projection's ties.
+        self._holders: dict[Slot, None] = {}
         self._kinds: dict[int, str] = {}  # waiter seq -> its call's stage
         self._seq = itertools.count()
         self._area = 0.0  # integral of in_flight over loop time, for per-call averages
@@ -337,7 +339,7 @@ class Admission:
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self.ledger.begin(session_id, now)
         slot = Slot(self, session_id, now, now - enqueued_at, self._area, kind)
-        self._holders.add(slot)
+        self._holders[slot] = None
         if self.prefix_hold_s is not None:
             slot.prefix = _WARMING
             self._count(_WARMING, session_id, +1)
@@ -350,7 +352,7 @@ class Admission:
         now = asyncio.get_running_loop().time()
         self._account(now)
         self._in_flight -= 1
-        self._holders.discard(slot)
+        self._holders.pop(slot, None)
         self.ledger.end(slot.session_id, slot.admitted_at, now)
         if slot.prefix is not None:
             self._count(slot.prefix, slot.session_id, -1)

@@ -54,8 +54,8 @@ def retry_jitter(workload: Workload) -> Callable[[], float]:
     A call that fails (a 600 s timeout where the server thrashes) is retried after a random
     back-off. Drawn from the process's random source, that back-off made a run on the virtual
     clock differ from the same run in another process (agentic-long fixed-64, seed 0:
-    1,666.8, 1,678.7 or 1,690.8 s); seeded, a run repeats exactly, and every policy of a
-    seed draws the same back-offs.
+    1,666.8, 1,678.7 or 1,690.8 s); seeded, the run repeats from one process to the next, and
+    every policy of a seed draws the same back-offs.
     """
     return random.Random(f"tandem-bench-retry:{workload.name}:{workload.seed}").random
 

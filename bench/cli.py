@@ -182,27 +182,21 @@ def _bench(
             if say:
                 say(f"== seed {seed} · {policy.name}: {policy.description}")
             if endpoints is None:
-                run = run_on_clock(
-                    run_policy_emulated(
-                        seeded,
-                        policy,
-                        profiles=profiles,
-                        seed=seed,
-                        real_clock=not virtual,
-                        progress=None,
-                        metrics=metrics,
-                    ),
-                    virtual=virtual,
+                one_run = run_policy_emulated(
+                    seeded,
+                    policy,
+                    profiles=profiles,
+                    seed=seed,
+                    real_clock=not virtual,
+                    progress=None,
+                    metrics=metrics,
                 )
-            else:
+            else:  # real servers: `run_bench` refused the virtual clock
                 declared = resolve_profiles(profiles) if profiles else None
-                run = run_on_clock(
-                    run_policy_env(
-                        seeded, policy, endpoints, progress=None, metrics=metrics,
-                        profiles=declared,
-                    ),
-                    virtual=False,
-                )  # fmt: skip
+                one_run = run_policy_env(
+                    seeded, policy, endpoints, progress=None, metrics=metrics, profiles=declared
+                )
+            run = run_on_clock(one_run, virtual=virtual)
             runs.append(run)
             if say:
                 r = run.result()

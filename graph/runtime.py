@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from graph.settings import Settings
@@ -180,6 +179,11 @@ def build_runtime(
             settings.admission_url.get_secret_value() if settings.admission_url else None
         ),
     )
+    call_retry = CallRetry(
+        retries=settings.retries, base_s=settings.retry_base_s, cap_s=settings.retry_cap_s
+    )
+    if retry_jitter is not None:
+        call_retry = replace(call_retry, random=retry_jitter)
     models = RoutedModels(
         router=router,
         api_key=settings.api_key.get_secret_value(),
@@ -188,12 +192,7 @@ def build_runtime(
             "reasoning": Sampling(settings.reasoning_temperature, settings.reasoning_top_p),
             "coder": Sampling(settings.coder_temperature, settings.coder_top_p),
         },
-        call_retry=CallRetry(
-            retries=settings.retries,
-            base_s=settings.retry_base_s,
-            cap_s=settings.retry_cap_s,
-            random=retry_jitter or random.random,
-        ),
+        call_retry=call_retry,
     )
     return Runtime(settings=settings, router=router, models=models, metrics=metrics, emulators=apps)
 

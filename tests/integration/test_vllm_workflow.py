@@ -26,7 +26,7 @@ from graph.graph import build_graph
 from graph.runtime import build_runtime
 from graph.sessions import SessionResult, run_many, run_session
 from graph.settings import Settings
-from nodes.chat_stream import SseDecoder, StreamedAnswer
+from nodes.chat_stream import DONE, SseDecoder, StreamedAnswer
 from nodes.context import RunContext, ServerOptions
 from nodes.llm import strip_code_fence
 from nodes.schemas import Plan
@@ -71,7 +71,7 @@ def _answer_text(body: bytes) -> str:
     answer = StreamedAnswer()
     with contextlib.suppress(ValueError):  # a malformed stream: the text read so far
         for data in SseDecoder().feed(body):
-            if data != b"[DONE]":
+            if data != DONE:
                 answer.add(json.loads(data))
     return answer.content
 

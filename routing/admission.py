@@ -164,6 +164,8 @@ class Admission:
         self._held: dict[str, deque[Waiter]] = {}
         self._held_count = 0
         self._hold_timers: dict[str, asyncio.TimerHandle] = {}
+        # Sessions with a hot prefix here and calls queued: they go first (see `_pick`).
+        self._hot_waiting: dict[str, None] = {}
 
     @property
     def limit(self) -> int:
@@ -248,6 +250,8 @@ class Admission:
         if len(queue) == 1:
             self.order.set_head(waiter.session_id, waiter)
         self._queued += 1
+        if waiter.session_id in self._prefix[_HOT]:
+            self._hot_waiting[waiter.session_id] = None
 
     def _holds(self, session_id: str) -> bool:
         """Whether a call of `session_id` arriving now waits for its prefix leader."""
@@ -294,6 +298,8 @@ class Admission:
         slot.prefix = _HOT
         self._count(_WARMING, slot.session_id, -1)
         self._count(_HOT, slot.session_id, +1)
+        if slot.session_id in self._queues:
+            self._hot_waiting[slot.session_id] = None
         if slot.session_id in self._held:
             self._unhold(slot.session_id)
             self._dispatch()
@@ -392,7 +398,7 @@ class Admission:
             return
         now = asyncio.get_running_loop().time()
         while self._queued and self._in_flight < self.limit:
-            session_id = self.order.pick(now)
+            session_id = self._pick(now)
             queue = self._queues[session_id]
             waiter = queue.popleft()
             self._queued -= 1
@@ -407,6 +413,25 @@ class Admission:
                 continue
             kind = self._kinds.pop(waiter.seq, "-")
             waiter.future.set_result(self._admit(session_id, now, waiter.enqueued_at, kind))
+
+    def _pick(self, now: float) -> str:
+        """A session whose prefix is hot here goes first, while it holds fewer than half the
+        slots; then the order's pick.
+
+        Its calls share the prompt prefix of the call running (a review's chunks, a plan's
+        coders) and end a stage together: admitted now, they find the prefix in the cache
+        and the session moves on sooner. The cap keeps a session with many calls (a flood)
+        to half the replica, where the order ranks it as usual.
+        """
+        if self._hot_waiting:
+            cap = max(1, self.limit // 2)
+            hot = self._prefix[_HOT]
+            for session_id in list(self._hot_waiting):
+                if session_id not in self._queues or session_id not in hot:
+                    del self._hot_waiting[session_id]
+                elif hot[session_id] + self._prefix[_WARMING].get(session_id, 0) < cap:
+                    return session_id
+        return self.order.pick(now)
 
     def _notify(self) -> None:
         if self.observer is not None:

@@ -397,6 +397,8 @@ class AdaptiveLimit:
         self._stale_after_s = math.inf
         self._snapshot: ServerSnapshot | None = None
         self._previous: ServerSnapshot | None = None
+        # The server's queue has not emptied since a preemption (see `_kv_pressure`).
+        self._queue_since_preemption = False
 
     @property
     def limit(self) -> int:
@@ -457,10 +459,15 @@ class AdaptiveLimit:
 
         A cache at `kv_hold` or more, or preemptions (vLLM preempts only for blocks), means
         the server holds as many sequences as fit and queues the rest for blocks, which it
-        hands out exactly as they free. A KV bound that projects the calls in flight already
-        sizes the limit to what fits; cutting the estimate as well would leave blocks idle
-        once the sequences end. Without the projection (no call has ended yet, or no ages
-        from the admission) the bound sees only present sizes, and the back-off stays.
+        hands out exactly as they free. So does a queue that has not emptied since a
+        preemption, with the cache below `kv_hold`: vLLM puts a preempted sequence back at
+        the head of its queue and admits nothing past it until its blocks are free (on
+        `heavy`, a 14k-token review waited 8 s beside 19% of the cache, and backing off for
+        it as for a compute queue cut the limit from 12 to 7 for a minute). A KV bound that
+        projects the calls in flight already sizes the limit to what fits; cutting the
+        estimate as well would leave blocks idle once the sequences end. Without the
+        projection (no call has ended yet, or no ages from the admission) the bound sees
+        only present sizes, and the back-off stays.
         """
         snap, prev = self._snapshot, self._previous
         if not self._projecting:
@@ -468,10 +475,20 @@ class AdaptiveLimit:
         if snap is None or not snap.ok or now - snap.taken_at > self._stale_after_s:
             return False
         preempted = prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total
-        return preempted or (snap.kv_usage is not None and snap.kv_usage >= self.kv_hold)
+        waiting_for_blocks = self._queue_since_preemption and snap.waiting > 0
+        full = snap.kv_usage is not None and snap.kv_usage >= self.kv_hold
+        return preempted or waiting_for_blocks or full
 
     def on_snapshot(self, snapshot: ServerSnapshot, now: float) -> None:
         """Keep the scrape; bound by KV, back off when saturated, double in slow start."""
+        last = self._snapshot
+        if snapshot.ok and last is not None and last.ok:
+            if snapshot.preemptions_total > last.preemptions_total:
+                self._queue_since_preemption = True
+            elif snapshot.waiting <= 0:
+                self._queue_since_preemption = False
+        elif not snapshot.ok:
+            self._queue_since_preemption = False  # nothing known about the queue
         if snapshot.ok and self._snapshot is not None and self._snapshot.ok:
             self._previous = self._snapshot
         elif not snapshot.ok:

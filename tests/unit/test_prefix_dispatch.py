@@ -212,3 +212,53 @@ def test_seed_multi_serves_the_coders_shareable_prefix_from_cache() -> None:
         assert unheld < held
 
     _virtual(body())
+
+
+def test_a_session_whose_prefix_is_hot_goes_before_lower_las_ranks() -> None:
+    async def body() -> None:
+        adm = _admission(limit=4)
+        leader = await adm.acquire("a")
+        leader.first_token()
+        others = [await adm.acquire(s) for s in ("b", "c", "d")]  # the replica is full
+        await asyncio.sleep(5.0)  # "a" has attained more service than "e", new
+        late_e = asyncio.create_task(adm.acquire("e"))
+        await _settle()
+        sibling = asyncio.create_task(adm.acquire("a"))
+        await _settle()
+        others[0].release(Outcome())
+        await _settle()
+        # LAS alone would admit "e" (nothing attained); "a"'s prefix is in the cache now.
+        assert sibling.done() and not late_e.done()
+        for slot in [leader, *others[1:], sibling.result()]:
+            slot.release(Outcome())
+        await _settle()
+        assert late_e.done()
+        late_e.result().release(Outcome())
+        assert (adm.in_flight, adm.queued) == (0, 0)
+
+    _virtual(body())
+
+
+def test_a_hot_session_at_half_the_slots_waits_its_turn() -> None:
+    async def body() -> None:
+        adm = _admission(limit=4)
+        a1 = await adm.acquire("a")
+        a1.first_token()
+        a2 = await adm.acquire("a")  # straight in: the prefix is hot
+        others = [await adm.acquire(s) for s in ("b", "c")]
+        await asyncio.sleep(5.0)
+        late_e = asyncio.create_task(adm.acquire("e"))
+        await _settle()
+        a3 = asyncio.create_task(adm.acquire("a"))
+        await _settle()
+        others[0].release(Outcome())
+        await _settle()
+        # "a" holds 2 of 4 slots: the flood cap; LAS then ranks "e" first.
+        assert late_e.done() and not a3.done()
+        for slot in [a1, a2, others[1], late_e.result()]:
+            slot.release(Outcome())
+        await _settle()
+        a3.result().release(Outcome())
+        assert (adm.in_flight, adm.queued) == (0, 0)
+
+    _virtual(body())

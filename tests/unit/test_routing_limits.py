@@ -174,6 +174,37 @@ def test_a_full_kv_cache_is_left_to_a_projecting_kv_bound() -> None:
     assert compute.estimate == 9
 
 
+def test_a_queue_behind_a_preemption_waits_for_blocks_not_compute() -> None:
+    # vLLM preempts a 14k-token sequence and puts it back at the head of its queue: it
+    # waits for blocks beside a cache 80% full, and nothing is admitted past it. That is
+    # the KV bound's to answer; once the queue has emptied, a queue is compute again.
+    def snap(t: float, *, waiting: float, preemptions: float, kv: float = 0.8) -> ServerSnapshot:
+        return ServerSnapshot(
+            taken_at=t, running=11, waiting=waiting, kv_usage=kv, preemptions_total=preemptions
+        )
+
+    limit = _learned()
+    limit.backoff_cooldown_s = 0.0
+    limit.set_in_flight([(95.0, "plan")] * 12)  # near their end: 11 fit
+    limit.on_snapshot(snap(1.0, waiting=0, preemptions=0, kv=0.85), 1.0)
+    limit.on_snapshot(snap(2.0, waiting=1, preemptions=1), 2.0)
+    for t in (3.0, 4.0, 5.0):
+        limit.on_snapshot(snap(t, waiting=1, preemptions=1), t)
+        assert limit.server_state(t) == "saturated"
+    assert limit.estimate == 64
+    limit.on_snapshot(snap(6.0, waiting=0, preemptions=1), 6.0)
+    limit.on_snapshot(snap(7.0, waiting=2, preemptions=1), 7.0)
+    limit.on_snapshot(snap(8.0, waiting=2, preemptions=1), 8.0)
+    assert limit.estimate == 9  # 0.75 x the 12 calls this router holds
+    # The same queue with no preemption before it is a compute queue from the start.
+    compute = _learned()
+    compute.backoff_cooldown_s = 0.0
+    compute.set_in_flight([(95.0, "plan")] * 12)
+    for t in (1.0, 2.0, 3.0):
+        compute.on_snapshot(snap(t, waiting=1, preemptions=0), t)
+    assert compute.estimate == 9
+
+
 def test_latency_of_calls_run_above_the_limit_does_not_shrink_it_again() -> None:
     limit = AdaptiveLimit(initial=64)
     for i in range(40):

@@ -13,14 +13,15 @@ its elasticity d ln X / d ln b = a / ITL(b) = ITL_floor / ITL falls: holding ITL
 
 Two kinds of saturation. Compute: a queue inside vLLM while its KV cache has room, 429/503,
 timeouts; these back off multiplicatively, and a stale or failed scrape counts as this kind,
-never as idle. KV: a full cache or preemptions; the server then runs what fits and queues
-the rest for blocks, which it hands out exactly as sequences end. That is the KV bound's to
-answer: sequences grow until they end, so it projects the calls in flight from their ages
-and the sizes recent calls of their stage reached, and admits what fits at the cache's
-coming peak. Before a call of a kind has ended, its cap (`max_tokens`) says how far it may
-grow, and the projection holds it at that; without one, nothing says how far calls grow:
-the bound then divides by the sizes seen now, and a full cache backs off as compute
-saturation does.
+never as idle. KV: a full cache, preemptions, or a queue that has not emptied since a
+preemption (the preempted sequence waits at its head for blocks); the server then runs what
+fits and queues the rest for blocks, which it hands out exactly as sequences end. That is
+the KV bound's to answer: sequences grow until they end, so it projects the calls in flight
+from their ages and the sizes recent calls of their stage reached, and admits what fits at
+the cache's coming peak. Before a call of a kind has ended, its cap (`max_tokens`) says how
+far it may grow, and the projection holds it at that; without one, nothing says how far
+calls grow: the bound then divides by the sizes seen now, and a full cache backs off as
+compute saturation does.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from langchain_core.messages import AIMessage
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from graph.graph import build_graph
@@ -28,7 +29,7 @@ from graph.sessions import SessionResult, run_many, run_session
 from graph.settings import Settings
 from nodes.chat_stream import DONE, SseDecoder, StreamedAnswer
 from nodes.context import RunContext, ServerOptions
-from nodes.llm import strip_code_fence
+from nodes.llm import split_reasoning, strip_code_fence
 from nodes.schemas import Plan
 from routing.calls import Role, current_call
 from routing.endpoints import Replica
@@ -77,26 +78,33 @@ def _answer_text(body: bytes) -> str:
 
 
 class _Tap(httpx.AsyncByteStream):
-    """A response body that calls `on_done` with its bytes once it has been read to its end."""
+    """A response body that calls `on_done` with its bytes once the client is through with it.
+
+    That is when the server's stream has ended, or when the client closes the response (an
+    SSE reader may stop at `[DONE]`), never earlier: a test that kills the server in
+    `on_done` must not cut off the end of a stream the client is still reading.
+    """
 
     def __init__(self, inner: httpx.AsyncByteStream, on_done: Callable[[bytes], None]) -> None:
         self._inner = inner
         self._on_done = on_done
+        self._body = bytearray()
+        self._reported = False
+
+    def _report(self) -> None:
+        if not self._reported:
+            self._reported = True
+            self._on_done(bytes(self._body))
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        done = False
-        body = bytearray()
         async for chunk in self._inner:
-            body += chunk
-            if not done and b"data: [DONE]" in chunk:
-                done = True  # the whole streamed answer is in
-                self._on_done(bytes(body))
+            self._body += chunk
             yield chunk
-        if not done:
-            self._on_done(bytes(body))
+        self._report()
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+        self._report()
 
 
 class WireLog(httpx.AsyncBaseTransport):
@@ -424,9 +432,10 @@ async def test_coder_killed_mid_run_and_restarted(
             await asyncio.wait_for(killed.wait(), timeout=180)
 
     def kill_after_first(call: Call) -> None:
-        # An empty answer (the random-weight coder's, now and then) does not finish its file:
-        # the node asks again, and that retry would meet the dead server.
-        if not killed_at and strip_code_fence(call.text).strip():
+        # An empty answer (the random-weight coder's, now and then; or all `<think>`) does not
+        # finish its file: the node asks again, and that retry would meet the dead server. The
+        # test reads the answer as the node does (`split_reasoning`, then the fence).
+        if not killed_at and strip_code_fence(split_reasoning(AIMessage(call.text))[0]).strip():
             finished_before_kill.append(call)
             vllm_servers.kill("coder")
             killed_at.append(time.monotonic())

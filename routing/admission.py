@@ -423,15 +423,19 @@ class Admission:
         and the session moves on sooner. The cap keeps a session with many calls (a flood)
         to half the replica, where the order ranks it as usual.
         """
-        if self._hot_waiting:
-            cap = max(1, self.limit // 2)
-            hot = self._prefix[_HOT]
-            for session_id in list(self._hot_waiting):
-                if session_id not in self._queues or session_id not in hot:
-                    del self._hot_waiting[session_id]
-                elif hot[session_id] + self._prefix[_WARMING].get(session_id, 0) < cap:
-                    return session_id
-        return self.order.pick(now)
+        cap = max(1, self.limit // 2)
+        hot, warming = self._prefix[_HOT], self._prefix[_WARMING]
+        stale: list[str] = []
+        chosen: str | None = None
+        for session_id in self._hot_waiting:
+            if session_id not in self._queues or session_id not in hot:
+                stale.append(session_id)  # its queue emptied or its prefix went cold
+            elif hot[session_id] + warming.get(session_id, 0) < cap:
+                chosen = session_id
+                break
+        for session_id in stale:
+            del self._hot_waiting[session_id]
+        return chosen if chosen is not None else self.order.pick(now)
 
     def _notify(self) -> None:
         if self.observer is not None:

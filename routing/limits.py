@@ -484,16 +484,14 @@ class AdaptiveLimit:
         """Keep the scrape; bound by KV, back off when saturated, double in slow start."""
         last = self._snapshot
         if snapshot.ok and last is not None and last.ok:
+            self._previous = last
             if snapshot.preemptions_total > last.preemptions_total:
                 self._queue_since_preemption = True
             elif snapshot.waiting <= 0:
                 self._queue_since_preemption = False
         elif not snapshot.ok:
-            self._queue_since_preemption = False  # nothing known about the queue
-        if snapshot.ok and self._snapshot is not None and self._snapshot.ok:
-            self._previous = self._snapshot
-        elif not snapshot.ok:
             self._previous = None
+            self._queue_since_preemption = False  # nothing known about the queue
         self._snapshot = snapshot
         if snapshot.ok:
             self._update_kv_bound(snapshot)

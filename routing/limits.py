@@ -232,6 +232,10 @@ class _CallSizeTrack:
             self._sizes.get(sample.kind), tokens, sample.service_s
         )
 
+    def longest_service_s(self) -> float | None:
+        """The longest mean time a kind of call holds its slot, or None before any ended."""
+        return max((size.service_s for size in self._sizes.values()), default=None)
+
     def _mean(self, old: _CallSize | None, tokens: float, service_s: float) -> _CallSize:
         if old is None:
             return _CallSize(tokens, service_s)
@@ -398,8 +402,9 @@ class AdaptiveLimit:
         self._stale_after_s = math.inf
         self._snapshot: ServerSnapshot | None = None
         self._previous: ServerSnapshot | None = None
-        # The server's queue has not emptied since a preemption (see `_kv_pressure`).
-        self._queue_since_preemption = False
+        # The server's queue has not emptied since a preemption at this time (see
+        # `_kv_pressure`); None: it has, or no preemption was seen.
+        self._queue_since_preemption: float | None = None
 
     @property
     def limit(self) -> int:
@@ -464,9 +469,11 @@ class AdaptiveLimit:
         preemption, with the cache below `kv_hold`: vLLM puts a preempted sequence back at
         the head of its queue and admits nothing past it until its blocks are free (on
         `heavy`, a 14k-token review waited 8 s beside 19% of the cache, and backing off for
-        it as for a compute queue cut the limit from 12 to 7 for a minute). A KV bound that
-        projects the calls in flight already sizes the limit to what fits; cutting the
-        estimate as well would leave blocks idle once the sequences end. Without the
+        it as for a compute queue cut the limit from 12 to 7 for a minute). The sequences
+        holding the blocks end within a call's life: a queue that outlasts the longest time
+        recent calls held their slots, with no preemption since, is compute again. A KV
+        bound that projects the calls in flight already sizes the limit to what fits;
+        cutting the estimate as well would leave blocks idle once the sequences end. Without the
         projection (no call has ended yet, or no ages from the admission) the bound sees
         only present sizes, and the back-off stays.
         """
@@ -476,7 +483,11 @@ class AdaptiveLimit:
         if snap is None or not snap.ok or now - snap.taken_at > self._stale_after_s:
             return False
         preempted = prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total
-        waiting_for_blocks = self._queue_since_preemption and snap.waiting > 0
+        since = self._queue_since_preemption
+        life = self._sizes.longest_service_s()
+        waiting_for_blocks = (
+            since is not None and snap.waiting > 0 and (life is None or now - since <= life)
+        )
         full = snap.kv_usage is not None and snap.kv_usage >= self.kv_hold
         return preempted or waiting_for_blocks or full
 
@@ -486,12 +497,12 @@ class AdaptiveLimit:
         if snapshot.ok and last is not None and last.ok:
             self._previous = last
             if snapshot.preemptions_total > last.preemptions_total:
-                self._queue_since_preemption = True
+                self._queue_since_preemption = now
             elif snapshot.waiting <= 0:
-                self._queue_since_preemption = False
+                self._queue_since_preemption = None
         elif not snapshot.ok:
             self._previous = None
-            self._queue_since_preemption = False  # nothing known about the queue
+            self._queue_since_preemption = None  # nothing known about the queue
         self._snapshot = snapshot
         if snapshot.ok:
             self._update_kv_bound(snapshot)

@@ -196,6 +196,17 @@ def test_a_queue_behind_a_preemption_waits_for_blocks_not_compute() -> None:
     limit.on_snapshot(snap(7.0, waiting=2, preemptions=1), 7.0)
     limit.on_snapshot(snap(8.0, waiting=2, preemptions=1), 8.0)
     assert limit.estimate == 9  # 0.75 x the 12 calls this router holds
+    # A queue that never empties after a preemption outlasts the sequences that held the
+    # blocks (a call holds its slot 100 s here): past that it is a compute queue.
+    stuck = _learned()
+    stuck.backoff_cooldown_s = 0.0
+    stuck.set_in_flight([(95.0, "plan")] * 12)
+    stuck.on_snapshot(snap(1.0, waiting=0, preemptions=0, kv=0.85), 1.0)
+    for t in range(2, 103):
+        stuck.on_snapshot(snap(float(t), waiting=1, preemptions=1), float(t))
+    assert stuck.estimate == 64  # t = 102: 100 s since the preemption at t = 2
+    stuck.on_snapshot(snap(103.0, waiting=1, preemptions=1), 103.0)
+    assert stuck.estimate == 9
     # The same queue with no preemption before it is a compute queue from the start.
     compute = _learned()
     compute.backoff_cooldown_s = 0.0

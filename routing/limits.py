@@ -473,9 +473,9 @@ class AdaptiveLimit:
         holding the blocks end within a call's life: a queue that outlasts the longest time
         recent calls held their slots, with no preemption since, is compute again. A KV
         bound that projects the calls in flight already sizes the limit to what fits;
-        cutting the estimate as well would leave blocks idle once the sequences end. Without the
-        projection (no call has ended yet, or no ages from the admission) the bound sees
-        only present sizes, and the back-off stays.
+        cutting the estimate as well would leave blocks idle once the sequences end.
+        Without the projection (no call has ended yet, or no ages from the admission) the
+        bound sees only present sizes, and the back-off stays.
         """
         snap, prev = self._snapshot, self._previous
         if not self._projecting:
@@ -483,11 +483,10 @@ class AdaptiveLimit:
         if snap is None or not snap.ok or now - snap.taken_at > self._stale_after_s:
             return False
         preempted = prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total
-        since = self._queue_since_preemption
-        life = self._sizes.longest_service_s()
-        waiting_for_blocks = (
-            since is not None and snap.waiting > 0 and (life is None or now - since <= life)
-        )
+        waiting_for_blocks = False
+        if (since := self._queue_since_preemption) is not None and snap.waiting > 0:
+            life = self._sizes.longest_service_s()
+            waiting_for_blocks = life is None or now - since <= life
         full = snap.kv_usage is not None and snap.kv_usage >= self.kv_hold
         return preempted or waiting_for_blocks or full
 

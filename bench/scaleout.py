@@ -637,7 +637,7 @@ class ScaleoutConfig:
     limit: int = 8
     files: int = 6
     max_tokens: dict[str, int] = field(
-        default_factory=lambda: {"plan": 128, "code": 64, "review": 64}
+        default_factory=lambda: {"plan": 320, "code": 64, "review": 192}
     )
     kill_at: float = 0.4
     scrape_s: float = 0.1

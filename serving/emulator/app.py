@@ -206,7 +206,7 @@ class _Server:
             file_header=request.headers.get(FILE_HEADER),
             target_tokens=target,
             reasoning_frac=self.profile.reasoning_frac if self.profile.reasoning else 0.0,
-            context_tokens=(max_tokens if ignore_eos else limit - prompt_tokens),
+            max_tokens=max_tokens,
         )
 
         self._requests += 1
@@ -331,7 +331,7 @@ class _Server:
 
 
 def _finish_reason(handle: RequestHandle, answer: content.Answer) -> str | None:
-    """The engine's reason, or "length" where the context window cut the answer."""
+    """The engine's reason, or "length" where `max_tokens` cut the answer."""
     reason = handle.record.finish_reason
     return answer.finish_reason if reason == "stop" else reason
 

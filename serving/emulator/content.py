@@ -132,7 +132,7 @@ class Answer:
     Attributes:
         reasoning: What a reasoning parser returns as `reasoning` ('' for none).
         content: The message content.
-        finish_reason: "length" when the context window cut the content, else "stop".
+        finish_reason: "length" when `max_tokens` cut the content, else "stop".
     """
 
     reasoning: str
@@ -167,10 +167,11 @@ class Answer:
         return out
 
 
-def fit_to_context(reasoning: str, text: str, context_tokens: int) -> Answer:
-    """An Answer of at most `context_tokens` tokens: reasoning shrinks first, then the content
-    is cut at the window ("length"), as a real server stops at its context."""
-    room = max(context_tokens, 1)
+def fit_to_cap(reasoning: str, text: str, max_tokens: int) -> Answer:
+    """An Answer of at most `max_tokens` tokens: reasoning shrinks first, then the content is
+    cut there ("length"), as vLLM stops at `max_tokens` whatever the answer's format (a
+    structured answer cut there is unterminated JSON)."""
+    room = max(max_tokens, 1)
     content_tokens = part_tokens(text)
     if content_tokens > room:
         return Answer("", text[: room * CHARS_PER_TOKEN], "length")
@@ -731,12 +732,13 @@ def build_answer(
     file_header: str | None,
     target_tokens: int,
     reasoning_frac: float,
-    context_tokens: int,
+    max_tokens: int,
 ) -> Answer:
     """The whole answer to one request: reasoning of round(target x reasoning_frac) tokens,
-    content sized to the rest, then fitted to the `context_tokens` left in the window."""
+    content sized to the rest (a structured answer may need more), then fitted to the
+    request's `max_tokens` (already within the context window left)."""
     reasoning_tokens = round(target_tokens * reasoning_frac)
     text = content_text(
         seed, messages, response_format, file_header, target_tokens - reasoning_tokens
     )
-    return fit_to_context(reasoning_text(seed, messages, reasoning_tokens), text, context_tokens)
+    return fit_to_cap(reasoning_text(seed, messages, reasoning_tokens), text, max_tokens)

@@ -216,7 +216,7 @@ def test_real_clock_smoke_over_loopback_http(tmp_path: Path) -> None:
             "--workload", "adhoc", "--sessions", "1", "--tasks", "2", "--quiet",
             "--policies", "fixed-4", "--clock", "real",
             "--reasoning-profile", "cpu-tiny-reasoning", "--coder-profile", "cpu-tiny",
-            "--max-tokens", "plan=48,code=32,review=48", "--json", str(path),
+            "--max-tokens", "plan=96,code=32,review=48", "--json", str(path),
         ]
     )  # fmt: skip
     assert code == 0

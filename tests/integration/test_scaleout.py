@@ -54,7 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def _requests(prefix: str, sessions: int, files: int) -> list[SessionRequest]:
-    context = {"max_tokens": {"plan": 128, "code": 64, "review": 96}}
+    context = {"max_tokens": {"plan": 256, "code": 64, "review": 160}}
     return [
         SessionRequest(session_id=f"{prefix}-{i}", request=request_text(files), context=context)
         for i in range(sessions)
@@ -146,7 +146,7 @@ def test_sigterm_gives_sessions_back_and_another_worker_resumes_them(
             "--name",
             "term",
             "--max-tokens",
-            "plan=128,code=64",
+            "plan=256,code=64",
         ],
         cwd=ROOT,
         env=stack.worker_env(workspace),

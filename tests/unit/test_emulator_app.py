@@ -298,19 +298,57 @@ def test_charged_tokens_are_the_text_sent_streamed_or_not(
         pieces = [d[part] for d in deltas if d.get(part)]
         assert all(len(p) % 4 == 0 for p in pieces[:-1]), part
         assert not pieces or whole.endswith(pieces[-1])
+    # Never past max_tokens, as vLLM: what does not fit is cut there, JSON included.
+    assert charged <= max_tokens
+    finish = plain["choices"][0]["finish_reason"]
+    assert finish == "stop" or (finish == "length" and charged == max_tokens)
     if kind == "coder" and max_tokens >= 8 and profile == "cpu-tiny":
-        assert charged <= max_tokens
         compile(text.split("\n", 1)[1].rsplit("```", 1)[0], "pkg/util.py", "exec")
-    if kind == "plan":
+    if kind == "plan" and finish == "stop":
         Plan.model_validate_json(text)
-    if kind == "review":
+    if kind == "review" and finish == "stop":
         assert len(Review.model_validate_json(text).verdicts) == 12
+
+
+def test_a_structured_answer_stops_at_max_tokens_as_vllm_does() -> None:
+    """vLLM stops at `max_tokens` under guided decoding too: the reasoning gives way first, and
+    a JSON answer that alone is longer is cut there, unterminated, with "length"."""
+    paths = ", ".join(f"pkg/module_{i}.py" for i in range(40))
+    request = _chat("tandem-tiny-reasoning", f"Files: {paths}", response_format=_KINDS["plan"])
+    # The smallest plan for 40 files, in tokens: a cap a little above it leaves less room
+    # than the reasoning (60% of the answer) plus that plan.
+    smallest = content.part_tokens(
+        content.content_text(0, request["messages"], _KINDS["plan"], None, 0)
+    )
+    caps = (smallest * 6 // 5, smallest // 2)
+
+    async def scenario(client: httpx.AsyncClient, engine: Engine) -> list[Any]:
+        bodies = []
+        for cap in caps:
+            body = {**request, "max_tokens": cap}
+            bodies.append((await client.post("/v1/chat/completions", json=body)).json())
+        return bodies
+
+    fits, cut = _with_client("cpu-tiny-reasoning", scenario)
+    (choice,) = fits["choices"]
+    assert choice["finish_reason"] == "stop"
+    assert fits["usage"]["completion_tokens"] == caps[0]  # reasoning shrank to fit
+    assert 0 < content.part_tokens(choice["message"]["reasoning"]) < caps[0] - smallest + 1
+    assert len(Plan.model_validate_json(choice["message"]["content"]).files) == 40
+    (choice,) = cut["choices"]
+    assert choice["finish_reason"] == "length"
+    assert cut["usage"]["completion_tokens"] == caps[1]
+    assert choice["message"]["reasoning"] is None
+    assert len(choice["message"]["content"]) == 4 * caps[1]
+    with pytest.raises(ValueError):
+        Plan.model_validate_json(choice["message"]["content"])
 
 
 def test_an_answer_longer_than_the_context_is_cut_with_length() -> None:
     paths = ", ".join(f"pkg/module_{i}.py" for i in range(200))
     text = f"Files: {paths}\n" + "z" * (4 * 3600 - len(paths))
-    request = _chat("tandem-tiny-reasoning", text, response_format=_KINDS["plan"])
+    request = _chat("tandem-tiny-reasoning", text, response_format=_KINDS["plan"],
+                    max_tokens=4096)  # fmt: skip
 
     async def scenario(client: httpx.AsyncClient, engine: Engine) -> tuple[Any, Any]:
         body = (await client.post("/v1/chat/completions", json=request)).json()

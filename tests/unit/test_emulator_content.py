@@ -266,12 +266,12 @@ def test_generic_schemas_pad_only_unconstrained_strings() -> None:
 @given(
     target=st.integers(1, 6000),
     frac=st.sampled_from([0.0, 0.6, 0.25]),
-    context=st.integers(1, 8000),
+    cap=st.integers(1, 8000),
     structured=st.booleans(),
     cuts=st.lists(st.integers(0, 20_000), max_size=12),
 )
 def test_answers_follow_the_token_spec(
-    target: int, frac: float, context: int, structured: bool, cuts: list[int]
+    target: int, frac: float, cap: int, structured: bool, cuts: list[int]
 ) -> None:
     messages = [{"role": "user", "content": "Write app/a.py and app/b.py"}]
     fmt = (
@@ -281,13 +281,13 @@ def test_answers_follow_the_token_spec(
     )
     answer = content.build_answer(
         0, messages, response_format=fmt, file_header=None, target_tokens=target,
-        reasoning_frac=frac, context_tokens=context,
+        reasoning_frac=frac, max_tokens=cap,
     )  # fmt: skip
     reasoning_tokens = round(target * frac)
     assert answer.tokens == content.part_tokens(answer.reasoning) + count_tokens(answer.content)
-    assert answer.tokens <= context
+    assert answer.tokens <= cap
     if answer.finish_reason == "length":
-        assert answer.reasoning == "" and answer.tokens == context
+        assert answer.reasoning == "" and answer.tokens == cap
     else:
         # Content is sized to the target less reasoning (the size tests above check that).
         assert answer.content == content.content_text(
@@ -298,7 +298,7 @@ def test_answers_follow_the_token_spec(
         else:
             smallest = content.part_tokens(content.content_text(0, messages, fmt, None, 0))
             assert answer.content_tokens == max(target - reasoning_tokens, smallest)
-        room = context - answer.content_tokens
+        room = cap - answer.content_tokens
         assert answer.reasoning_tokens == min(reasoning_tokens, room)
     # Streaming: engine token k is 4 characters of reasoning, then of content, in order.
     bounds = sorted({0, answer.tokens, *(c % (answer.tokens + 1) for c in cuts)})

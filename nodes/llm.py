@@ -60,7 +60,16 @@ _FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)(?:\n```|```|$)", re.DOTALL)
 
 
 class OutputError(Exception):
-    """The model's output stayed invalid after the retries allowed."""
+    """The model's output stayed invalid after the retries allowed.
+
+    Attributes:
+        cut_at_max_tokens: The last answer stopped at `max_tokens` (finish_reason "length")
+            before its JSON ended: a larger cap, or less to answer, would fix it.
+    """
+
+    def __init__(self, message: str, *, cut_at_max_tokens: bool = False) -> None:
+        super().__init__(message)
+        self.cut_at_max_tokens = cut_at_max_tokens
 
 
 class ModelCallError(Exception):
@@ -779,22 +788,30 @@ async def complete_structured(
     retries: int = 2,
     max_tokens: int | None = None,
     config: RunnableConfig | None = None,
+    retry_when_cut: bool = True,
 ) -> T:
     """Ask for `schema` as guided JSON; feed validation errors back up to `retries` times.
 
     The response format travels in `extra_body` so that ChatOpenAI keeps its plain
     streaming path (its `response_format` argument switches to OpenAI's beta parse API).
+    An answer that stopped at `max_tokens` before its JSON ended is told so (not shown a
+    parse error); with `retry_when_cut` False it is not retried (a caller that can ask for
+    less, such as a review of fewer files, does better than asking again).
 
     Raises:
-        OutputError: the answer was still not valid `schema` JSON after the retries.
+        OutputError: the answer was still not valid `schema` JSON after the retries
+            (`cut_at_max_tokens` when the last one stopped at the cap).
         ModelCallError: a call failed in transport or on the server after its retries.
     """
     history = list(messages)
     kwargs: dict[str, Any] = {"extra_body": {"response_format": response_format_for(schema)}}
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
+    name = schema.__name__
     problem = ""
-    for attempt in range(retries + 1):
+    cut = False
+    attempt = 0
+    for attempt in range(1, retries + 2):
         answer = await invoke_with_retry(model, history, info, config, **kwargs)
         usage.add(answer)
         content, _ = split_reasoning(answer)
@@ -802,18 +819,27 @@ async def complete_structured(
             return schema.model_validate_json(strip_json_fence(content))
         except ValidationError as exc:
             problem = _short_errors(exc)
-        if attempt < retries:
-            history = [
-                *history,
-                AIMessage(content=content[:4000]),
-                HumanMessage(
-                    content=f"That answer is not valid {schema.__name__} JSON: {problem}\n"
-                    "Answer again with only the JSON object."
-                ),
-            ]
-    raise OutputError(
-        f"{info.stage}: invalid {schema.__name__} JSON after {retries + 1} attempts: {problem}"
-    )
+        cut = finish_reason(answer) == "length"
+        if attempt > retries or (cut and not retry_when_cut):
+            break
+        feedback = (
+            f"That answer stopped at the token limit before the {name} JSON ended. Answer "
+            "again with only the JSON object, keeping its text fields short."
+            if cut
+            else f"That answer is not valid {name} JSON: {problem}\n"
+            "Answer again with only the JSON object."
+        )
+        history = [*history, AIMessage(content=content[:4000]), HumanMessage(content=feedback)]
+    tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"
+    if cut:
+        cap = f"max_tokens={max_tokens}" if max_tokens is not None else "the server's max_tokens"
+        raise OutputError(
+            f"{info.stage}: the {name} JSON was cut at {cap} before it ended ({tries}); "
+            f"raise the {info.stage} cap (--max-tokens {info.stage}=N, or max_tokens in the "
+            "run context)",
+            cut_at_max_tokens=True,
+        )
+    raise OutputError(f"{info.stage}: invalid {name} JSON after {tries}: {problem}")
 
 
 def strip_json_fence(text: str) -> str:

@@ -240,7 +240,7 @@ async def run_review(
     contents = {p: files.get(p, {}).get("content", "")[:per_file] for p in paths}
     sizes = {p: len(c) + len(p) + 100 for p, c in contents.items()}
 
-    async def one(batch: list[str]) -> Review:
+    async def ask(batch: list[str]) -> Review:
         blocks = [
             REVIEW_FILE.format(
                 path=p, checks="; ".join(checks.get(p, [])) or "passed", content=contents[p]
@@ -266,17 +266,32 @@ async def run_review(
             usage,
             retries=ctx.max_output_retries,
             max_tokens=ctx.max_tokens.get("review"),
+            retry_when_cut=len(batch) == 1,
         )
+
+    async def one(batch: list[str]) -> Review:
+        """Review `batch`; where the verdicts overrun the review cap, half as many per call."""
+        try:
+            return await ask(batch)
+        except OutputError as exc:
+            if not exc.cut_at_max_tokens or len(batch) < 2:
+                raise
+        half = len(batch) // 2
+        return _merged(await asyncio.gather(one(batch[:half]), one(batch[half:])))
 
     try:
         reviews = await asyncio.gather(*(one(b) for b in batch_paths(paths, sizes, file_budget)))
     except (OutputError, ModelInvalidRequestError) as exc:
         raise ReviewFailed(exc, usage.as_dict(), role) from exc
-    merged = Review(
+    return _merged(reviews), usage.as_dict(), role
+
+
+def _merged(reviews: Sequence[Review]) -> Review:
+    """One Review of several calls' verdicts, their summaries joined."""
+    return Review(
         verdicts=[v for r in reviews for v in r.verdicts],
         summary=" ".join(r.summary for r in reviews)[:4000],
     )
-    return merged, usage.as_dict(), role
 
 
 async def review_round(

@@ -1,0 +1,65 @@
+"""Answers cut at `max_tokens`, through the real graph on the in-process emulator (which stops
+at the cap as vLLM does): a plan that cannot fit says which cap to raise, and a review whose
+verdicts overrun its cap asks for fewer files per call instead of failing the session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from graph.graph import build_graph
+from graph.runtime import build_runtime
+from graph.settings import load_settings
+from nodes.context import ServerOptions
+from serving.clock import run
+
+FILES = 8
+
+
+def _session(
+    tmp_path: Path, max_tokens: dict[str, int], role: str
+) -> tuple[dict[str, Any], list[Any]]:
+    async def main() -> tuple[dict[str, Any], list[Any]]:
+        settings = load_settings(workspace=tmp_path, review_on="coder")
+        runtime = build_runtime(settings)
+        ctx = settings.run_context().merged({"max_tokens": max_tokens, "max_review_rounds": 0})
+        options = ServerOptions(workspace=settings.workspace)
+        graph = build_graph(runtime.models, defaults=ctx, options=options)
+        paths = ", ".join(f"pkg/file_{i}.py" for i in range(FILES))
+        request = f"Create a Python package of {FILES} simple modules. Files: {paths}"
+        try:
+            out = await graph.ainvoke({"request": request, "session_id": "s1"})
+        finally:
+            await runtime.aclose()
+        return out, list(runtime.emulators[role].state.engine.records)
+
+    return run(main(), virtual=True)
+
+
+def test_a_plan_cut_at_its_cap_names_the_cap_to_raise(tmp_path: Path) -> None:
+    out, records = _session(tmp_path, {"plan": 64, "code": 256, "review": 512}, "reasoning")
+    assert out["status"] == "failed"
+    assert (
+        "plan: the Plan JSON was cut at max_tokens=64 before it ended (3 attempts)"
+        in (out["error"])
+    )
+    assert "--max-tokens plan=N" in out["error"]
+    plans = [r for r in records if r.stage == "plan"]
+    assert len(plans) == 3 and all(r.generated_tokens == 64 for r in plans)
+
+
+def test_a_review_that_overruns_its_cap_is_asked_again_for_fewer_files(tmp_path: Path) -> None:
+    cap = 96  # about four files' verdicts: eight do not fit
+    out, records = _session(tmp_path, {"plan": 2048, "code": 256, "review": cap}, "coder")
+    assert not out.get("error"), out.get("error")
+    verdicts = out["verdicts"]
+    assert sorted(verdicts) == [f"pkg/file_{i}.py" for i in range(FILES)]
+    assert {v["verdict"] for v in verdicts.values()} <= {"ok", "needs-fix"}
+    reviews = [r for r in records if r.stage == "review"]
+    # The eight-file call stopped at the cap and was not asked again as it was; the halves
+    # (or their halves) answered whole.
+    assert reviews[0].generated_tokens == cap
+    assert len(reviews) >= 3
+    assert all(r.prompt_tokens < reviews[0].prompt_tokens for r in reviews[1:])
+    assert all(r.generated_tokens <= cap for r in reviews)
+    assert sum(r.generated_tokens < cap for r in reviews) >= 2

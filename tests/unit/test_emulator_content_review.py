@@ -6,14 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from graph.graph import build_graph
-from graph.runtime import build_runtime
-from graph.settings import load_settings
-from nodes.context import ServerOptions
 from nodes.llm import dumps_compact
 from nodes.review import REVIEW_SYSTEM
-from serving.clock import run
 from serving.emulator.engine import count_tokens
+from tests.emulated import emulated_session, package_request
 
 FILES = 20
 # Per file the review prompt adds a `### FILE:` header and a check line, and drops the
@@ -22,24 +18,11 @@ PER_FILE_SLACK_TOKENS = 25
 
 
 def _session(tmp_path: Path) -> tuple[dict[str, Any], list[Any]]:
-    async def main() -> tuple[dict[str, Any], list[Any]]:
-        settings = load_settings(workspace=tmp_path, review_on="coder")
-        runtime = build_runtime(settings)
-        ctx = settings.run_context().merged(
-            {"max_tokens": {"plan": 2048, "code": 1024, "review": 1536}, "max_review_rounds": 0}
-        )
-        # One review call for all files.
-        options = ServerOptions(workspace=settings.workspace, review_batch_chars=400_000)
-        graph = build_graph(runtime.models, defaults=ctx, options=options)
-        paths = ", ".join(f"pkg/file_{i}.py" for i in range(FILES))
-        request = f"Create a Python package of {FILES} simple modules. Files: {paths}"
-        try:
-            out = await graph.ainvoke({"request": request, "session_id": "s1"})
-        finally:
-            await runtime.aclose()
-        return out, list(runtime.emulators["coder"].state.engine.records)
-
-    return run(main(), virtual=True)
+    context = {"max_tokens": {"plan": 2048, "code": 1024, "review": 1536}, "max_review_rounds": 0}
+    # One review call for all files.
+    return emulated_session(
+        tmp_path, package_request(FILES), context, records_of="coder", review_batch_chars=400_000
+    )
 
 
 def test_review_prompt_carries_the_tokens_the_coders_wrote(tmp_path: Path) -> None:

@@ -7,33 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from graph.graph import build_graph
-from graph.runtime import build_runtime
-from graph.settings import load_settings
-from nodes.context import ServerOptions
-from serving.clock import run
+from serving.roles import Role
+from tests.emulated import emulated_session, package_request
 
 FILES = 8
 
 
 def _session(
-    tmp_path: Path, max_tokens: dict[str, int], role: str
+    tmp_path: Path, max_tokens: dict[str, int], role: Role
 ) -> tuple[dict[str, Any], list[Any]]:
-    async def main() -> tuple[dict[str, Any], list[Any]]:
-        settings = load_settings(workspace=tmp_path, review_on="coder")
-        runtime = build_runtime(settings)
-        ctx = settings.run_context().merged({"max_tokens": max_tokens, "max_review_rounds": 0})
-        options = ServerOptions(workspace=settings.workspace)
-        graph = build_graph(runtime.models, defaults=ctx, options=options)
-        paths = ", ".join(f"pkg/file_{i}.py" for i in range(FILES))
-        request = f"Create a Python package of {FILES} simple modules. Files: {paths}"
-        try:
-            out = await graph.ainvoke({"request": request, "session_id": "s1"})
-        finally:
-            await runtime.aclose()
-        return out, list(runtime.emulators[role].state.engine.records)
-
-    return run(main(), virtual=True)
+    context = {"max_tokens": max_tokens, "max_review_rounds": 0}
+    return emulated_session(tmp_path, package_request(FILES), context, records_of=role)
 
 
 def test_a_plan_cut_at_its_cap_names_the_cap_to_raise(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ class Trial:
     max_tokens: dict[str, int]
     stage_s: dict[str, float]
     makespan_s: float
+    complete: bool = True  # the session ended ok with every file of the workload written
 
     def errors(self) -> dict[str, float]:
         """Relative error per stage and of the total ("total")."""
@@ -52,7 +54,9 @@ class Trial:
         return out
 
     def fits(self) -> bool:
-        """Within 10% per stage and 5% overall."""
+        """The session completed, within 10% per stage and 5% overall."""
+        if not self.complete:
+            return False
         errors = self.errors()
         return abs(errors.pop("total")) <= TOTAL_TOLERANCE and all(
             abs(e) <= STAGE_TOLERANCE for e in errors.values()
@@ -67,8 +71,11 @@ class Trial:
 
         Squared errors relative to their tolerances, the total's weighted 100x: a stage that
         cannot reach its target (a 20-file plan's JSON has a floor of several hundred tokens)
-        must not pull the whole run away from the user's 65 s.
+        must not pull the whole run away from the user's 65 s. A run that did not write every
+        file (a plan cut at its cap, or answered again with fewer files) is no candidate.
         """
+        if not self.complete:
+            return math.inf
         scaled = self._scaled()
         total, tol = scaled[0]
         return 100 * (total / tol) ** 2 + sum((e / t) ** 2 for e, t in scaled[1:])
@@ -91,7 +98,8 @@ def measure(max_tokens: dict[str, int], profiles: dict[Role, str], seed: int = 0
         virtual=True,
     )
     result: dict[str, Any] = policy_run.result()
-    return Trial(dict(max_tokens), result["stage_s"], result["makespan_s"])
+    complete = result["sessions_failed"] == 0 and result["files_ok"] == base.tasks
+    return Trial(dict(max_tokens), result["stage_s"], result["makespan_s"], complete)
 
 
 def _clamp(tokens: float) -> int:
@@ -146,10 +154,17 @@ def fit(
     """
     search = _Search(profiles, budget_runs, say)
     trial = search.run(dict(start))
+    while not trial.complete and not search.spent:
+        # The plan's JSON did not fit its cap (the emulator stops at max_tokens, as vLLM
+        # does, and a 20-file plan has a floor of several hundred tokens): double it.
+        trial = search.run({**trial.max_tokens, "plan": _clamp(2 * trial.max_tokens["plan"])})
     for _ in range(4):
         if search.spent:
             break
         trial = search.run(next_caps(trial))
+        if not trial.complete:
+            assert search.best is not None
+            trial = search.best  # scale from the best run that completed
     improved = True
     while improved and not search.spent:
         improved = False

@@ -40,7 +40,7 @@ class TokenSpec:
 
 # seed-calibrated's spec: `python -m bench.fit_seed` fits it so that seed-current on the
 # default profiles reproduces the user's "current" row (plan 10 s, coding 40 s, review 15 s).
-SEED_CALIBRATED_TOKENS = TokenSpec(max_tokens={"plan": 16, "code": 1692, "review": 780})
+SEED_CALIBRATED_TOKENS = TokenSpec(max_tokens={"plan": 805, "code": 1692, "review": 780})
 
 # agentic-long: R1-length plans. The reasoning profile spends 60% of an answer thinking, so a
 # plan cap of 13,334 tokens drawn in [0.375, 1] gives 3,000-8,000 thinking tokens.

@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 from nodes.chat_stream import DONE, SseDecoder, StreamedAnswer, StreamFormatError, reasoning_of
 from routing.calls import CallInfo, Role, call_scope
 from routing.transport import REPLICA_EXTENSION, NotAnEventStream
+from serving.protocol import RETRY_FEEDBACK_PREFIX
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -822,12 +823,11 @@ async def complete_structured(
         cut = finish_reason(answer) == "length"
         if attempt > retries or (cut and not retry_when_cut):
             break
-        feedback = (
-            f"That answer stopped at the token limit before the {name} JSON ended. Answer "
-            "again with only the JSON object, keeping its text fields short."
+        feedback = RETRY_FEEDBACK_PREFIX + (
+            f"stopped at the token limit before the {name} JSON ended. Answer again with "
+            "only the JSON object, keeping its text fields short."
             if cut
-            else f"That answer is not valid {name} JSON: {problem}\n"
-            "Answer again with only the JSON object."
+            else f"is not valid {name} JSON: {problem}\nAnswer again with only the JSON object."
         )
         history = [*history, AIMessage(content=content[:4000]), HumanMessage(content=feedback)]
     tries = "1 attempt" if attempt == 1 else f"{attempt} attempts"

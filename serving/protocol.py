@@ -20,6 +20,10 @@ FILE_HEADER = "x-tandem-file"
 PLAN_SCHEMA = "Plan"
 REVIEW_SCHEMA = "Review"
 
+# A structured call's retry goes on the conversation with a user message that starts with
+# this: feedback on the answer before it, not a new task.
+RETRY_FEEDBACK_PREFIX = "That answer "
+
 # A review prompt gives each file as a section that starts with this line and its path.
 REVIEW_FILE_MARKER = "### FILE: "
 # A coder prompt names its file on a line that starts with this.

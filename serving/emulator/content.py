@@ -49,6 +49,7 @@ from serving.emulator.engine import CHARS_PER_TOKEN
 from serving.protocol import (
     CODER_FILE_RE,
     PLAN_SCHEMA,
+    RETRY_FEEDBACK_PREFIX,
     REVIEW_FILE_RE,
     REVIEW_SCHEMA,
 )
@@ -99,6 +100,17 @@ def render_prompt(messages: Sequence[Mapping[str, Any]]) -> str:
 def messages_key(messages: Sequence[Mapping[str, Any]]) -> str:
     """A canonical string of the messages, for seeding."""
     return json.dumps(list(messages), sort_keys=True, default=str)
+
+
+def task_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The user message a structured answer works from: the last that is not feedback on an
+    earlier answer (a retry goes on the conversation with feedback, which names no file; a
+    model answers the task before it)."""
+    texts = [message_text(m) for m in messages if m.get("role") == "user"]
+    for text in reversed(texts):
+        if not text.startswith(RETRY_FEEDBACK_PREFIX):
+            return text
+    return texts[-1] if texts else ""
 
 
 def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -716,7 +728,7 @@ def content_text(
             seed,
             str(spec.get("name", "")),
             spec.get("schema") or {},
-            last_user_text(messages),
+            task_text(messages),
             tokens,
         )
     if isinstance(response_format, Mapping) and response_format.get("type") == "json_object":

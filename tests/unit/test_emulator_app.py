@@ -20,6 +20,7 @@ from serving.emulator.app import create_app
 from serving.emulator.engine import Engine
 from serving.emulator.profiles import PROFILES
 from serving.emulator.transport import InProcessTransport
+from serving.protocol import RETRY_FEEDBACK_PREFIX
 
 T = TypeVar("T")
 BASE = "http://emulator.test"
@@ -342,6 +343,32 @@ def test_a_structured_answer_stops_at_max_tokens_as_vllm_does() -> None:
     assert len(choice["message"]["content"]) == 4 * caps[1]
     with pytest.raises(ValueError):
         Plan.model_validate_json(choice["message"]["content"])
+
+
+def test_a_structured_retry_answers_the_task_not_the_feedback() -> None:
+    """A retry goes on the same conversation: the task, the bad answer, then feedback. The
+    emulated model answers the task (its files), as a real one does, not the feedback; a
+    worked example before the task (the planner's prompt has one) is not the task."""
+    task = "Write app/a.py and app/b.py"
+    retry = {
+        "model": "tandem-tiny-reasoning",
+        "messages": [
+            {"role": "user", "content": "Example: write lib/x.py"},
+            {"role": "assistant", "content": '{"summary": "example", "files": []}'},
+            {"role": "user", "content": task},
+            {"role": "assistant", "content": '{"summary": "x", "fi'},
+            {"role": "user", "content": RETRY_FEEDBACK_PREFIX + "is not valid Plan JSON."},
+        ],
+        "response_format": _KINDS["plan"],
+        "max_tokens": 2000,
+    }
+
+    async def scenario(client: httpx.AsyncClient, engine: Engine) -> Any:
+        return (await client.post("/v1/chat/completions", json=retry)).json()
+
+    body = _with_client("cpu-tiny-reasoning", scenario)
+    plan = Plan.model_validate_json(body["choices"][0]["message"]["content"])
+    assert [f.path for f in plan.files] == ["app/a.py", "app/b.py"]
 
 
 def test_an_answer_longer_than_the_context_is_cut_with_length() -> None:

@@ -15,20 +15,22 @@ Sizes: the drawn count (`output_token_count`, at most the request's max_tokens) 
 Reasoning models give round(target x reasoning_frac) tokens to reasoning, content the rest, and
 each part is built to exactly 4 characters per token:
 
-- `response_format` json_schema "Plan": the files the user message mentions; "Review": one
-  verdict per `### FILE: <path>` section, "needs-fix" 15% of the time (these names and
-  markers are `serving.protocol`'s, shared with the prompts); any other schema: a minimal
-  valid instance. Free-text fields (Plan summary and purposes, then interfaces; Review
-  comments and summary; unconstrained strings of other schemas) are padded evenly with prose
-  within their maxLength to reach the target (shorter only when they are all full).
+- `response_format` json_schema "Plan": the files the task mentions (the last user message
+  that is not retry feedback, `task_text`); "Review": one verdict per `### FILE: <path>`
+  section, "needs-fix" 15% of the time (these names and markers are `serving.protocol`'s,
+  shared with the prompts); any other schema: a minimal valid instance. Free-text fields
+  (Plan summary and purposes, then interfaces; Review comments and summary; unconstrained
+  strings of other schemas) are padded evenly with prose within their maxLength to reach
+  the target (shorter only when they are all full).
 - no `response_format`: a coder answer, one fenced file whose syntax fits its extension
   (Python compiles, JSON/TOML/YAML parse) with as many small documented units as fit, padded
   with comment or text lines to the exact size.
 
-Content wins: when the smallest valid content is longer than its share, it is sent whole and
-charged its real size, even above max_tokens (a Plan of many files; a coder target under the
-6-13 tokens of the smallest fenced file). Only the context window bounds an answer: reasoning
-shrinks first, then content is cut at the window with finish_reason "length", as vLLM does.
+Content wins over reasoning: when the smallest valid content is longer than its share (a Plan
+of many files; a coder target under the 6-13 tokens of the smallest fenced file), it is sent
+whole and the reasoning shrinks. `max_tokens` (already within the context window) bounds the
+whole answer, as it bounds vLLM's: content longer than the cap is cut there with
+finish_reason "length", unterminated JSON included (`fit_to_cap`).
 
 Everything random is drawn from a hash of the seed and the request, never from global state;
 no work is done per token (strings are built by joins, slices and repetition).

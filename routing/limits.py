@@ -26,6 +26,7 @@ compute saturation does.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import statistics
@@ -43,6 +44,8 @@ UNLIMITED = 1_000_000
 # batch the reasoning GPU's cache holds (adaptive's makespan 1,850 s against 1,760 s at this
 # share, mean over seeds 0-2); no prior let it admit 16 plans that then overfilled it.
 CAP_PRIOR_FRACTION = 0.5
+# Admission times this close are the same moment (they are worked out from ages).
+_SAME_S = 1e-6
 
 ServerState = Literal["unknown", "spare", "hold", "saturated"]
 
@@ -251,6 +254,7 @@ class _CallSizeTrack:
         used_tokens: float,
         running: int,
         room_tokens: float,
+        generated: Sequence[float] | None = None,
     ) -> float | None:
         """How many calls fit in `room_tokens` at the cache's peak, those in flight included.
 
@@ -260,12 +264,17 @@ class _CallSizeTrack:
         peak comes now or just before some call ends: at each such moment, what the calls
         still running hold leaves room for so many fresh calls, each as far into its output.
 
+        The prompt's share is what the running calls hold beyond their output so far:
+        `generated` (tokens per call in `calls`, by the server's counter) says how much that
+        is; without it, each is taken to be `age / service` through its output.
+
         Returns:
             Calls in flight plus fresh calls that fit (fewer than in flight when those
             overfill it); None while a call in flight is of a kind with neither a call
             ended nor a cap.
         """
-        by_age = sorted(calls, key=lambda call: call[0])  # youngest first
+        order = sorted(range(len(calls)), key=lambda i: calls[i][0])  # youngest first
+        by_age = [calls[i] for i in order]
         known = [self._size(kind) for _, kind in by_age]
         new = known[0] if known else self._all
         if new is None or any(size is None for size in known):
@@ -277,7 +286,9 @@ class _CallSizeTrack:
             # A capped call's output so far is unknown: counting none of it leaves more to
             # the prompt, the cautious side.
             output_now = sum(
-                sizes[i].output_tokens * _through(ages[i], sizes[i])
+                min(sizes[i].output_tokens, generated[order[i]])
+                if generated is not None
+                else sizes[i].output_tokens * _through(ages[i], sizes[i])
                 for i in held_now
                 if sizes[i].service_s > 0
             )
@@ -315,6 +326,77 @@ class _CallSizeTrack:
             fresh = min(fresh, (room_tokens - base) / max(1.0, prompt))  # now
         # Negative `fresh`: the calls in flight already overfill it by about that many.
         return max(0.0, len(ages) + fresh)
+
+
+class _TokenClock:
+    """The tokens each call in flight has generated, by the server's own counter.
+
+    vLLM decodes one token per running sequence per step, so between two scrapes each
+    sequence in the batch gained (generation tokens counted) / (sequences running). The
+    server's running sequences are taken to be the oldest calls in flight, as the KV
+    projection takes them (vLLM preempts the newest, or the lowest priority): a call queued
+    or preempted inside the server gains nothing while it waits.
+
+    Why not by age: a call `age / service` through its output decodes at the pace recent
+    calls had. In a batch larger than theirs it decodes slower, its output so far is
+    overcounted, and the prompt inferred from the KV gauge shrinks: on a scripted cache that
+    was halved and restored (tests/unit/test_limit_recovery.py), from 1,000 tokens to about
+    440, and the KV bound let in 25 calls where 12 fit (17 preemptions).
+    """
+
+    def __init__(self) -> None:
+        self._last: ServerSnapshot | None = None
+        # (interval start, end, tokens per running sequence, admission time of the youngest
+        # call that ran): one per scrape interval, back to the oldest call in flight.
+        self._intervals: deque[tuple[float, float, float, float]] = deque()
+
+    def observe(self, snap: ServerSnapshot, admitted: Sequence[float]) -> None:
+        """One scrape; `admitted`: admission times of the calls in flight, oldest first."""
+        if not snap.ok:
+            return  # the next interval spans the failed scrape
+        last, self._last = self._last, snap
+        if last is None or snap.generation_tokens_total < last.generation_tokens_total:
+            self._intervals.clear()  # a new server process: its counters started again
+            return
+        running = (snap.running + last.running) / 2
+        if snap.taken_at <= last.taken_at or running <= 0:
+            return
+        per_sequence = (snap.generation_tokens_total - last.generation_tokens_total) / running
+        ran = int(snap.running)
+        if ran <= 0:
+            youngest = -math.inf
+        else:
+            youngest = admitted[ran - 1] if ran <= len(admitted) else math.inf
+        self._intervals.append((last.taken_at, snap.taken_at, per_sequence, youngest))
+        oldest = admitted[0] if admitted else snap.taken_at
+        while self._intervals and self._intervals[0][1] < oldest:
+            self._intervals.popleft()
+
+    @property
+    def counting(self) -> bool:
+        """Whether the server's generation counter has moved since the calls began."""
+        return any(per_sequence > 0 for _, _, per_sequence, _ in self._intervals)
+
+    def generated(self, admitted: Sequence[float]) -> list[float]:
+        """Tokens generated by calls admitted at `admitted` (oldest first), in that order.
+
+        An interval counts whole for the calls admitted before it began and ran in it, in
+        part for those admitted during it, and not at all for those that waited.
+        """
+        whole = [0.0] * (len(admitted) + 1)  # added to every call before an index
+        out = [0.0] * len(admitted)
+        for start, end, per_sequence, youngest in self._intervals:
+            ran = bisect.bisect_right(admitted, youngest + _SAME_S)
+            whole[min(ran, bisect.bisect_right(admitted, start))] += per_sequence
+            for i in range(bisect.bisect_right(admitted, start), min(ran, len(admitted))):
+                if admitted[i] >= end:
+                    break
+                out[i] += per_sequence * (end - admitted[i]) / (end - start)
+        carried = 0.0
+        for i in range(len(admitted) - 1, -1, -1):
+            carried += whole[i + 1]
+            out[i] += carried
+        return out
 
 
 class AdaptiveLimit:
@@ -395,6 +477,7 @@ class AdaptiveLimit:
         self._ttft = _LatencyTrack(window)
         self._sizes = _CallSizeTrack(window)
         self._in_flight_calls: Sequence[tuple[float, str]] | None = None
+        self._tokens = _TokenClock()
         self._projecting = False  # the KV bound came from the projection
         self._last_in_flight = 0.0
         self._last_backoff_at = -math.inf
@@ -504,7 +587,7 @@ class AdaptiveLimit:
             self._queue_since_preemption = None  # nothing known about the queue
         self._snapshot = snapshot
         if snapshot.ok:
-            self._update_kv_bound(snapshot)
+            self._update_kv_bound(snapshot, now)
         state = self.server_state(now)
         if state == "saturated":
             self.slow_start = False
@@ -541,7 +624,7 @@ class AdaptiveLimit:
         """A call of `kind` may generate up to `max_tokens`: its size until one such ends."""
         self._sizes.note_cap(kind, max_tokens)
 
-    def _update_kv_bound(self, snap: ServerSnapshot) -> None:
+    def _update_kv_bound(self, snap: ServerSnapshot, now: float) -> None:
         if snap.kv_usage is None:
             return
         capacity = self.kv_capacity_tokens
@@ -552,7 +635,15 @@ class AdaptiveLimit:
             used = snap.kv_usage * capacity
             room = self.kv_hold * capacity
             calls = self._in_flight_calls
-            fitting = self._sizes.fitting(calls, used, int(snap.running), room)
+            order = sorted(range(len(calls)), key=lambda i: -calls[i][0])  # oldest first
+            admitted = [now - calls[i][0] for i in order]
+            self._tokens.observe(snap, admitted)
+            generated = None
+            if self._tokens.counting:
+                generated = [0.0] * len(calls)
+                for i, tokens in zip(order, self._tokens.generated(admitted), strict=True):
+                    generated[i] = tokens
+            fitting = self._sizes.fitting(calls, used, int(snap.running), room, generated)
             self._projecting = fitting is not None
             if fitting is not None:
                 self._move_kv_bound(fitting)

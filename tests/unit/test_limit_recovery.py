@@ -58,6 +58,7 @@ class ScriptedServer:
     calls: list[_Call] = field(default_factory=list)
     preemptions: int = 0
     started: int = 0  # requests past their first token, as `ttft_count`
+    generated: int = 0  # tokens decoded, as `generation_tokens_total`
     preemptions_at: list[float] = field(default_factory=list)
 
     def is_down(self, now: float) -> bool:
@@ -76,7 +77,9 @@ class ScriptedServer:
             call.credit += rate * dt
             whole = int(call.credit)
             call.credit -= whole
-            call.generated = min(OUTPUT_TOKENS, call.generated + whole)
+            whole = min(whole, OUTPUT_TOKENS - call.generated)
+            call.generated += whole
+            self.generated += whole
             if call.generated >= OUTPUT_TOKENS:
                 finished.append(call)
         for call in finished:
@@ -108,6 +111,7 @@ class ScriptedServer:
             kv_usage=min(1.0, self.used() / self.capacity_of(now)),
             preemptions_total=self.preemptions,
             prompt_tokens_total=self.started * PROMPT_TOKENS,
+            generation_tokens_total=self.generated,
             ttft_count=self.started,
             kv_capacity_tokens=self.capacity_of(now),
         )
@@ -159,7 +163,8 @@ def run(limit: AdaptiveLimit, server: ScriptedServer, until_s: float) -> Run:
                 limit.on_sample(Sample(at=now, in_flight=len(in_flight), ok=False))
             in_flight.clear()
             server.calls.clear()
-            server.preemptions = server.started = 0  # a new process's counters start at 0
+            # A new process's counters start at 0.
+            server.preemptions = server.started = server.generated = 0
         was_down = down
         if not down:
             for call in server.step(now, DT_S):
@@ -243,3 +248,20 @@ def test_limit_recovers_after_a_server_restart() -> None:
     # It comes back and grows to what fits again, without a storm on the fresh server.
     assert result.limit_at(down[1] + 60) >= full - 3, result.limits
     assert result.preemptions(down[1], 900.0) <= 3
+
+
+def test_the_kv_bound_alone_follows_a_restored_cache() -> None:
+    # No back-off (backoff 1.0): only the KV bound limits. After the restore the batch is
+    # twice as large and decodes slower than the calls the sizes were learned from; taken
+    # to be `age / service` through their output, the calls' output so far was overcounted,
+    # the prompt inferred from the KV gauge fell from 1,000 tokens to about 440, and the
+    # bound let in 25 calls where 12 fit (17 preemptions). The server's generation counter
+    # says how far each call has really got.
+    limit = AdaptiveLimit(backoff=1.0)
+    result = run(limit, ScriptedServer(_halving), until_s=END_S)
+    full = _fit(FULL_CAPACITY_TOKENS)
+    assert result.preemptions(RESTORED_AT_S, END_S) <= 3
+    # About what fits: more at times, as a staggered batch holds more than finished
+    # sequences do (test_a_staggered_batch_is_not_held_to_every_call_at_its_final_size).
+    assert result.mean_limit(RESTORED_AT_S + 30, END_S) <= full + 2, result.limits
+    assert result.limit_at(RESTORED_AT_S + 120) >= full - 3, result.limits

@@ -425,6 +425,30 @@ def test_a_young_batch_is_projected_to_its_final_size() -> None:
     assert limit.limit == 12
 
 
+def test_the_prompt_is_what_the_cache_holds_beyond_the_tokens_generated() -> None:
+    # Calls were seen to make 4,000 tokens in 100 s. Ten now 50 s old hold 2,000 tokens
+    # each, but a larger batch decodes slower: the server's counter says each has generated
+    # 1,000, so 1,000 of the 2,000 is prompt, and each ends at 5,000. Taken to be halfway
+    # through their output by age, they would seem to have no prompt at all.
+    def run(generated: float) -> float | None:
+        limit = _learned()
+        limit.set_in_flight([])  # the calls are admitted just after this scrape
+        start = ServerSnapshot(taken_at=100.0, running=10, kv_usage=10 / 70)
+        limit.on_snapshot(start, 100.0)
+        limit.set_in_flight([(50.0, "plan")] * 10)
+        now = ServerSnapshot(
+            taken_at=150.0, running=10, kv_usage=2 / 7, generation_tokens_total=generated
+        )
+        limit.on_snapshot(now, 150.0)
+        return limit.kv_bound
+
+    # Just before they end, in 50 s: 10 x 5,000 held, fresh calls grown to 1,000 + 2,000
+    # each; 0.9 x 70k leaves room for 13,000 / 3,000 of them.
+    assert run(10 * 1_000) == pytest.approx(10 + 13_000 / 3_000)
+    # A server without the counter: by age, 10 x 4,000 at the end, fresh ones at 2,000.
+    assert run(0) == pytest.approx(10 + 23_000 / 2_000)
+
+
 def test_a_staggered_batch_is_not_held_to_every_call_at_its_final_size() -> None:
     # Twelve calls spread over their 100 s: as the old ones end, the young ones grow into
     # their room. More fit than twelve at 5,000 tokens each, at least the 21 of their mean.

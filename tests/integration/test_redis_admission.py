@@ -12,12 +12,15 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from routing.admission import Outcome, Slot
-from routing.calls import CallInfo, current_call
+from routing.calls import CallInfo, call_scope, current_call
+from routing.endpoints import Replica
 from routing.limits import FixedLimit
+from routing.router import Router
 from routing.shared_admission import AdmissionStoreUnavailable, SharedAdmission
 from routing.vllm_metrics import ServerSnapshot
 from tests.integration.redis_server import INSTALL_HINT, REDIS_SERVER, RedisServer, free_port
@@ -145,6 +148,150 @@ async def test_las_order_lets_the_light_session_overtake_across_workers(
         holder.release(Outcome("ok"))
         await asyncio.gather(*tasks)
     assert order == ["light", "heavy"]
+
+
+@contextlib.asynccontextmanager
+async def holding(url: str, limit: int, hold_s: float) -> AsyncIterator[SharedAdmission]:
+    """One worker's LAS admission with a prefix hold of `hold_s`, as the router builds it."""
+    admission = SharedAdmission(
+        REPLICA, FixedLimit(limit), url=url, order="las", prefix_hold_s=hold_s
+    )
+    async with admission:
+        yield admission
+
+
+async def test_siblings_wait_in_their_worker_until_the_prefix_leader_has_its_first_token(
+    redis_server: RedisServer,
+) -> None:
+    async with holding(redis_server.url, limit=8, hold_s=30.0) as admission:
+        leader = await admission.acquire("s")
+        siblings = [asyncio.create_task(admission.acquire("s")) for _ in range(3)]
+        other = await asyncio.wait_for(admission.acquire("t"), 5)  # another session: no hold
+        await asyncio.sleep(0.2)
+        assert not any(task.done() for task in siblings)
+        assert (admission.prefix_held, admission.queued) == (3, 3)
+        assert await _zcard(redis_server.url, WAITING_KEY, 0)  # none sent to the shared queue
+        leader.first_token()
+        granted = await asyncio.wait_for(asyncio.gather(*siblings), 5)
+        assert admission.queued == 0
+        later = await asyncio.wait_for(admission.acquire("s"), 5)  # prefix hot: no hold
+        assert admission.prefix_held == 3
+        for slot in [leader, other, later, *granted]:
+            slot.release(Outcome("ok"))
+        await until(lambda: _zcard(redis_server.url, LEASES_KEY, 0))
+
+
+async def test_a_hold_ends_after_prefix_hold_s_or_when_the_leader_ends_without_a_token(
+    redis_server: RedisServer,
+) -> None:
+    async with holding(redis_server.url, limit=4, hold_s=0.3) as admission:
+        loop = asyncio.get_running_loop()
+        leader = await admission.acquire("s")
+        started = loop.time()
+        sibling = await asyncio.wait_for(admission.acquire("s"), 5)
+        assert 0.25 <= loop.time() - started < 3.0  # no first token: held for hold_s
+        sibling.release(Outcome("ok"))
+        leader.release(Outcome("ok"))
+    async with holding(redis_server.url, limit=4, hold_s=30.0) as admission:
+        leader = await admission.acquire("s")
+        waiting = asyncio.create_task(admission.acquire("s"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        leader.release(Outcome("error"))  # ended before its first token
+        slot = await asyncio.wait_for(waiting, 5)
+        slot.release(Outcome("ok"))
+
+
+async def test_a_caller_cancelled_while_held_sends_nothing(redis_server: RedisServer) -> None:
+    async with holding(redis_server.url, limit=4, hold_s=30.0) as admission:
+        leader = await admission.acquire("s")
+        held = asyncio.create_task(admission.acquire("s"))
+        await asyncio.sleep(0.1)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert admission.queued == 0
+        leader.first_token()
+        leader.release(Outcome("ok"))
+        await until(lambda: _zcard(redis_server.url, LEASES_KEY, 0))
+        assert await _zcard(redis_server.url, WAITING_KEY, 0)
+
+
+async def test_a_session_whose_prefix_is_hot_goes_ahead_of_the_shared_queue(
+    redis_server: RedisServer,
+) -> None:
+    admissions = [
+        SharedAdmission(REPLICA, FixedLimit(4), url=redis_server.url, order="las", prefix_hold_s=30)
+        for _ in range(2)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        for admission in admissions:
+            await stack.enter_async_context(admission)
+        mine, theirs = admissions
+        leader = await mine.acquire("s")
+        leader.first_token()
+        await asyncio.sleep(0.3)  # "s" attains service: LAS alone would rank "light" first
+        holders = [await theirs.acquire(f"h{i}") for i in range(3)]  # the replica is full
+        order: list[str] = []
+
+        async def call(admission: SharedAdmission, session_id: str) -> None:
+            slot = await admission.acquire(session_id)
+            order.append(session_id)
+            slot.release(Outcome("ok"))
+
+        light = asyncio.create_task(call(theirs, "light"))
+        await until(lambda: _zcard(redis_server.url, WAITING_KEY, 1))
+        sibling = asyncio.create_task(call(mine, "s"))
+        await until(lambda: _zcard(redis_server.url, WAITING_KEY, 2))
+        holders[0].release(Outcome("ok"))
+        await asyncio.wait_for(asyncio.gather(light, sibling), 5)
+        for slot in [leader, *holders[1:]]:
+            slot.release(Outcome("ok"))
+    assert order == ["s", "light"]
+
+
+def _first_token_after(delay_s: float) -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
+        await asyncio.sleep(delay_s)  # the server's prefill
+        yield b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
+        await asyncio.sleep(0.2)
+        yield b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    return body()
+
+
+async def test_a_router_on_the_shared_budget_sends_siblings_after_the_leaders_first_token(
+    redis_server: RedisServer,
+) -> None:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    sent: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(loop.time() - t0)
+        headers = {"content-type": "text/event-stream"}
+        return httpx.Response(200, headers=headers, content=_first_token_after(0.5))
+
+    replica = Replica("http://h/v1", "m", "gpu1", transport=httpx.MockTransport(handler))
+    router = Router(
+        {"coder": [replica]}, limit="fixed-8", order="las", admission_url=redis_server.url
+    )
+    async with router:
+        client = router.client("coder")
+
+        async def call() -> None:
+            with call_scope(CallInfo("s1", "code", "coder")):
+                url = "http://coder.tandem.internal/v1/chat/completions"
+                response = await client.post(url, json={"stream": True})
+                await response.aread()
+            assert response.status_code == 200
+
+        # Sent together, as a plan's coders are: the first leads while its ticket is still
+        # on its way to Redis, and the others wait for its first token.
+        await asyncio.gather(call(), call(), call())
+    assert len(sent) == 3 and sent[0] < 0.4
+    assert all(0.45 <= t < 3.0 for t in sent[1:]), sent  # held until the prefix was computed
 
 
 class _Projecting(FixedLimit):

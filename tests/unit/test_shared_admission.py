@@ -109,10 +109,11 @@ class _ScriptedAdmission(SharedAdmission):
 
 
 def _enqueued(batch: list[str]) -> list[str]:
-    """The sessions a batch's arguments enqueue (after releases and cancels)."""
+    """The sessions a batch's arguments enqueue (after releases and cancels; each enqueue is
+    ticket, session, hot)."""
     at = 2 + 2 * int(batch[1])
     at += 1 + int(batch[at])
-    return batch[at + 1 :: 2]
+    return batch[at + 1 :: 3]
 
 
 async def _turns(n: int = 3) -> None:

@@ -11,9 +11,10 @@ roughly linearly with batch size, ITL(b) = a + c*b, so throughput b/ITL(b) keeps
 its elasticity d ln X / d ln b = a / ITL(b) = ITL_floor / ITL falls: holding ITL below
 `itl_tolerance` x its floor is growing "while throughput still improves enough".
 
-Two kinds of saturation. Compute: a queue inside vLLM while its KV cache has room, 429/503,
-timeouts; these back off multiplicatively, and a stale or failed scrape counts as this kind,
-never as idle. KV: a full cache, preemptions, or a queue that has not emptied since a
+Two kinds of saturation. Compute: a queue inside vLLM while its KV cache has room (but not
+a burst of prompts that its prefill clears within `burst_drain_s`), 429/503, timeouts;
+these back off multiplicatively, and a stale or failed scrape counts as this kind, never
+as idle. KV: a full cache, preemptions, or a queue that has not emptied since a
 preemption (the preempted sequence waits at its head for blocks); the server then runs what
 fits and queues the rest for blocks, which it hands out exactly as sequences end. That is
 the KV bound's to answer: sequences grow until they end, so it projects the calls in flight
@@ -451,6 +452,9 @@ class AdaptiveLimit:
         window: Samples in the recent-latency median.
         max_growth_per_s: Growth cap per second (as a fraction) after slow start, so that
             the limit cannot outrun the server's gauges between two scrapes.
+        burst_drain_s: A queue that the server's prefill clears within this many seconds,
+            at the rate it prefilled since the last scrape, is a burst of prompts, not a
+            compute queue (see `_prefill_burst`).
     """
 
     def __init__(
@@ -471,6 +475,7 @@ class AdaptiveLimit:
         kv_saturated: float = 0.97,
         window: int = 16,
         max_growth_per_s: float = 0.25,
+        burst_drain_s: float = 2.0,
     ) -> None:
         if not 1 <= min_limit <= initial <= max_limit:
             raise ValueError("need 1 <= min_limit <= initial <= max_limit")
@@ -488,6 +493,7 @@ class AdaptiveLimit:
         self.kv_fill = kv_fill
         self.kv_saturated = kv_saturated
         self.max_growth_per_s = max_growth_per_s
+        self.burst_drain_s = burst_drain_s
         self.slow_start = True
         self.kv_capacity_tokens: int | None = None
         self._kv_bound: float | None = None
@@ -549,13 +555,14 @@ class AdaptiveLimit:
         if prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total:
             return "saturated"
         # One scrape with waiting > 0 can be a burst waiting for its prefill chunks; two in
-        # a row with the queue not draining is a queue.
+        # a row with the queue not draining is a queue, unless prefill is clearing it fast.
         if (
             snap.waiting > 0
             and prev is not None
             and prev.ok
             and prev.waiting > 0
             and snap.waiting >= prev.waiting
+            and not self._prefill_burst(snap, prev)
         ):
             return "saturated"
         if snap.kv_usage is not None and snap.kv_usage >= self.kv_saturated:
@@ -563,6 +570,25 @@ class AdaptiveLimit:
         if snap.waiting > 0 or (snap.kv_usage is not None and snap.kv_usage >= self.kv_hold):
             return "hold"
         return "spare"
+
+    def _prefill_burst(self, snap: ServerSnapshot, prev: ServerSnapshot) -> bool:
+        """Whether the server's queue is prompts its prefill clears within `burst_drain_s`.
+
+        The queue's prompts are taken to be of the mean size the server has prefilled
+        (`vllm:prompt_tokens_total` over the TTFT histogram's count), cleared at the prompt
+        tokens per second it prefilled since `prev`. On the seed's own three sessions
+        (seed-calibrated-multi, seed 0) review calls of about 14k prompt tokens reach the
+        32B server together: its queue grows from 1 to 2 over two scrapes while it prefills
+        13,800 tokens a second, and reading that as compute cut the limit from 16 to 3 for
+        the rest of the run. A server whose decodes fill its step's token budget prefills
+        slowly, and its queue still counts.
+        """
+        seconds = snap.taken_at - prev.taken_at
+        prefilled = snap.prompt_tokens_total - prev.prompt_tokens_total
+        if seconds <= 0 or prefilled <= 0 or snap.ttft_count <= 0:
+            return False  # no prefill since (or a restarted server's counters): a queue
+        mean_prompt = snap.prompt_tokens_total / snap.ttft_count
+        return snap.waiting * mean_prompt / (prefilled / seconds) <= self.burst_drain_s
 
     def _kv_pressure(self, now: float) -> bool:
         """Whether a fresh scrape puts the saturation on the KV cache, not on compute.

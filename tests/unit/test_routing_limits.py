@@ -283,6 +283,29 @@ def test_server_signals() -> None:
     assert limit.limit == limit.min_limit or limit.limit < 8
 
 
+def test_a_queue_that_prefill_clears_within_burst_drain_s_is_a_burst() -> None:
+    limit = AdaptiveLimit(initial=16, backoff=0.5, backoff_cooldown_s=0.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+
+    def scrape(t: float, waiting: int, prompt_tokens: float, prefilled: int) -> str:
+        snap = ServerSnapshot(
+            taken_at=t, running=2, waiting=waiting, kv_usage=0.3,
+            prompt_tokens_total=prompt_tokens, ttft_count=prefilled,
+        )  # fmt: skip
+        limit.on_snapshot(snap, t)
+        return limit.server_state(t)
+
+    assert scrape(1.0, 1, 1_500, 3) == "hold"
+    # The queue grew, but 13,800 prompt tokens a second clear 2 x 3,825 in 0.55 s.
+    assert scrape(2.0, 2, 15_300, 4) == "hold"
+    assert limit.estimate == 16
+    # 700 tokens a second would take 11 s: a queue.
+    assert scrape(3.0, 2, 16_000, 4) == "saturated"
+    assert limit.estimate == 2  # backed off from the 4 calls the server holds
+    # No prefill at all since the last scrape: a queue too.
+    assert scrape(4.0, 2, 16_000, 4) == "saturated"
+
+
 def test_limit_stays_within_bounds() -> None:
     limit = AdaptiveLimit(initial=4, min_limit=2, max_limit=64)
     for i in range(2000):

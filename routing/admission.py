@@ -286,6 +286,25 @@ class Admission:
         self._dispatch()
         self._notify()
 
+    def _lead_prefix(self, slot: Slot) -> None:
+        """A slot granted: its call warms its session's prefix until its first token."""
+        if self.prefix_hold_s is not None:
+            slot.prefix = _WARMING
+            self._count(_WARMING, slot.session_id, +1)
+
+    def _prefix_ended(self, slot: Slot) -> None:
+        """A slot given back: its call no longer warms or holds its session's prefix."""
+        if slot.prefix is not None:
+            self._count(slot.prefix, slot.session_id, -1)
+            if not self._holds(slot.session_id):
+                self._unhold(slot.session_id)  # the leader ended without a first token
+
+    def _goes_first(self, session_id: str, cap: int) -> bool:
+        """Whether the session's prefix is hot here and its calls hold fewer than `cap`
+        slots (half the limit, see `_pick`)."""
+        hot = self._prefix[_HOT].get(session_id, 0)
+        return hot > 0 and hot + self._prefix[_WARMING].get(session_id, 0) < cap
+
     def _count(self, state: str, session_id: str, delta: int) -> None:
         counts = self._prefix[state]
         n = counts.get(session_id, 0) + delta
@@ -346,9 +365,7 @@ class Admission:
         self.ledger.begin(session_id, now)
         slot = Slot(self, session_id, now, now - enqueued_at, self._area, kind)
         self._holders[slot] = None
-        if self.prefix_hold_s is not None:
-            slot.prefix = _WARMING
-            self._count(_WARMING, session_id, +1)
+        self._lead_prefix(slot)
         if self.observer is not None:
             self.observer.on_admit(slot.waited_s)
             self.observer.on_state(self.limit, self._in_flight, self.queued)
@@ -360,10 +377,7 @@ class Admission:
         self._in_flight -= 1
         self._holders.pop(slot, None)
         self.ledger.end(slot.session_id, slot.admitted_at, now)
-        if slot.prefix is not None:
-            self._count(slot.prefix, slot.session_id, -1)
-            if not self._holds(slot.session_id):
-                self._unhold(slot.session_id)  # the leader ended without a first token
+        self._prefix_ended(slot)
         if outcome.kind in ("error", "dropped"):
             self.failed += 1
         elif outcome.kind == "cancelled":
@@ -424,13 +438,12 @@ class Admission:
         to half the replica, where the order ranks it as usual.
         """
         cap = max(1, self.limit // 2)
-        hot, warming = self._prefix[_HOT], self._prefix[_WARMING]
         stale: list[str] = []
         chosen: str | None = None
         for session_id in self._hot_waiting:
-            if session_id not in self._queues or session_id not in hot:
+            if session_id not in self._queues or session_id not in self._prefix[_HOT]:
                 stale.append(session_id)  # its queue emptied or its prefix went cold
-            elif hot[session_id] + warming.get(session_id, 0) < cap:
+            elif self._goes_first(session_id, cap):
                 chosen = session_id
                 break
         for session_id in stale:

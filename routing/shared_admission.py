@@ -726,7 +726,7 @@ class SharedAdmission(Admission):
             if not self._queued_here[session_id]:
                 del self._queued_here[session_id]
                 if not self._holds(session_id):
-                    self._open_prefix(session_id)  # it left the queue without a slot
+                    self._unhold(session_id)  # it left the queue without a slot
         return await self._local_acquire(session_id, max_tokens)
 
     def on_snapshot(self, snapshot: ServerSnapshot) -> None:
@@ -797,31 +797,27 @@ class SharedAdmission(Admission):
         return session_id in self._prefix[_WARMING] or session_id in self._queued_here
 
     def _hot(self, session_id: str) -> bool:
-        """Whether a call of `session_id` joins the front of the shared queue: its prefix is
-        computed here and its calls hold fewer than half the slots (as `Admission._pick`)."""
-        hot = self._prefix[_HOT].get(session_id, 0)
-        if self.prefix_hold_s is None or hot == 0:
-            return False
-        return hot + self._prefix[_WARMING].get(session_id, 0) < max(1, self.limit // 2)
+        """Whether a call of `session_id` joins the front of the shared queue (the rule of
+        `Admission._pick`)."""
+        return self.prefix_hold_s is not None and self._goes_first(
+            session_id, max(1, self.limit // 2)
+        )
 
-    def _open_prefix(self, session_id: str) -> None:
+    def _unhold(self, session_id: str) -> None:
+        """Let the session's held calls go on to the shared queue."""
         gate = self._prefix_gates.pop(session_id, None)
         if gate is not None:
             gate.opened.set()
 
     def _first_token(self, slot: Slot) -> None:
         """The prefix is computed on the server: the session's held calls join the queue."""
-        slot.prefix = _HOT
-        self._count(_WARMING, slot.session_id, -1)
-        self._count(_HOT, slot.session_id, +1)
-        self._open_prefix(slot.session_id)
+        super()._first_token(slot)  # its own calls are held here, not in `Admission._held`
+        self._unhold(slot.session_id)
 
     def _granted(self, ticket: str, waiter: _Waiter) -> Slot:
         now = asyncio.get_running_loop().time()
         slot = Slot(self, waiter.session_id, now, now - waiter.enqueued_at)
-        if self.prefix_hold_s is not None:
-            slot.prefix = _WARMING
-            self._count(_WARMING, waiter.session_id, +1)
+        self._lead_prefix(slot)
         self._leases[slot] = _Lease(ticket, self._shared.in_flight)
         self.admitted += 1
         self.peak_in_flight = max(self.peak_in_flight, self._shared.in_flight)
@@ -836,10 +832,7 @@ class SharedAdmission(Admission):
             return
         now = asyncio.get_running_loop().time()
         self.ledger.end(slot.session_id, slot.admitted_at, now)
-        if slot.prefix is not None:
-            self._count(slot.prefix, slot.session_id, -1)
-            if not self._holds(slot.session_id):
-                self._open_prefix(slot.session_id)  # the leader ended without a first token
+        self._prefix_ended(slot)
         if outcome.kind in ("error", "dropped"):
             self.failed += 1
         elif outcome.kind == "cancelled":

@@ -12,18 +12,17 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from routing.admission import Outcome, Slot
-from routing.calls import CallInfo, call_scope, current_call
-from routing.endpoints import Replica
+from routing.calls import CallInfo, current_call
 from routing.limits import FixedLimit
 from routing.router import Router
 from routing.shared_admission import AdmissionStoreUnavailable, SharedAdmission
 from routing.vllm_metrics import ServerSnapshot
 from tests.integration.redis_server import INSTALL_HINT, REDIS_SERVER, RedisServer, free_port
+from tests.sibling_calls import sibling_send_times
 
 pytestmark = [
     pytest.mark.integration,
@@ -46,13 +45,22 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @contextlib.asynccontextmanager
 async def workers(
-    url: str, n: int, limit: int, *, order: str = "fifo", lease_ttl_s: float = 10.0
+    url: str,
+    n: int,
+    limit: int,
+    *,
+    order: str = "fifo",
+    lease_ttl_s: float = 10.0,
+    prefix_hold_s: float | None = None,
 ) -> AsyncIterator[list[SharedAdmission]]:
     """`n` admissions for one replica, each with its own connection, as `n` workers would."""
     admissions = [
-        SharedAdmission(REPLICA, FixedLimit(limit), url=url, order=order, lease_ttl_s=lease_ttl_s)
+        SharedAdmission(
+            REPLICA, FixedLimit(limit), url=url, order=order, lease_ttl_s=lease_ttl_s,
+            prefix_hold_s=prefix_hold_s,
+        )
         for _ in range(n)
-    ]
+    ]  # fmt: skip
     async with contextlib.AsyncExitStack() as stack:
         for admission in admissions:
             await stack.enter_async_context(admission)
@@ -153,10 +161,7 @@ async def test_las_order_lets_the_light_session_overtake_across_workers(
 @contextlib.asynccontextmanager
 async def holding(url: str, limit: int, hold_s: float) -> AsyncIterator[SharedAdmission]:
     """One worker's LAS admission with a prefix hold of `hold_s`, as the router builds it."""
-    admission = SharedAdmission(
-        REPLICA, FixedLimit(limit), url=url, order="las", prefix_hold_s=hold_s
-    )
-    async with admission:
+    async with workers(url, 1, limit, order="las", prefix_hold_s=hold_s) as (admission,):
         yield admission
 
 
@@ -220,13 +225,7 @@ async def test_a_caller_cancelled_while_held_sends_nothing(redis_server: RedisSe
 async def test_a_session_whose_prefix_is_hot_goes_ahead_of_the_shared_queue(
     redis_server: RedisServer,
 ) -> None:
-    admissions = [
-        SharedAdmission(REPLICA, FixedLimit(4), url=redis_server.url, order="las", prefix_hold_s=30)
-        for _ in range(2)
-    ]
-    async with contextlib.AsyncExitStack() as stack:
-        for admission in admissions:
-            await stack.enter_async_context(admission)
+    async with workers(redis_server.url, 2, 4, order="las", prefix_hold_s=30) as admissions:
         mine, theirs = admissions
         leader = await mine.acquire("s")
         leader.first_token()
@@ -250,46 +249,16 @@ async def test_a_session_whose_prefix_is_hot_goes_ahead_of_the_shared_queue(
     assert order == ["s", "light"]
 
 
-def _first_token_after(delay_s: float) -> AsyncIterator[bytes]:
-    async def body() -> AsyncIterator[bytes]:
-        await asyncio.sleep(delay_s)  # the server's prefill
-        yield b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
-        await asyncio.sleep(0.2)
-        yield b'data: {"choices": [], "usage": {"completion_tokens": 2}}\n\n'
-        yield b"data: [DONE]\n\n"
-
-    return body()
-
-
 async def test_a_router_on_the_shared_budget_sends_siblings_after_the_leaders_first_token(
     redis_server: RedisServer,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    sent: list[float] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(loop.time() - t0)
-        headers = {"content-type": "text/event-stream"}
-        return httpx.Response(200, headers=headers, content=_first_token_after(0.5))
-
-    replica = Replica("http://h/v1", "m", "gpu1", transport=httpx.MockTransport(handler))
-    router = Router(
-        {"coder": [replica]}, limit="fixed-8", order="las", admission_url=redis_server.url
+    # Sent together, as a plan's coders are: the first leads while its ticket is still on
+    # its way to Redis, and the others wait for its first token.
+    sent = await sibling_send_times(
+        lambda replica: Router(
+            {"coder": [replica]}, limit="fixed-8", order="las", admission_url=redis_server.url
+        )
     )
-    async with router:
-        client = router.client("coder")
-
-        async def call() -> None:
-            with call_scope(CallInfo("s1", "code", "coder")):
-                url = "http://coder.tandem.internal/v1/chat/completions"
-                response = await client.post(url, json={"stream": True})
-                await response.aread()
-            assert response.status_code == 200
-
-        # Sent together, as a plan's coders are: the first leads while its ticket is still
-        # on its way to Redis, and the others wait for its first token.
-        await asyncio.gather(call(), call(), call())
     assert len(sent) == 3 and sent[0] < 0.4
     assert all(0.45 <= t < 3.0 for t in sent[1:]), sent  # held until the prefix was computed
 

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-import httpx
 import pytest
 
 from bench.policies import get_policy
 from bench.runner import run_policy_emulated
 from bench.workloads import get_workload
 from routing.admission import Admission, Outcome, Slot
-from routing.calls import CallInfo, call_scope
-from routing.endpoints import Replica
 from routing.limits import FixedLimit
 from routing.orders import LasOrder, ServiceLedger
 from routing.router import Router
 from serving.clock import run
 from serving.roles import Role
+from tests.sibling_calls import sibling_send_times
 
 HOLD_S = 2.0
 PROFILES: dict[Role, str] = {"reasoning": "h100-nvl-reasoning-32b", "coder": "h100-nvl-coder-8b"}
@@ -151,43 +148,14 @@ def test_without_prefix_hold_siblings_are_admitted_at_once() -> None:
     _virtual(body())
 
 
-def _stream(first_token_s: float) -> AsyncIterator[bytes]:
-    async def body() -> AsyncIterator[bytes]:
-        await asyncio.sleep(first_token_s)  # the server's prefill
-        yield b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
-        await asyncio.sleep(1.0)
-        yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': 2}})}\n\n".encode()
-        yield b"data: [DONE]\n\n"
-
-    return body()
-
-
 @pytest.mark.parametrize(("order", "sent_at"), [("las", [0.0, 0.5, 0.5]), ("fifo", [0.0] * 3)])
 def test_the_router_sends_siblings_once_the_leaders_first_token_streams(
     order: str, sent_at: list[float]
 ) -> None:
     async def body() -> None:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        seen: list[float] = []
-
-        def handler(request: httpx.Request) -> httpx.Response:
-            seen.append(loop.time() - t0)
-            headers = {"content-type": "text/event-stream"}
-            return httpx.Response(200, headers=headers, content=_stream(0.5))
-
-        replica = Replica("http://h/v1", "m", "gpu1", transport=httpx.MockTransport(handler))
-        router = Router({"coder": [replica]}, limit="fixed-8", order=order)
-        async with router:
-            client = router.client("coder")
-
-            async def call() -> None:
-                with call_scope(CallInfo("s1", "code", "coder")):
-                    url = "http://coder.tandem.internal/v1/chat/completions"
-                    response = await client.post(url, json={"stream": True})
-                assert response.status_code == 200
-
-            await asyncio.gather(*(call() for _ in range(3)))
+        seen = await sibling_send_times(
+            lambda replica: Router({"coder": [replica]}, limit="fixed-8", order=order)
+        )
         assert seen == pytest.approx(sent_at, abs=1e-6)
 
     _virtual(body())

@@ -11,8 +11,9 @@ roughly linearly with batch size, ITL(b) = a + c*b, so throughput b/ITL(b) keeps
 its elasticity d ln X / d ln b = a / ITL(b) = ITL_floor / ITL falls: holding ITL below
 `itl_tolerance` x its floor is growing "while throughput still improves enough".
 
-Two kinds of saturation. Compute: a queue inside vLLM while its KV cache has room (but not
-a burst of prompts that its prefill clears within `burst_drain_s`), 429/503, timeouts;
+Two kinds of saturation. Compute: a queue inside vLLM, seen at every scrape for
+`burst_drain_s`, while its KV cache has room (but not a burst of prompts that its prefill
+clears within `burst_drain_s`), 429/503, timeouts;
 these back off multiplicatively, and a stale or failed scrape counts as this kind, never
 as idle. KV: a full cache, preemptions, or a queue that has not emptied since a
 preemption (the preempted sequence waits at its head for blocks); the server then runs what
@@ -452,9 +453,10 @@ class AdaptiveLimit:
         window: Samples in the recent-latency median.
         max_growth_per_s: Growth cap per second (as a fraction) after slow start, so that
             the limit cannot outrun the server's gauges between two scrapes.
-        burst_drain_s: A queue that the server's prefill clears within this many seconds,
-            at the rate it prefilled since the last scrape, is a burst of prompts, not a
-            compute queue (see `_prefill_burst`).
+        burst_drain_s: A queue counts once it has been seen at every scrape for this many
+            seconds (see `_queue_reference`), and then only if the server's prefill, at the
+            rate it prefilled over that time, would take longer than this to clear it (see
+            `_prefill_burst`).
     """
 
     def __init__(
@@ -511,6 +513,10 @@ class AdaptiveLimit:
         self._stale_after_s = math.inf
         self._snapshot: ServerSnapshot | None = None
         self._previous: ServerSnapshot | None = None
+        # The ok scrapes since the server's queue was last seen empty (or a scrape failed),
+        # the oldest first: the queue rule reads them back `burst_drain_s` (see
+        # `_queue_reference`).
+        self._queued: deque[ServerSnapshot] = deque()
         # The server's queue has not emptied since a preemption at this time (see
         # `_kv_pressure`); None: it has, or no preemption was seen.
         self._queue_since_preemption: float | None = None
@@ -554,16 +560,10 @@ class AdaptiveLimit:
         prev = self._previous
         if prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total:
             return "saturated"
-        # One scrape with waiting > 0 can be a burst waiting for its prefill chunks; two in
-        # a row with the queue not draining is a queue, unless prefill is clearing it fast.
-        if (
-            snap.waiting > 0
-            and prev is not None
-            and prev.ok
-            and prev.waiting > 0
-            and snap.waiting >= prev.waiting
-            and not self._prefill_burst(snap, prev)
-        ):
+        # A queue seen once can be a burst waiting for its prefill chunks; one seen at every
+        # scrape for `burst_drain_s` and not shorter is a queue, unless prefill clears it fast.
+        ref = self._queue_reference(snap)
+        if ref is not None and snap.waiting >= ref.waiting and not self._prefill_burst(snap, ref):
             return "saturated"
         if snap.kv_usage is not None and snap.kv_usage >= self.kv_saturated:
             return "saturated"
@@ -571,17 +571,34 @@ class AdaptiveLimit:
             return "hold"
         return "spare"
 
+    def _queue_reference(self, snap: ServerSnapshot) -> ServerSnapshot | None:
+        """The scrape the queue rule compares `snap` with, if the queue has lasted that long.
+
+        The latest scrape at least `burst_drain_s` before `snap` (the one before it, when
+        scrapes are further apart), with the server's queue non-empty at it and at every
+        scrape since. A single prompt of 14k tokens takes a 32B server on an H100 about two
+        seconds to prefill, and no prefill ends between two scrapes a second apart: on the
+        seed's three sessions (seed-calibrated-multi, seed 1) four such reviews queued at
+        once read as a compute queue at the second scrape and cut the limit from 16 to 3.
+        """
+        if snap.waiting <= 0 or len(self._queued) < 2 or self._queued[-1] is not snap:
+            return None
+        for earlier in reversed(list(self._queued)[:-1]):
+            if snap.taken_at - earlier.taken_at >= self.burst_drain_s:
+                return earlier
+        return None
+
     def _prefill_burst(self, snap: ServerSnapshot, prev: ServerSnapshot) -> bool:
         """Whether the server's queue is prompts its prefill clears within `burst_drain_s`.
 
         The queue's prompts are taken to be of the mean size the server has prefilled
         (`vllm:prompt_tokens_total` over the TTFT histogram's count), cleared at the prompt
-        tokens per second it prefilled since `prev`. On the seed's own three sessions
-        (seed-calibrated-multi, seed 0) review calls of about 14k prompt tokens reach the
-        32B server together: its queue grows from 1 to 2 over two scrapes while it prefills
-        13,800 tokens a second, and reading that as compute cut the limit from 16 to 3 for
-        the rest of the run. A server whose decodes fill its step's token budget prefills
-        slowly, and its queue still counts.
+        tokens per second it prefilled since `prev` (the queue rule's reference scrape). On
+        the seed's own three sessions (seed-calibrated-multi, seed 0) review calls of about
+        14k prompt tokens reach the 32B server together: its queue grows from 1 to 2 over
+        two scrapes while it prefills 13,800 tokens a second, and reading that as compute
+        cut the limit from 16 to 3 for the rest of the run. A server whose decodes fill its
+        step's token budget prefills slowly, and its queue still counts.
         """
         seconds = snap.taken_at - prev.taken_at
         prefilled = snap.prompt_tokens_total - prev.prompt_tokens_total
@@ -632,6 +649,14 @@ class AdaptiveLimit:
         elif not snapshot.ok:
             self._previous = None
             self._queue_since_preemption = None  # nothing known about the queue
+        if snapshot.ok and snapshot.waiting > 0:
+            self._queued.append(snapshot)
+            while len(self._queued) > 2 and (
+                snapshot.taken_at - self._queued[1].taken_at >= self.burst_drain_s
+            ):
+                self._queued.popleft()
+        else:
+            self._queued.clear()
         self._snapshot = snapshot
         if snapshot.ok:
             self._update_kv_bound(snapshot, now)

@@ -134,11 +134,12 @@ def test_calls_admitted_before_a_back_off_do_not_compound_it() -> None:
     # The server's queue stays while 100 calls admitted under the old limit drain.
     limit = AdaptiveLimit(initial=100, backoff=0.5, backoff_cooldown_s=3.0)
     limit.watch_server(0.0, stale_after_s=3.0)
-    for t in range(1, 12):
+    for t in range(1, 13):
         queue = ServerSnapshot(taken_at=t, running=100 - 2 * t, waiting=4, kv_usage=0.5)
         limit.on_snapshot(queue, float(t))
-    # Half the load at the last back-off (t = 11: 78 running + 4 waiting), not 100 / 2**4.
-    assert limit.limit == 41
+    # A queue from t = 3 (seen for burst_drain_s), a back-off every 3 s: half the load at the
+    # last one (t = 12: 76 running + 4 waiting), not 100 / 2**4.
+    assert limit.limit == 40
 
 
 def test_a_full_kv_cache_is_left_to_a_projecting_kv_bound() -> None:
@@ -169,6 +170,7 @@ def test_a_full_kv_cache_is_left_to_a_projecting_kv_bound() -> None:
     compute.set_in_flight([(50.0, "plan")] * 12)
     compute.on_snapshot(_quiet(12, 1.0, waiting=2, kv_usage=0.5), 1.0)
     compute.on_snapshot(_quiet(12, 2.0, waiting=2, kv_usage=0.5), 2.0)
+    compute.on_snapshot(_quiet(12, 3.0, waiting=2, kv_usage=0.5), 3.0)
     # 0.75 x the 12 calls this router holds: the server's 14 (12 running + 2 waiting) count
     # another client's requests too.
     assert compute.estimate == 9
@@ -188,13 +190,13 @@ def test_a_queue_behind_a_preemption_waits_for_blocks_not_compute() -> None:
     limit.set_in_flight([(95.0, "plan")] * 12)  # near their end: 11 fit
     limit.on_snapshot(snap(1.0, waiting=0, preemptions=0, kv=0.85), 1.0)
     limit.on_snapshot(snap(2.0, waiting=1, preemptions=1), 2.0)
-    for t in (3.0, 4.0, 5.0):
+    for t in (3.0, 4.0, 5.0, 6.0):
         limit.on_snapshot(snap(t, waiting=1, preemptions=1), t)
-        assert limit.server_state(t) == "saturated"
+        assert limit.server_state(t) == ("hold" if t < 4.0 else "saturated")
     assert limit.estimate == 64
-    limit.on_snapshot(snap(6.0, waiting=0, preemptions=1), 6.0)
-    limit.on_snapshot(snap(7.0, waiting=2, preemptions=1), 7.0)
-    limit.on_snapshot(snap(8.0, waiting=2, preemptions=1), 8.0)
+    limit.on_snapshot(snap(7.0, waiting=0, preemptions=1), 7.0)
+    for t in (8.0, 9.0, 10.0):
+        limit.on_snapshot(snap(t, waiting=2, preemptions=1), t)
     assert limit.estimate == 9  # 0.75 x the 12 calls this router holds
     # A queue that never empties after a preemption outlasts the sequences that held the
     # blocks (a call holds its slot 100 s here): past that it is a compute queue.
@@ -271,39 +273,70 @@ def test_server_signals() -> None:
     limit.on_snapshot(ServerSnapshot(taken_at=1.0, waiting=2, kv_usage=0.5), 1.0)
     assert limit.server_state(1.0) == "hold"  # one scrape of waiting: maybe a burst
     limit.on_snapshot(ServerSnapshot(taken_at=2.0, waiting=2, kv_usage=0.5), 2.0)
-    assert limit.server_state(2.0) == "saturated"  # two in a row: a queue
-    limit.on_snapshot(ServerSnapshot(taken_at=3.0, kv_usage=0.93), 3.0)
-    assert limit.server_state(3.0) == "hold"
-    limit.on_snapshot(ServerSnapshot(taken_at=4.0, kv_usage=0.99), 4.0)
-    assert limit.server_state(4.0) == "saturated"
-    limit.on_snapshot(ServerSnapshot(taken_at=5.0, kv_usage=0.5, preemptions_total=1), 5.0)
-    assert limit.server_state(5.0) == "saturated"  # preemptions rose
+    assert limit.server_state(2.0) == "hold"  # for 1 s: maybe a prompt still in prefill
+    limit.on_snapshot(ServerSnapshot(taken_at=3.0, waiting=2, kv_usage=0.5), 3.0)
+    assert limit.server_state(3.0) == "saturated"  # for burst_drain_s, not shorter: a queue
+    limit.on_snapshot(ServerSnapshot(taken_at=4.0, kv_usage=0.93), 4.0)
+    assert limit.server_state(4.0) == "hold"
+    limit.on_snapshot(ServerSnapshot(taken_at=5.0, kv_usage=0.99), 5.0)
+    assert limit.server_state(5.0) == "saturated"
     limit.on_snapshot(ServerSnapshot(taken_at=6.0, kv_usage=0.5, preemptions_total=1), 6.0)
-    assert limit.server_state(6.0) == "spare"
+    assert limit.server_state(6.0) == "saturated"  # preemptions rose
+    limit.on_snapshot(ServerSnapshot(taken_at=7.0, kv_usage=0.5, preemptions_total=1), 7.0)
+    assert limit.server_state(7.0) == "spare"
     assert limit.limit == limit.min_limit or limit.limit < 8
 
 
-def test_a_queue_that_prefill_clears_within_burst_drain_s_is_a_burst() -> None:
-    limit = AdaptiveLimit(initial=16, backoff=0.5, backoff_cooldown_s=0.0)
-    limit.watch_server(0.0, stale_after_s=3.0)
+def _scraper(limit: AdaptiveLimit, kv_usage: float) -> Callable[[float, int, float, int], str]:
+    """Feed `limit` a scrape of 2 running calls (time, waiting, prompt tokens, prefills)."""
 
     def scrape(t: float, waiting: int, prompt_tokens: float, prefilled: int) -> str:
         snap = ServerSnapshot(
-            taken_at=t, running=2, waiting=waiting, kv_usage=0.3,
+            taken_at=t, running=2, waiting=waiting, kv_usage=kv_usage,
             prompt_tokens_total=prompt_tokens, ttft_count=prefilled,
         )  # fmt: skip
         limit.on_snapshot(snap, t)
         return limit.server_state(t)
 
+    return scrape
+
+
+def test_a_queue_that_prefill_clears_within_burst_drain_s_is_a_burst() -> None:
+    limit = AdaptiveLimit(initial=16, backoff=0.5, backoff_cooldown_s=0.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    scrape = _scraper(limit, kv_usage=0.3)
     assert scrape(1.0, 1, 1_500, 3) == "hold"
-    # The queue grew, but 13,800 prompt tokens a second clear 2 x 3,825 in 0.55 s.
-    assert scrape(2.0, 2, 15_300, 4) == "hold"
+    assert scrape(2.0, 2, 15_300, 4) == "hold"  # queued for 1 s only
+    # Queued for 2 s and grown, but it prefilled 13,800 prompt tokens a second since t = 1,
+    # which clear 2 x 5,820 in 0.84 s.
+    assert scrape(3.0, 2, 29_100, 5) == "hold"
     assert limit.estimate == 16
-    # 700 tokens a second would take 11 s: a queue.
-    assert scrape(3.0, 2, 16_000, 4) == "saturated"
+    # 450 tokens a second since t = 3 would take 27 s: a queue.
+    assert scrape(4.0, 2, 29_300, 5) == "hold"  # 7,000 a second since t = 2: 1.7 s
+    assert scrape(5.0, 2, 30_000, 5) == "saturated"
     assert limit.estimate == 2  # backed off from the 4 calls the server holds
-    # No prefill at all since the last scrape: a queue too.
-    assert scrape(4.0, 2, 16_000, 4) == "saturated"
+    # No prefill at all since t = 4: a queue too.
+    assert scrape(6.0, 2, 30_000, 5) == "saturated"
+
+
+def test_a_prompt_still_in_prefill_at_the_next_scrape_is_not_a_queue() -> None:
+    # The seed's three sessions (seed-calibrated-multi, seed 1): four reviews of about 14.5k
+    # prompt tokens reach the 32B server within two seconds. One takes it 2 s to prefill, so
+    # at the scrape after the queue appeared none has ended and the counters show no prefill.
+    limit = AdaptiveLimit(initial=16, backoff=0.5, backoff_cooldown_s=0.0)
+    limit.watch_server(0.0, stale_after_s=3.0)
+    scrape = _scraper(limit, kv_usage=0.23)
+    assert scrape(37.0, 1, 1_527, 3) == "hold"
+    assert scrape(38.0, 2, 1_527, 3) == "hold"  # was read as a compute queue: 16 -> 3
+    # 14,589 tokens prefilled since t = 37: the two waiting clear in 1.1 s.
+    assert scrape(39.0, 2, 16_116, 4) == "hold"
+    assert limit.estimate == 16
+    # Scrapes further apart than burst_drain_s: the queue counts at the second of them.
+    sparse = AdaptiveLimit(initial=16, backoff_cooldown_s=0.0)
+    sparse.watch_server(0.0, stale_after_s=10.0)
+    for t in (5.0, 10.0):
+        sparse.on_snapshot(ServerSnapshot(taken_at=t, running=8, waiting=4, kv_usage=0.3), t)
+    assert sparse.server_state(10.0) == "saturated" and sparse.estimate == 9
 
 
 def test_limit_stays_within_bounds() -> None:
@@ -347,9 +380,11 @@ def test_slow_start_ends_at_the_first_congestion_signal() -> None:
     limit.on_snapshot(_quiet(32, 1.0, waiting=8, kv_usage=0.2), 1.0)
     assert limit.slow_start and limit.limit == 64  # one scrape of waiting: a burst, hold
     limit.on_snapshot(_quiet(32, 2.0, waiting=8, kv_usage=0.2), 2.0)
+    assert limit.slow_start and limit.limit == 64  # still under burst_drain_s
+    limit.on_snapshot(_quiet(32, 3.0, waiting=8, kv_usage=0.2), 3.0)
     # A queue that does not drain: back to 0.75 x the 40 calls the server held.
     assert not limit.slow_start and limit.limit == 30
-    limit.on_snapshot(_quiet(30, 3.0, kv_usage=0.2), 3.0)
+    limit.on_snapshot(_quiet(30, 4.0, kv_usage=0.2), 4.0)
     assert limit.limit == 30  # no more doubling after slow start
 
 

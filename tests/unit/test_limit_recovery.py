@@ -60,6 +60,7 @@ class ScriptedServer:
     started: int = 0  # requests past their first token, as `ttft_count`
     generated: int = 0  # tokens decoded, as `generation_tokens_total`
     preemptions_at: list[float] = field(default_factory=list)
+    ended_at: list[float] = field(default_factory=list)
 
     def is_down(self, now: float) -> bool:
         return self.down is not None and self.down[0] <= now < self.down[1]
@@ -84,6 +85,7 @@ class ScriptedServer:
                 finished.append(call)
         for call in finished:
             self.calls.remove(call)
+            self.ended_at.append(now)
         # Out of blocks: preempt the newest running sequence until the rest fit.
         while self.used() > capacity:
             victim = max((c for c in self.calls if c.running), key=lambda c: c.admitted_at)
@@ -141,6 +143,18 @@ class Run:
 
     def preemptions(self, start: float, end: float) -> int:
         return sum(1 for t in self.server.preemptions_at if start <= t < end)
+
+    def served(self, start: float, end: float) -> int:
+        return sum(1 for t in self.server.ended_at if start <= t < end)
+
+    def calm(self, start: float, end: float) -> bool:
+        """No preemption storm: at most one preemption per six calls served.
+
+        Admitting everything here preempts more than once per call served (52 per 40 calls
+        at full capacity, 117 per 81 after the restore), and a fixed limit sized for the full
+        cache 34 per 39 once it is halved.
+        """
+        return self.preemptions(start, end) <= self.served(start, end) / 6
 
 
 def run(limit: AdaptiveLimit, server: ScriptedServer, until_s: float) -> Run:
@@ -219,19 +233,19 @@ def test_limit_follows_a_halved_kv_cache_down_and_back_up() -> None:
     full, half = _fit(FULL_CAPACITY_TOKENS), _fit(FULL_CAPACITY_TOKENS // 2)
     # Settled before the change: near what fits, without preempting all along.
     assert full - 3 <= result.limit_at(HALVED_AT_S - 1) <= full + 3, result.limits
-    assert result.preemptions(HALVED_AT_S - 120, HALVED_AT_S) <= 3
+    assert result.calm(HALVED_AT_S - 120, HALVED_AT_S)
     # Down within thirty scrapes, and about what fits from there on: more at times, as a
     # staggered batch holds more than finished sequences do (the projection aims at 95% of
-    # the cache). Preemptions end once the calls admitted before the halving (at most one
-    # call's life, about 70 s) are done.
+    # the cache). Calm once the calls admitted before the halving (at most one call's life,
+    # about 70 s) are done.
     assert result.limit_at(HALVED_AT_S + 30) <= half + 2, result.limits
     assert result.mean_limit(HALVED_AT_S + 30, RESTORED_AT_S) <= half + 2, result.limits
-    assert result.preemptions(HALVED_AT_S + 90, RESTORED_AT_S) <= 3
+    assert result.calm(HALVED_AT_S + 90, RESTORED_AT_S)
     # Not collapsed: on average it still admits about what fits.
     assert result.mean_limit(HALVED_AT_S + 60, RESTORED_AT_S) >= half - 2, result.limits
     # Back up within two minutes (two calls' lives) of the capacity's return.
     assert result.limit_at(RESTORED_AT_S + 120) >= full - 3, result.limits
-    assert result.preemptions(RESTORED_AT_S, END_S) <= 3
+    assert result.calm(RESTORED_AT_S, END_S)
 
 
 def test_limit_recovers_after_a_server_restart() -> None:
@@ -247,7 +261,7 @@ def test_limit_recovers_after_a_server_restart() -> None:
     assert max(result.limits[i] for i in outage) <= before
     # It comes back and grows to what fits again, without a storm on the fresh server.
     assert result.limit_at(down[1] + 60) >= full - 3, result.limits
-    assert result.preemptions(down[1], 900.0) <= 3
+    assert result.calm(down[1], 900.0)
 
 
 def test_the_kv_bound_alone_follows_a_restored_cache() -> None:
@@ -260,7 +274,7 @@ def test_the_kv_bound_alone_follows_a_restored_cache() -> None:
     limit = AdaptiveLimit(backoff=1.0)
     result = run(limit, ScriptedServer(_halving), until_s=END_S)
     full = _fit(FULL_CAPACITY_TOKENS)
-    assert result.preemptions(RESTORED_AT_S, END_S) <= 3
+    assert result.calm(RESTORED_AT_S, END_S)
     # About what fits: more at times, as a staggered batch holds more than finished
     # sequences do (test_a_staggered_batch_is_not_held_to_every_call_at_its_final_size).
     assert result.mean_limit(RESTORED_AT_S + 30, END_S) <= full + 2, result.limits

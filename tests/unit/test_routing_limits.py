@@ -475,11 +475,11 @@ def _learned(answers: int = 20) -> AdaptiveLimit:
 
 def test_a_young_batch_is_projected_to_its_final_size() -> None:
     # Ten calls a second old hold 1,040 tokens each (a 1,000-token prompt): by their end
-    # each holds 5,000. 0.95 x 70k / 5,000 = 13.3 fit, not 0.95 x 70k / 1,040 = 64.
+    # each holds 5,000. 0.99 x 70k / 5,000 = 13.9 fit, not 0.99 x 70k / 1,040 = 67.
     limit = _learned()
     limit.set_in_flight([(1.0, "plan")] * 10)
     limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=10, kv_usage=10 * 1_040 / 70_000), 2.0)
-    assert limit.kv_bound == pytest.approx(13.3, abs=0.1)
+    assert limit.kv_bound == pytest.approx(13.9, abs=0.1)
     assert limit.limit == 13
 
 
@@ -501,10 +501,10 @@ def test_the_prompt_is_what_the_cache_holds_beyond_the_tokens_generated() -> Non
         return limit.kv_bound
 
     # Just before they end, in 50 s: 10 x 5,000 held, fresh calls grown to 1,000 + 2,000
-    # each; 0.95 x 70k leaves room for 16,500 / 3,000 of them.
-    assert run(10 * 1_000) == pytest.approx(10 + 16_500 / 3_000)
+    # each; 0.99 x 70k leaves room for 19,300 / 3,000 of them.
+    assert run(10 * 1_000) == pytest.approx(10 + 19_300 / 3_000)
     # A server without the counter: by age, 10 x 4,000 at the end, fresh ones at 2,000.
-    assert run(0) == pytest.approx(10 + 26_500 / 2_000)
+    assert run(0) == pytest.approx(10 + 29_300 / 2_000)
 
 
 def test_a_staggered_batch_is_not_held_to_every_call_at_its_final_size() -> None:
@@ -543,9 +543,9 @@ def test_the_projection_waits_for_a_completed_call() -> None:
 
 def test_before_a_call_has_ended_a_capped_call_is_taken_at_half_its_cap() -> None:
     # Ten young plans capped at 8,000 output tokens are each taken at 1,040 + 4,000 until
-    # one ends, so 0.95 x 70k / 5,040 = 13.2 calls fit, not the 64 their present size says.
+    # one ends, so 0.99 x 70k / 5,040 = 13.75 calls fit, not the 64 their present size says.
     limit = _young_plans(_unlearned(plan=8_000))
-    assert limit.kv_bound == pytest.approx(0.95 * 70_000 / (1_040 + 0.5 * 8_000), abs=0.01)
+    assert limit.kv_bound == pytest.approx(0.99 * 70_000 / (1_040 + 0.5 * 8_000), abs=0.01)
     assert limit.limit == 13
     # Once calls of the kind have ended, their size replaces the cap: the same young batch
     # is projected as by a limit that never saw a cap.
@@ -553,7 +553,7 @@ def test_before_a_call_has_ended_a_capped_call_is_taken_at_half_its_cap() -> Non
     capped.note_output_cap("plan", 16_000)  # at half its cap, 7 calls would fit
     for learned in (capped, uncapped):
         _young_plans(learned)
-    assert capped.kv_bound == pytest.approx(13.3, abs=0.1)
+    assert capped.kv_bound == pytest.approx(13.9, abs=0.1)
     assert capped.kv_bound == uncapped.kv_bound
 
 
@@ -606,5 +606,5 @@ def test_sizes_are_kept_per_kind_of_call() -> None:
     limit.set_in_flight([(1.0, "review")] * 4)
     used = 4 * (10_000 + 40)
     limit.on_snapshot(ServerSnapshot(taken_at=2.0, running=4, kv_usage=used / 70_000), 2.0)
-    # 0.95 x 70k / (10,000 + 400) = 6.39 reviews fit; as plans (5,000-token answers) 4.8.
-    assert limit.kv_bound == pytest.approx(6.39, abs=0.05)
+    # 0.99 x 70k / (10,000 + 400) = 6.66 reviews fit; as plans (5,000-token answers) 4.95.
+    assert limit.kv_bound == pytest.approx(6.66, abs=0.05)

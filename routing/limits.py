@@ -560,8 +560,7 @@ class AdaptiveLimit:
             return "hold" if now - self._watch_since <= self._stale_after_s else "saturated"
         if not snap.ok or now - snap.taken_at > self._stale_after_s:
             return "saturated"
-        prev = self._previous
-        if prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total:
+        if self._preempted_since_last_scrape():
             return "saturated"
         # A queue seen once can be a burst waiting for its prefill chunks; one seen at every
         # scrape for `burst_drain_s` and not shorter is a queue, unless prefill clears it fast.
@@ -573,6 +572,16 @@ class AdaptiveLimit:
         if snap.waiting > 0 or (snap.kv_usage is not None and snap.kv_usage >= self.kv_hold):
             return "hold"
         return "spare"
+
+    def _preempted_since_last_scrape(self) -> bool:
+        """Whether the server's preemption counter rose between the last two ok scrapes."""
+        snap, prev = self._snapshot, self._previous
+        return (
+            snap is not None
+            and prev is not None
+            and prev.ok
+            and snap.preemptions_total > prev.preemptions_total
+        )
 
     def _queue_reference(self, snap: ServerSnapshot) -> ServerSnapshot | None:
         """The scrape the queue rule compares `snap` with, if the queue has lasted that long.
@@ -627,12 +636,12 @@ class AdaptiveLimit:
         Without the projection (no call has ended yet, or no ages from the admission) the
         bound sees only present sizes, and the back-off stays.
         """
-        snap, prev = self._snapshot, self._previous
+        snap = self._snapshot
         if not self._projecting:
             return False  # a bound from the sizes seen now cannot see them grow: back off
         if snap is None or not snap.ok or now - snap.taken_at > self._stale_after_s:
             return False
-        preempted = prev is not None and prev.ok and snap.preemptions_total > prev.preemptions_total
+        preempted = self._preempted_since_last_scrape()
         waiting_for_blocks = False
         if (since := self._queue_since_preemption) is not None and snap.waiting > 0:
             life = self._sizes.longest_service_s()

@@ -13,17 +13,16 @@ its elasticity d ln X / d ln b = a / ITL(b) = ITL_floor / ITL falls: holding ITL
 
 Two kinds of saturation. Compute: a queue inside vLLM, seen at every scrape for
 `burst_drain_s`, while its KV cache has room (but not a burst of prompts that its prefill
-clears within `burst_drain_s`), 429/503, timeouts;
-these back off multiplicatively, and a stale or failed scrape counts as this kind, never
-as idle. KV: a full cache, preemptions, or a queue that has not emptied since a
-preemption (the preempted sequence waits at its head for blocks); the server then runs what
-fits and queues the rest for blocks, which it hands out exactly as sequences end. That is
-the KV bound's to answer: sequences grow until they end, so it projects the calls in flight
-from their ages and the sizes recent calls of their stage reached, and admits what fits at
-the cache's coming peak. Before a call of a kind has ended, its cap (`max_tokens`) says how
-far it may grow, and the projection holds it at that; without one, nothing says how far
-calls grow: the bound then divides by the sizes seen now, and a full cache backs off as
-compute saturation does.
+clears within `burst_drain_s`), 429/503, timeouts; these back off multiplicatively, and a
+stale or failed scrape counts as this kind, never as idle. KV: a full cache, preemptions, or
+a queue that has not emptied since a preemption (the preempted sequence waits at its head
+for blocks); the server then runs what fits and queues the rest for blocks, which it hands
+out exactly as sequences end. That is the KV bound's to answer: sequences grow until they
+end, so it projects the calls in flight from their ages and the sizes recent calls of their
+stage reached, and admits what fits at the cache's coming peak. Before a call of a kind has
+ended, its cap (`max_tokens`) says how far it may grow, and the projection holds it at that;
+without one, nothing says how far calls grow: the bound then divides by the sizes seen now,
+and a full cache backs off as compute saturation does.
 """
 
 from __future__ import annotations
@@ -564,7 +563,7 @@ class AdaptiveLimit:
             return "saturated"
         # A queue seen once can be a burst waiting for its prefill chunks; one seen at every
         # scrape for `burst_drain_s` and not shorter is a queue, unless prefill clears it fast.
-        ref = self._queue_reference(snap)
+        ref = self._queue_reference()
         if ref is not None and snap.waiting >= ref.waiting and not self._prefill_burst(snap, ref):
             return "saturated"
         if snap.kv_usage is not None and snap.kv_usage >= self.kv_saturated:
@@ -583,22 +582,21 @@ class AdaptiveLimit:
             and snap.preemptions_total > prev.preemptions_total
         )
 
-    def _queue_reference(self, snap: ServerSnapshot) -> ServerSnapshot | None:
-        """The scrape the queue rule compares `snap` with, if the queue has lasted that long.
+    def _queue_reference(self) -> ServerSnapshot | None:
+        """The scrape the queue rule compares the last one with, if the queue lasted that long.
 
-        The latest scrape at least `burst_drain_s` before `snap` (the one before it, when
+        The latest scrape at least `burst_drain_s` before the last (the one before it, when
         scrapes are further apart), with the server's queue non-empty at it and at every
-        scrape since. A single prompt of 14k tokens takes a 32B server on an H100 about two
-        seconds to prefill, and no prefill ends between two scrapes a second apart: on the
-        seed's three sessions (seed-calibrated-multi, seed 1) four such reviews queued at
-        once read as a compute queue at the second scrape and cut the limit from 16 to 3.
+        scrape since: `on_snapshot` keeps `_queued` pruned so that this is its first entry.
+        A single prompt of 14k tokens takes a 32B server on an H100 about two seconds to
+        prefill, and no prefill ends between two scrapes a second apart: on the seed's
+        three sessions (seed-calibrated-multi, seed 1) four such reviews queued at once
+        read as a compute queue at the second scrape and cut the limit from 16 to 3.
         """
-        if snap.waiting <= 0 or len(self._queued) < 2 or self._queued[-1] is not snap:
+        if len(self._queued) < 2:
             return None
-        for earlier in reversed(list(self._queued)[:-1]):
-            if snap.taken_at - earlier.taken_at >= self.burst_drain_s:
-                return earlier
-        return None
+        first, last = self._queued[0], self._queued[-1]
+        return first if last.taken_at - first.taken_at >= self.burst_drain_s else None
 
     def _prefill_burst(self, snap: ServerSnapshot, prev: ServerSnapshot) -> bool:
         """Whether the server's queue is prompts its prefill clears within `burst_drain_s`.
@@ -662,6 +660,7 @@ class AdaptiveLimit:
             self._previous = None
             self._queue_since_preemption = None  # nothing known about the queue
         if snapshot.ok and snapshot.waiting > 0:
+            # Drop the oldest while the next is old enough to be the reference itself.
             self._queued.append(snapshot)
             while len(self._queued) > 2 and (
                 snapshot.taken_at - self._queued[1].taken_at >= self.burst_drain_s

@@ -235,7 +235,7 @@ def test_limit_follows_a_halved_kv_cache_down_and_back_up() -> None:
     assert full - 3 <= result.limit_at(HALVED_AT_S - 1) <= full + 3, result.limits
     assert result.calm(HALVED_AT_S - 120, HALVED_AT_S)
     # Down within thirty scrapes, and about what fits from there on: more at times, as a
-    # staggered batch holds more than finished sequences do (the projection aims at 95% of
+    # staggered batch holds more than finished sequences do (the projection aims at 99% of
     # the cache). Calm once the calls admitted before the halving (at most one call's life,
     # about 70 s) are done.
     assert result.limit_at(HALVED_AT_S + 30) <= half + 2, result.limits

@@ -362,7 +362,7 @@ class Admission:
         self._in_flight += 1
         self.admitted += 1
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-        self.ledger.begin(session_id, now)
+        self.ledger.begin(session_id, now, enqueued_at)
         slot = Slot(self, session_id, now, now - enqueued_at, self._area, kind)
         self._holders[slot] = None
         self._lead_prefix(slot)

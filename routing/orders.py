@@ -75,10 +75,16 @@ class ServiceLedger:
         """Call `on_change(session_id)` whenever that session's account changes."""
         self._watchers.append(on_change)
 
-    def begin(self, session_id: str, now: float) -> None:
-        """A call of `session_id` was admitted at `now`."""
+    def begin(self, session_id: str, now: float, asked_at: float | None = None) -> None:
+        """A call of `session_id`, asked for at `asked_at` (default `now`), was admitted at
+        `now`.
+
+        Whether the session arrives anew is judged when the call asked: a session whose call
+        waits in a queue is not idle, however long the wait.
+        """
         acc = self._accounts.setdefault(session_id, _Account())
-        self._arrive(acc, now)  # a call admitted at once never waited in an order
+        self._arrive(acc, now if asked_at is None else min(asked_at, now))
+        acc.touched_at = max(acc.touched_at, now)
         acc.active += 1
         acc.start_sum += now
         self._changed(session_id)

@@ -821,7 +821,7 @@ class SharedAdmission(Admission):
         self._leases[slot] = _Lease(ticket, self._shared.in_flight)
         self.admitted += 1
         self.peak_in_flight = max(self.peak_in_flight, self._shared.in_flight)
-        self.ledger.begin(waiter.session_id, now)
+        self.ledger.begin(waiter.session_id, now, waiter.enqueued_at)
         if self.observer is not None:
             self.observer.on_admit(slot.waited_s)
         return slot

@@ -10,7 +10,7 @@ from pytest_socket import disable_socket, enable_socket
 
 from routing.admission import Admission, Outcome
 from routing.limits import FixedLimit
-from routing.orders import LasOrder, ServiceLedger, make_order
+from routing.orders import SESSION_IDLE_S, LasOrder, ServiceLedger, make_order
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +130,37 @@ async def test_the_oldest_order_lets_the_earlier_session_finish_first(
     # A's first call runs 0-1 s; B asks at 0.5 s; A asks its second call at 0.9 s.
     await asyncio.gather(call("A1", 0.0), call("B1", 0.5), call("A2", 0.9))
     assert seen == admitted
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+@pytest.mark.looptime
+async def test_a_session_that_waited_past_the_idle_window_keeps_its_arrival() -> None:
+    # agentic-long under the oldest order: a session's review waited at the router for
+    # longer than the idle window with none of its calls running; admitted, it was taken
+    # for a new arrival, and its next call queued behind every younger session.
+    ledger = ServiceLedger()
+    adm = Admission("reasoning", FixedLimit(1), make_order("oldest", ledger), ledger)
+    seen: list[str] = []
+
+    async def call(name: str, after_s: float, service_s: float) -> None:
+        await asyncio.sleep(after_s)
+        slot = await adm.acquire(name[0])
+        seen.append(name)
+        await asyncio.sleep(service_s)
+        slot.release(Outcome())
+
+    # A1 runs 0-1 s; C1 (asked at 0.5 s) holds the slot for three idle windows from 1 s;
+    # A2 (asked at 1.2 s) waits behind it with nothing of A running, B1 asks at 5 s; A2 goes
+    # next (A arrived first) and A3 asks while A2 runs, so A3 and B1 wait together.
+    hold = 3 * SESSION_IDLE_S
+    await asyncio.gather(
+        call("A1", 0.0, 1.0),
+        call("C1", 0.5, hold),
+        call("A2", 1.2, 1.0),
+        call("B1", 5.0, 1.0),
+        call("A3", 1.5 + hold, 1.0),
+    )
+    assert seen == ["A1", "C1", "A2", "A3", "B1"]
     assert adm.in_flight == 0 and adm.queued == 0
 
 

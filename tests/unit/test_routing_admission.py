@@ -107,9 +107,10 @@ async def test_las_lets_a_late_session_through_a_flood() -> None:
 @pytest.mark.parametrize(
     ("order", "admitted"),
     [
-        ("oldest", ["A1", "A2", "B1"]),  # A came first: its next call goes before B's
-        ("fifo", ["A1", "B1", "A2"]),  # by when each call asked
-        ("las", ["A1", "B1", "A2"]),  # B has attained nothing yet
+        # C's first call goes first; then A came before B: A's next call before B's.
+        ("oldest", ["A1", "B1", "C1", "A2", "B2"]),
+        ("fifo", ["A1", "B1", "B2", "A2", "C1"]),  # by when each call asked
+        ("las", ["A1", "B1", "C1", "B2", "A2"]),  # C has attained nothing; B2 waited longer
     ],
 )
 @pytest.mark.looptime
@@ -127,8 +128,10 @@ async def test_the_oldest_order_lets_the_earlier_session_finish_first(
         await asyncio.sleep(1.0)
         slot.release(Outcome())
 
-    # A's first call runs 0-1 s; B asks at 0.5 s; A asks its second call at 0.9 s.
-    await asyncio.gather(call("A1", 0.0), call("B1", 0.5), call("A2", 0.9))
+    # A1 runs 0-1 s, B1 (asked at 0.5 s) 1-2 s; B2, A2 and C1 ask at 1.1, 1.2 and 1.3 s.
+    await asyncio.gather(
+        call("A1", 0.0), call("B1", 0.5), call("B2", 1.1), call("A2", 1.2), call("C1", 1.3)
+    )
     assert seen == admitted
     assert adm.in_flight == 0 and adm.queued == 0
 
@@ -149,18 +152,20 @@ async def test_a_session_that_waited_past_the_idle_window_keeps_its_arrival() ->
         await asyncio.sleep(service_s)
         slot.release(Outcome())
 
-    # A1 runs 0-1 s; C1 (asked at 0.5 s) holds the slot for three idle windows from 1 s;
-    # A2 (asked at 1.2 s) waits behind it with nothing of A running, B1 asks at 5 s; A2 goes
-    # next (A arrived first) and A3 asks while A2 runs, so A3 and B1 wait together.
+    # A1 runs 0-1 s, B0 (asked at 0.1 s) 1-2 s; C1 (asked at 0.5 s) holds the slot for three
+    # idle windows from 2 s; A2 (asked at 1.2 s) waits behind it with nothing of A running,
+    # B1 asks at 5 s; A2 goes next (A arrived first) and A3 asks while A2 runs, so A3 and B1
+    # wait together.
     hold = 3 * SESSION_IDLE_S
     await asyncio.gather(
         call("A1", 0.0, 1.0),
+        call("B0", 0.1, 1.0),
         call("C1", 0.5, hold),
         call("A2", 1.2, 1.0),
         call("B1", 5.0, 1.0),
-        call("A3", 1.5 + hold, 1.0),
+        call("A3", 2.5 + hold, 1.0),
     )
-    assert seen == ["A1", "C1", "A2", "A3", "B1"]
+    assert seen == ["A1", "B0", "C1", "A2", "A3", "B1"]
     assert adm.in_flight == 0 and adm.queued == 0
 
 

@@ -163,10 +163,29 @@ def test_oldest_pick_is_the_head_of_the_session_that_arrived_first(
     order = OldestOrder(ledger)
     queues = _Queues(order)
     first_ask: dict[str, float] = {}
+    admitted: set[str] = set()  # sessions with a call admitted, here or elsewhere
+    first_call: dict[int, bool] = {}  # per head: its session had none admitted when it led
+
+    set_head, begin = order.set_head, ledger.begin
+
+    def on_head(session_id: str, head: Waiter | None) -> None:
+        if head is not None:
+            first_call[head.seq] = session_id not in admitted
+        set_head(session_id, head)
+
+    def on_begin(session_id: str, now: float, asked_at: float | None = None) -> None:
+        admitted.add(session_id)
+        begin(session_id, now, asked_at)
+
+    order.set_head = on_head  # type: ignore[method-assign]
+    ledger.begin = on_begin  # type: ignore[method-assign]
 
     def pick(now: float) -> str:
         heads = {h.session_id: h for h in queues.heads()}
-        expected = min(heads, key=lambda s: (first_ask[s], heads[s].seq))
+        expected = min(
+            heads,
+            key=lambda s: (not first_call[heads[s].seq], first_ask[s], heads[s].seq),
+        )
         assert order.pick(now) == expected
         return expected
 

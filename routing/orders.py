@@ -310,7 +310,7 @@ class OldestOrder:
             heapq.heapify(self._heap)
 
     def pick(self, now: float) -> str:
-        """The session that arrived first among those waiting."""
+        """A waiting session's first call, else the session that arrived first."""
         heap = self._heap
         while not self._is_head(heap[0][3], heap[0][2]):
             heapq.heappop(heap)  # that head has left

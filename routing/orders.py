@@ -85,7 +85,7 @@ class ServiceLedger:
         waits in a queue is not idle, however long the wait.
         """
         acc = self._accounts.setdefault(session_id, _Account())
-        self._arrive(acc, now if asked_at is None else min(asked_at, now))
+        self._arrive(acc, now if asked_at is None else asked_at)
         acc.touched_at = max(acc.touched_at, now)
         acc.admitted += 1
         acc.active += 1
@@ -105,13 +105,13 @@ class ServiceLedger:
         """When `session_id` arrived: the first time it asked for a slot (at `now` or before),
         on any replica, unless it has since been idle for more than `idle_s`; then it
         arrives anew at `now`."""
-        return self._arrive(self._accounts.setdefault(session_id, _Account()), now)
+        return self.arrival(session_id, now)[0]
 
-    def starting(self, session_id: str, now: float) -> bool:
-        """Whether `session_id` has had no call admitted since it arrived (as `arrived`)."""
+    def arrival(self, session_id: str, now: float) -> tuple[float, bool]:
+        """(When `session_id` arrived, as `arrived`; whether none of its calls has been
+        admitted since.)"""
         acc = self._accounts.setdefault(session_id, _Account())
-        self._arrive(acc, now)
-        return acc.admitted == 0
+        return self._arrive(acc, now), acc.admitted == 0
 
     def _arrive(self, acc: _Account, now: float) -> float:
         if acc.arrived_at is None or (acc.active == 0 and now - acc.touched_at > self.idle_s):
@@ -294,8 +294,7 @@ class OldestOrder:
     def key(self, head: Waiter) -> tuple[int, float, int]:
         """The rank `pick` minimises: (0 for a session's first call, else 1; the session's
         arrival; the head's arrival)."""
-        arrived = self.ledger.arrived(head.session_id, head.enqueued_at)
-        first = self.ledger.starting(head.session_id, head.enqueued_at)
+        arrived, first = self.ledger.arrival(head.session_id, head.enqueued_at)
         return (0 if first else 1, arrived, head.seq)
 
     def set_head(self, session_id: str, head: Waiter | None) -> None:

@@ -416,17 +416,21 @@ class Admission:
             queue = self._queues[session_id]
             waiter = queue.popleft()
             self._queued -= 1
+            slot: Slot | None = None
+            if waiter.future.done():  # cancelled but not yet forgotten
+                self._kinds.pop(waiter.seq, None)
+            elif not waiter.held and self._holds(session_id):
+                self._hold(waiter)  # its session's leader was admitted ahead of it
+            else:
+                kind = self._kinds.pop(waiter.seq, "-")
+                slot = self._admit(session_id, now, waiter.enqueued_at, kind)
+            # The next head is ranked after this call's admission is on the ledger: the
+            # oldest order would take a session's second call for its first.
             self.order.set_head(session_id, queue[0] if queue else None)
             if not queue:
                 del self._queues[session_id]
-            if waiter.future.done():  # cancelled but not yet forgotten
-                self._kinds.pop(waiter.seq, None)
-                continue
-            if not waiter.held and self._holds(session_id):
-                self._hold(waiter)  # its session's leader was admitted ahead of it
-                continue
-            kind = self._kinds.pop(waiter.seq, "-")
-            waiter.future.set_result(self._admit(session_id, now, waiter.enqueued_at, kind))
+            if slot is not None:
+                waiter.future.set_result(slot)
 
     def _pick(self, now: float) -> str:
         """A session whose prefix is hot here goes first, while it holds fewer than half the

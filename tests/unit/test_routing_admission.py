@@ -170,6 +170,26 @@ async def test_a_session_that_waited_past_the_idle_window_keeps_its_arrival() ->
 
 
 @pytest.mark.looptime
+async def test_only_a_sessions_first_call_goes_ahead_in_the_oldest_order() -> None:
+    # C asks two calls while the slot is taken: C1 is its first and goes ahead of A2; C2 is
+    # not, though it became C's head before C1's admission was on the ledger.
+    ledger = ServiceLedger()
+    adm = Admission("reasoning", FixedLimit(1), make_order("oldest", ledger), ledger)
+    seen: list[str] = []
+
+    async def call(name: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        slot = await adm.acquire(name[0])
+        seen.append(name)
+        await asyncio.sleep(1.0)
+        slot.release(Outcome())
+
+    await asyncio.gather(call("A1", 0.0), call("A2", 0.2), call("C1", 0.5), call("C2", 0.6))
+    assert seen == ["A1", "C1", "A2", "C2"]
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+@pytest.mark.looptime
 async def test_fifo_makes_the_late_session_wait_behind_the_flood() -> None:
     adm = Admission("coder", FixedLimit(4))
     loop = asyncio.get_running_loop()

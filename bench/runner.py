@@ -51,11 +51,11 @@ STAGES: tuple[str, ...] = ("plan", "code", "review")
 def retry_jitter(workload: Workload) -> Callable[[], float]:
     """The draw that spreads a run's retry back-offs, seeded by its workload and seed.
 
-    A call that fails (a 600 s timeout where the server thrashes) is retried after a random
-    back-off. Drawn from the process's random source, that back-off made a run on the virtual
-    clock differ from the same run in another process (agentic-long fixed-64, seed 0:
-    1,666.8, 1,678.7 or 1,690.8 s); seeded, the run repeats from one process to the next, and
-    every policy of a seed draws the same back-offs.
+    A call that fails (a 503 from a full server queue, or a timeout) is retried after a
+    random back-off. Drawn from the process's random source, that back-off made a run on the
+    virtual clock differ from the same run in another process (agentic-long fixed-64, seed 0,
+    when the request bound was 600 s: 1,666.8, 1,678.7 or 1,690.8 s); seeded, the run repeats
+    from one process to the next, and every policy of a seed draws the same back-offs.
     """
     return random.Random(f"tandem-bench-retry:{workload.name}:{workload.seed}").random
 

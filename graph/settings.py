@@ -61,8 +61,11 @@ class Settings(BaseSettings):
     max_output_retries: int = Field(2, ge=0, le=10)
     prompt_style: PromptStyle = "full"
     workspace: Path = Path("out")
+    # An hour: an R1-length answer (agentic-long's 13,334-token plan cap) on a full batch at
+    # 45 ms a token takes 10 minutes; the old 600 s cut such calls, which were then retried
+    # from scratch. Hangs are caught by the first-token and idle bounds, not by this one.
     request_timeout_s: float = Field(
-        600.0, gt=0, description="Outer bound on one model call, from admission to its last byte"
+        3600.0, gt=0, description="Outer bound on one model call, from admission to its last byte"
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Most seconds to open a connection")
     first_token_timeout_s: float = Field(

@@ -620,7 +620,7 @@ class RoutedModels:
 
     router: RouterLike
     api_key: str = "EMPTY"
-    timeout_s: float = 600.0
+    timeout_s: float = 3600.0
     sampling: Mapping[str, Sampling] = field(default_factory=dict)
     call_retry: CallRetry = field(default_factory=CallRetry)
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)

@@ -84,7 +84,7 @@ class Router:
         order: str = "fifo",
         metrics: TandemMetrics | None = None,
         scrape_interval_s: float = 1.0,
-        request_timeout_s: float = 600,
+        request_timeout_s: float = 3600,
         connect_timeout_s: float = 5.0,
         first_token_timeout_s: float | None = None,
         stream_idle_timeout_s: float | None = None,

@@ -432,7 +432,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         lanes: Sequence[Lane],
         *,
         synthetic_base: str,
-        request_timeout_s: float = 600.0,
+        request_timeout_s: float = 3600.0,
         abandon_after_s: float = 60.0,
         connect_timeout_s: float | None = None,
         first_token_timeout_s: float | None = None,

@@ -39,12 +39,17 @@ from typing import Literal, Protocol, runtime_checkable
 from routing.vllm_metrics import ServerSnapshot
 
 UNLIMITED = 1_000_000
-# Before a call of a kind has ended, a call of it is taken at this share of its output cap:
-# the mean length if lengths were spread evenly up to the cap. The whole cap (TGI's
-# reservation by max total tokens) let agentic-long's first wave of plans run at half the
-# batch the reasoning GPU's cache holds (adaptive's makespan 1,850 s against 1,760 s at this
-# share, mean over seeds 0-2); no prior let it admit 16 plans that then overfilled it.
-CAP_PRIOR_FRACTION = 0.5
+# Before a call of a kind has ended, a call of it is taken at this share of its output cap.
+# The whole cap (TGI's reservation by max total tokens) let agentic-long's first wave of plans
+# run at half the batch the reasoning GPU's cache holds (adaptive's makespan 1,850 s against
+# 1,760 s at 0.5, mean over seeds 0-2); no prior let it admit 16 plans that then overfilled
+# it. 0.5 (the mean length if lengths were spread evenly up to the cap) held 7 of its 16
+# plans back until the first ended: with review on auto, where that first wave sets the
+# makespan, 0.4 gives 882.8 s against 969.5 s on seeds 0-2 and 730.3 s against 912.9 s on
+# seeds 3-5, kept aside to check it; with review on reasoning 1,683.6 against 1,660.1 s and
+# 1,614.3 against 1,617.2 s. vLLM preempts by recompute, so a first wave a little too large
+# costs a prefill, not the work done.
+CAP_PRIOR_FRACTION = 0.4
 # Admission times this close are the same moment (they are worked out from ages).
 _SAME_S = 1e-6
 

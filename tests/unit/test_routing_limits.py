@@ -541,16 +541,17 @@ def test_the_projection_waits_for_a_completed_call() -> None:
     assert limit.kv_bound == pytest.approx(0.9 * 70_000 / 1_040)
 
 
-def test_before_a_call_has_ended_a_capped_call_is_taken_at_half_its_cap() -> None:
-    # Ten young plans capped at 8,000 output tokens are each taken at 1,040 + 4,000 until
-    # one ends, so 0.99 x 70k / 5,040 = 13.75 calls fit, not the 64 their present size says.
+def test_before_a_call_has_ended_a_capped_call_is_taken_at_a_share_of_its_cap() -> None:
+    # Ten young plans capped at 8,000 output tokens are each taken at 1,040 + 0.4 x 8,000
+    # until one ends, so 0.99 x 70k / 4,240 = 16.3 calls fit, not the 64 their present size
+    # says.
     limit = _young_plans(_unlearned(plan=8_000))
-    assert limit.kv_bound == pytest.approx(0.99 * 70_000 / (1_040 + 0.5 * 8_000), abs=0.01)
-    assert limit.limit == 13
+    assert limit.kv_bound == pytest.approx(0.99 * 70_000 / (1_040 + 0.4 * 8_000), abs=0.01)
+    assert limit.limit == 16
     # Once calls of the kind have ended, their size replaces the cap: the same young batch
     # is projected as by a limit that never saw a cap.
     capped, uncapped = _learned(), _learned()
-    capped.note_output_cap("plan", 16_000)  # at half its cap, 7 calls would fit
+    capped.note_output_cap("plan", 16_000)  # at 0.4 of its cap, 9 calls would fit
     for learned in (capped, uncapped):
         _young_plans(learned)
     assert capped.kv_bound == pytest.approx(13.9, abs=0.1)

@@ -14,6 +14,7 @@ from nodes.context import DEFAULT_REVIEW_DELAY_BUDGET_S, PromptStyle, RunContext
 from routing.endpoints import redact
 from routing.limits import make_limit
 from routing.orders import SHARED_ORDERS, OrderName
+from routing.transport import REQUEST_TIMEOUT_S
 
 __all__ = ["Settings", "SettingsError", "check_url", "load_settings", "redact"]
 
@@ -61,11 +62,10 @@ class Settings(BaseSettings):
     max_output_retries: int = Field(2, ge=0, le=10)
     prompt_style: PromptStyle = "full"
     workspace: Path = Path("out")
-    # An hour: an R1-length answer (agentic-long's 13,334-token plan cap) on a full batch at
-    # 45 ms a token takes 10 minutes; the old 600 s cut such calls, which were then retried
-    # from scratch. Hangs are caught by the first-token and idle bounds, not by this one.
     request_timeout_s: float = Field(
-        3600.0, gt=0, description="Outer bound on one model call, from admission to its last byte"
+        REQUEST_TIMEOUT_S,
+        gt=0,
+        description="Outer bound on one model call, from admission to its last byte",
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Most seconds to open a connection")
     first_token_timeout_s: float = Field(

@@ -51,7 +51,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 
 from nodes.chat_stream import DONE, SseDecoder, StreamedAnswer, StreamFormatError, reasoning_of
 from routing.calls import CallInfo, Role, call_scope
-from routing.transport import REPLICA_EXTENSION, NotAnEventStream
+from routing.transport import REPLICA_EXTENSION, REQUEST_TIMEOUT_S, NotAnEventStream
 from serving.protocol import RETRY_FEEDBACK_PREFIX
 
 T = TypeVar("T", bound=BaseModel)
@@ -620,7 +620,7 @@ class RoutedModels:
 
     router: RouterLike
     api_key: str = "EMPTY"
-    timeout_s: float = 3600.0
+    timeout_s: float = REQUEST_TIMEOUT_S
     sampling: Mapping[str, Sampling] = field(default_factory=dict)
     call_retry: CallRetry = field(default_factory=CallRetry)
     _cache: dict[str, BaseChatModel] = field(default_factory=dict)

@@ -26,7 +26,7 @@ from routing.orders import ServiceLedger, make_order
 
 if TYPE_CHECKING:
     from routing.shared_admission import SharedAdmission
-from routing.transport import Lane, RoutingTransport
+from routing.transport import REQUEST_TIMEOUT_S, Lane, RoutingTransport
 from routing.vllm_metrics import ServerSnapshot, scrape
 
 # A snapshot is stamped when its page arrived; the next one arrives at most one interval
@@ -84,7 +84,7 @@ class Router:
         order: str = "fifo",
         metrics: TandemMetrics | None = None,
         scrape_interval_s: float = 1.0,
-        request_timeout_s: float = 3600,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
         connect_timeout_s: float = 5.0,
         first_token_timeout_s: float | None = None,
         stream_idle_timeout_s: float | None = None,

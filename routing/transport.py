@@ -51,6 +51,11 @@ _JSON_CAP_BYTES = 4 * 1024 * 1024
 FIRST_TOKEN_TTFT_FACTOR = 10.0
 # Where a response says which replica answered it ("coder at http://h:8002/v1").
 REPLICA_EXTENSION = "tandem.replica"
+# The default bound on one call, from admission to its last byte: an hour. An R1-length
+# answer (agentic-long's 13,334-token plan cap) on a full batch at 45 ms a token takes 10
+# minutes; 600 s cut such calls, which were then retried from scratch. Hangs are caught by
+# the first-token and idle bounds, not by this one.
+REQUEST_TIMEOUT_S = 3600.0
 _SHOWN_BODY_CHARS = 120
 # The usage chunk is the last data event before [DONE]; this much tail always holds it.
 _SSE_TAIL_BYTES = 16 * 1024
@@ -432,7 +437,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         lanes: Sequence[Lane],
         *,
         synthetic_base: str,
-        request_timeout_s: float = 3600.0,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
         abandon_after_s: float = 60.0,
         connect_timeout_s: float | None = None,
         first_token_timeout_s: float | None = None,

@@ -20,6 +20,18 @@ def _no_network() -> Iterator[None]:
     enable_socket()
 
 
+async def _call(
+    adm: Admission, seen: list[str], name: str, after_s: float, service_s: float = 1.0
+) -> None:
+    """Ask for a slot of session `name[0]` after `after_s`, note `name` when admitted, and
+    hold the slot for `service_s`."""
+    await asyncio.sleep(after_s)
+    slot = await adm.acquire(name[0])
+    seen.append(name)
+    await asyncio.sleep(service_s)
+    slot.release(Outcome())
+
+
 async def test_limit_enforced_and_fifo_order() -> None:
     adm = Admission("r", FixedLimit(2))
     order: list[int] = []
@@ -120,18 +132,9 @@ async def test_the_oldest_order_lets_the_earlier_session_finish_first(
     ledger = ServiceLedger()
     adm = Admission("reasoning", FixedLimit(1), make_order(order, ledger), ledger)
     seen: list[str] = []
-
-    async def call(name: str, after_s: float) -> None:
-        await asyncio.sleep(after_s)
-        slot = await adm.acquire(name[0])
-        seen.append(name)
-        await asyncio.sleep(1.0)
-        slot.release(Outcome())
-
     # A1 runs 0-1 s, B1 (asked at 0.5 s) 1-2 s; B2, A2 and C1 ask at 1.1, 1.2 and 1.3 s.
-    await asyncio.gather(
-        call("A1", 0.0), call("B1", 0.5), call("B2", 1.1), call("A2", 1.2), call("C1", 1.3)
-    )
+    asks = [("A1", 0.0), ("B1", 0.5), ("B2", 1.1), ("A2", 1.2), ("C1", 1.3)]
+    await asyncio.gather(*(_call(adm, seen, name, after_s) for name, after_s in asks))
     assert seen == admitted
     assert adm.in_flight == 0 and adm.queued == 0
 
@@ -145,25 +148,18 @@ async def test_a_session_that_waited_past_the_idle_window_keeps_its_arrival() ->
     adm = Admission("reasoning", FixedLimit(1), make_order("oldest", ledger), ledger)
     seen: list[str] = []
 
-    async def call(name: str, after_s: float, service_s: float) -> None:
-        await asyncio.sleep(after_s)
-        slot = await adm.acquire(name[0])
-        seen.append(name)
-        await asyncio.sleep(service_s)
-        slot.release(Outcome())
-
     # A1 runs 0-1 s, B0 (asked at 0.1 s) 1-2 s; C1 (asked at 0.5 s) holds the slot for three
     # idle windows from 2 s; A2 (asked at 1.2 s) waits behind it with nothing of A running,
     # B1 asks at 5 s; A2 goes next (A arrived first) and A3 asks while A2 runs, so A3 and B1
     # wait together.
     hold = 3 * SESSION_IDLE_S
     await asyncio.gather(
-        call("A1", 0.0, 1.0),
-        call("B0", 0.1, 1.0),
-        call("C1", 0.5, hold),
-        call("A2", 1.2, 1.0),
-        call("B1", 5.0, 1.0),
-        call("A3", 2.5 + hold, 1.0),
+        _call(adm, seen, "A1", 0.0),
+        _call(adm, seen, "B0", 0.1),
+        _call(adm, seen, "C1", 0.5, hold),
+        _call(adm, seen, "A2", 1.2),
+        _call(adm, seen, "B1", 5.0),
+        _call(adm, seen, "A3", 2.5 + hold),
     )
     assert seen == ["A1", "B0", "C1", "A2", "A3", "B1"]
     assert adm.in_flight == 0 and adm.queued == 0
@@ -176,15 +172,8 @@ async def test_only_a_sessions_first_call_goes_ahead_in_the_oldest_order() -> No
     ledger = ServiceLedger()
     adm = Admission("reasoning", FixedLimit(1), make_order("oldest", ledger), ledger)
     seen: list[str] = []
-
-    async def call(name: str, after_s: float) -> None:
-        await asyncio.sleep(after_s)
-        slot = await adm.acquire(name[0])
-        seen.append(name)
-        await asyncio.sleep(1.0)
-        slot.release(Outcome())
-
-    await asyncio.gather(call("A1", 0.0), call("A2", 0.2), call("C1", 0.5), call("C2", 0.6))
+    asks = [("A1", 0.0), ("A2", 0.2), ("C1", 0.5), ("C2", 0.6)]
+    await asyncio.gather(*(_call(adm, seen, name, after_s) for name, after_s in asks))
     assert seen == ["A1", "C1", "A2", "C2"]
     assert adm.in_flight == 0 and adm.queued == 0
 

@@ -280,7 +280,8 @@ class OldestOrder:
     A new session's first call (its plan) waiting behind every older session's calls starts
     the new session's whole chain late: on heavy (16 sessions arriving over 120 s) that
     made this order's makespan 9.4% longer than FIFO's (428.3 s against 391.5 s, 3 seeds),
-    and 1.3% with first calls first (396.6 s), its mean latency still 9% below FIFO's.
+    and 1.6% with first calls first (397.8 s), its mean latency still 8% below FIFO's
+    (252.8 s against 275.8 s; bench/results/heavy.txt).
 
     Args:
         ledger: Shared accounts: a session's arrival is the same on every replica.

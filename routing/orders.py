@@ -47,6 +47,10 @@ class Waiter:
 # A session with no call running or ending for this long arrives anew at its next call
 # (a thread continued later does not keep its first arrival).
 SESSION_IDLE_S = 60.0
+# The ledger drops the account of a session with no call running or touched for this long,
+# so that a long-running router does not keep one for every session it ever served; such a
+# session starts afresh (no service attained) if it comes back.
+FORGET_AFTER_S = 3600.0
 
 
 @dataclass
@@ -66,12 +70,39 @@ class ServiceLedger:
     Args:
         idle_s: A session with no call running, admitted, ended or asked for in this long
             arrives anew at its next call.
+        forget_after_s: A session with no call running, admitted, ended or asked for in
+            this long is forgotten (looked for at most four times per this period).
     """
 
-    def __init__(self, *, idle_s: float = SESSION_IDLE_S) -> None:
+    def __init__(
+        self, *, idle_s: float = SESSION_IDLE_S, forget_after_s: float = FORGET_AFTER_S
+    ) -> None:
         self.idle_s = idle_s
+        self.forget_after_s = forget_after_s
         self._accounts: dict[str, _Account] = {}
         self._watchers: list[Callable[[str], None]] = []
+        self._sweep_at: float | None = None
+
+    @property
+    def sessions(self) -> int:
+        """Sessions with an account."""
+        return len(self._accounts)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the sessions idle for `forget_after_s`; O(sessions), once in a while."""
+        if self._sweep_at is None:
+            self._sweep_at = now + self.forget_after_s / 4
+        if now < self._sweep_at:
+            return
+        self._sweep_at = now + self.forget_after_s / 4
+        horizon = now - self.forget_after_s
+        stale = [
+            session_id
+            for session_id, acc in self._accounts.items()
+            if acc.active == 0 and acc.touched_at < horizon
+        ]
+        for session_id in stale:
+            del self._accounts[session_id]
 
     def watch(self, on_change: Callable[[str], None]) -> None:
         """Call `on_change(session_id)` whenever that session's account changes."""
@@ -84,6 +115,7 @@ class ServiceLedger:
         Whether the session arrives anew is judged when the call asked: a session whose call
         waits in a queue is not idle, however long the wait.
         """
+        self._sweep(now)
         acc = self._accounts.setdefault(session_id, _Account())
         self._arrive(acc, now if asked_at is None else asked_at)
         acc.touched_at = max(acc.touched_at, now)

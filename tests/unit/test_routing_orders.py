@@ -210,3 +210,21 @@ def test_the_oldest_order_is_refused_where_redis_ranks_the_waiters() -> None:
         SharedAdmission("coder@0", FixedLimit(4), url="redis://127.0.0.1:1/0", order="oldest")
     with pytest.raises(ValueError, match=r"unknown order 'sjf'.*fifo, las, oldest"):
         make_order("sjf", ServiceLedger())
+
+
+def test_the_ledger_forgets_idle_sessions_but_not_running_ones() -> None:
+    """A long-running router keeps no account per session it ever served: an account with no
+    call running or touched for `forget_after_s` goes, and its session starts afresh."""
+    ledger = ServiceLedger(forget_after_s=100.0)
+    ledger.begin("done", 0.0)
+    ledger.end("done", 0.0, 10.0)
+    ledger.begin("running", 5.0)
+    ledger.begin("recent", 60.0)
+    ledger.end("recent", 60.0, 70.0)
+    assert ledger.sessions == 3
+    ledger.begin("new", 120.0)  # "done" last touched 110 s ago
+    assert ledger.sessions == 3
+    assert ledger.attained("done", 120.0) == 0.0
+    assert ledger.attained("running", 120.0) == pytest.approx(115.0)
+    assert ledger.attained("recent", 120.0) == pytest.approx(10.0)
+    assert ledger.arrived("done", 130.0) == 130.0  # back: a new arrival

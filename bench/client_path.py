@@ -262,11 +262,13 @@ async def _until(ready: Callable[[], bool]) -> None:
     raise RuntimeError("the calls did not all reach the admission queue")
 
 
-async def measure_admission(waiting: int, admitted: int, rounds: int = 3) -> AdmissionResult:
+async def measure_admission(waiting: int, admitted: int, rounds: int = 5) -> AdmissionResult:
     """Per-call costs with `waiting` sessions queued on the replica (LAS order, limit 4).
 
     Each figure is the median of `rounds` runs, the routed and direct runs taking turns, so
-    that a burst of load from elsewhere on the machine does not land on one side only.
+    that a burst of load from elsewhere on the machine does not land on one side only; the
+    router's overhead is the median of each round's routed minus direct, a pair run back to
+    back (on a shared machine the two medians apart can come from different moments).
     """
     upstream = InstantUpstream(sse_events(1))
     acquire_s: list[float] = []
@@ -293,7 +295,10 @@ async def measure_admission(waiting: int, admitted: int, rounds: int = 3) -> Adm
         acquire_release_us=statistics.median(acquire_s) * 1e6,
         router_call_us=routed * 1e6,
         direct_call_us=direct * 1e6,
-        router_overhead_us=(routed - direct) * 1e6,
+        router_overhead_us=statistics.median(
+            [r - d for r, d in zip(routed_s, direct_s, strict=True)]
+        )
+        * 1e6,
         transport_alone_us=statistics.median(alone_s) * 1e6,
     )
 

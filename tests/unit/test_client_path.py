@@ -347,19 +347,24 @@ async def test_the_router_forwards_a_readdressed_copy_and_leaves_the_request_alo
     async with Router({"coder": [replica]}, limit="fixed-2") as router:
         client = router.client("coder")
         request = client.build_request(
-            "POST", f"{URL}/chat/completions?x=1", json={"stream": True, "model": "m"}
+            "POST",
+            f"{URL}/chat/completions?x=1",
+            json={"stream": True, "model": "m"},
+            headers={"X-Tandem-Session": "other", "X-Custom": "kept"},
         )
         with call_scope(CallInfo(session_id="s9", stage="code", role="coder")):
             response = await client.send(request)
     sent = seen[0]
     assert str(sent.url) == "http://gpu0.test:8002/v1/chat/completions?x=1"
     assert sent.headers.get_list("host") == ["gpu0.test:8002"]
-    assert sent.headers.get_list("x-tandem-session") == ["s9"]
+    assert sent.headers.get_list("x-tandem-session") == ["s9"]  # the call's, not the caller's
+    assert sent.headers["x-custom"] == "kept"
+    assert next(iter(sent.headers)) == "host"  # where the client put it
     assert json.loads(sent.content) == {"stream": True, "model": "m"}
     # The client's own request still names the synthetic URL and its own headers.
     assert response.request is request and request.url.host == "coder.tandem.internal"
     assert request.headers["host"] == "coder.tandem.internal"
-    assert "x-tandem-session" not in request.headers
+    assert request.headers.get_list("x-tandem-session") == ["other"]
 
 
 class _Slow(httpx.AsyncBaseTransport):

